@@ -1,0 +1,273 @@
+"""model.py against transformers' MistralForCausalLM on tiny random checkpoints made here."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from model import KVCache, Mistral, ModelConfig
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def hf_config(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=None)
+    base.update(kw)
+    return transformers.MistralConfig(**base)
+
+
+def make_hf(tmp_path, name="ckpt", max_shard_size=None, seed=0, **kw):
+    """A random HF Mistral saved to tmp_path/name. RMSNorm weights are randomised: transformers
+    initialises them to ones, which would hide a norm bug."""
+    torch.manual_seed(seed)
+    cfg = hf_config(**kw)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif "embed" in n or "lm_head" in n:
+                p.normal_(0, 1.0)
+    folder = os.path.join(tmp_path, name)
+    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    hf.save_pretrained(folder, **extra)
+    return hf, folder
+
+
+def hf_logits(hf, ids, mask=None):
+    kwargs = {}
+    if mask is not None:
+        kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+    with torch.no_grad():
+        return hf(ids, **kwargs).logits.float()
+
+
+CASES = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "gqa4": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
+    "window": dict(sliding_window=5),
+    "head_dim": dict(head_dim=24, num_attention_heads=4, num_key_value_heads=1),
+    "tied": dict(tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    hf, folder = make_hf(tmp_path, **CASES[case])
+    model = Mistral.from_pretrained(folder)
+    ids = torch.randint(0, VOCAB, (2, 19))
+    ours = model(ids, attn_impl="torch").float()
+    ref = hf_logits(hf, ids)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf, folder = make_hf(tmp_path, max_shard_size="20KB")
+    assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
+    assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) > 1
+    model = Mistral.from_pretrained(folder)
+    ids = torch.randint(0, VOCAB, (1, 11))
+    assert (model(ids).float() - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+def test_config_spellings(tmp_path):
+    _, folder = make_hf(tmp_path, sliding_window=7, head_dim=24)
+    new = ModelConfig.from_hf(folder)
+    raw = json.load(open(os.path.join(folder, "config.json")))
+    # The spelling of real Mistral-7B / Zephyr files.
+    raw["rope_theta"] = raw.pop("rope_parameters")["rope_theta"]
+    raw["torch_dtype"] = "bfloat16"
+    raw.pop("dtype", None)
+    old = ModelConfig.from_dict(raw)
+    assert old.rope_theta == new.rope_theta == 10000.0
+    assert old.dtype == "bfloat16"
+    assert new.sliding_window == old.sliding_window == 7 and new.head_dim == 24
+
+
+def test_bf16_within_bf16_tolerance(tmp_path):
+    hf, folder = make_hf(tmp_path, sliding_window=6)
+    hf = hf.to(torch.bfloat16)
+    model = Mistral.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, VOCAB, (2, 17))
+    ours, ref = model(ids).float(), hf_logits(hf, ids)
+    scale = ref.abs().max().item()
+    assert (ours - ref).abs().max().item() <= 2e-2 * scale
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_left_padding_matches_unpadded_and_transformers(tmp_path, window):
+    hf, folder = make_hf(tmp_path, sliding_window=window)
+    model = Mistral.from_pretrained(folder)
+    lengths = [13, 5, 9]
+    T = max(lengths)
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in lengths]
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = s
+        mask[b, T - len(s):] = 1
+    ours = model(ids, attention_mask=mask)
+    ref = hf_logits(hf, ids, mask)
+    for b, s in enumerate(seqs):
+        alone = model(s[None])[0]
+        real = slice(T - len(s), T)
+        assert (ours[b, real] - alone).abs().max().item() <= 1e-4
+        assert (ours[b, real] - ref[b, real]).abs().max().item() <= 1e-4
+        assert torch.isfinite(ours[b]).all()
+
+
+def test_right_padding_is_refused(tmp_path):
+    _, folder = make_hf(tmp_path)
+    model = Mistral.from_pretrained(folder)
+    mask = torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        model(torch.zeros(1, 3, dtype=torch.long), attention_mask=mask)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_cached_decode_equals_full_forward(tmp_path, window):
+    _, folder = make_hf(tmp_path, sliding_window=window)
+    model = Mistral.from_pretrained(folder)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1 is left-padded by 4
+    full = model(ids, attention_mask=mask)
+    cache = KVCache.allocate(model.config, batch=2, max_len=16)
+    prefix = 5
+    steps = [model(ids[:, :prefix], attention_mask=mask[:, :prefix], cache=cache)]
+    for t in range(prefix, 12):  # one token at a time
+        steps.append(model(ids[:, t:t + 1], cache=cache))
+    cached = torch.cat(steps, dim=1)
+    assert cache.length == 12
+    assert (cached[0] - full[0]).abs().max().item() <= 1e-4
+    assert (cached[1, 4:] - full[1, 4:]).abs().max().item() <= 1e-4
+    # The cache never leaks into the model's state.
+    assert not any("cache" in k for k in model.state_dict())
+
+
+def test_token_logprobs_equal_log_softmax(tmp_path):
+    _, folder = make_hf(tmp_path)
+    model = Mistral.from_pretrained(folder)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    targets[0, :3] = -100
+    lp = model.token_logprobs(ids, targets)
+    ref = torch.log_softmax(model(ids).double(), -1)
+    ref = ref.gather(-1, targets.clamp(min=0)[..., None])[..., 0].float()
+    ref[targets == -100] = 0
+    assert lp.dtype == torch.float32 and lp.shape == (2, 9)
+    assert (lp - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_save_pretrained_round_trip_through_transformers(tmp_path, shard):
+    _, folder = make_hf(tmp_path, sliding_window=6, head_dim=24)
+    model = Mistral.from_pretrained(folder)
+    out = os.path.join(tmp_path, "export")
+    model.save_pretrained(out, max_shard_bytes=30_000 if shard else 2**31)
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json")) == shard
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    assert (model(ids) - hf_logits(back, ids)).abs().max().item() <= 1e-5
+    again = Mistral.from_pretrained(out)
+    assert torch.equal(again(ids), model(ids))
+
+
+def test_save_is_atomic_replace(tmp_path):
+    _, folder = make_hf(tmp_path)
+    model = Mistral.from_pretrained(folder)
+    out = os.path.join(tmp_path, "export")
+    model.save_pretrained(out)
+    model.save_pretrained(out)  # replacing an existing export leaves exactly one folder
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "export"]
+
+
+def test_meta_build_has_no_stray_buffers():
+    with torch.device("meta"):
+        m = Mistral(ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    assert list(m.buffers()) == []
+
+
+# ---- bad input: clear errors naming the file and the problem ----
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Mistral.from_pretrained(str(tmp_path))
+
+
+def test_missing_weights_and_pickle_refused(tmp_path):
+    _, folder = make_hf(tmp_path)
+    os.remove(os.path.join(folder, "model.safetensors"))
+    open(os.path.join(folder, "pytorch_model.bin"), "wb").close()
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        Mistral.from_pretrained(folder)
+
+
+def rewrite(folder, fn):
+    from safetensors.torch import load_file, save_file
+    file = os.path.join(folder, "model.safetensors")
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_unexpected_misshaped_listed(tmp_path):
+    _, folder = make_hf(tmp_path)
+
+    def damage(t):
+        del t["model.layers.1.mlp.up_proj.weight"]
+        t["model.layers.9.extra.weight"] = torch.zeros(2)
+        t["model.norm.weight"] = torch.zeros(7)
+    rewrite(folder, damage)
+    with pytest.raises(ValueError) as e:
+        Mistral.from_pretrained(folder)
+    msg = str(e.value)
+    assert folder in msg
+    assert "missing (1): model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected (1): model.layers.9.extra.weight" in msg
+    assert "model.norm.weight: file (7,), model (48,)" in msg
+
+
+def test_index_naming_missing_shard(tmp_path):
+    _, folder = make_hf(tmp_path, max_shard_size="20KB")
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    os.remove(os.path.join(folder, victim))
+    with pytest.raises(FileNotFoundError, match=victim):
+        Mistral.from_pretrained(folder)
+
+
+def test_truncated_safetensors(tmp_path):
+    _, folder = make_hf(tmp_path)
+    file = os.path.join(folder, "model.safetensors")
+    data = open(file, "rb").read()
+    open(file, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        Mistral.from_pretrained(folder)
+
+
+def test_unsupported_dtype(tmp_path):
+    _, folder = make_hf(tmp_path)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    cfg["dtype"] = "float8_e4m3fn"
+    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
+    with pytest.raises(ValueError, match="float8_e4m3fn.*not supported"):
+        Mistral.from_pretrained(folder)
+    with pytest.raises(ValueError, match="not supported"):
+        Mistral.from_pretrained(folder, dtype="int8")
+
+
+def test_integer_tensor_refused(tmp_path):
+    _, folder = make_hf(tmp_path)
+    rewrite(folder, lambda t: t.__setitem__("model.norm.weight", torch.zeros(48, dtype=torch.int8)))
+    with pytest.raises(ValueError, match="model.norm.weight.*unsupported dtype"):
+        Mistral.from_pretrained(folder)
