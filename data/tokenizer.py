@@ -1,0 +1,202 @@
+"""The Mistral tokenizer, encoding exactly as transformers' `LlamaTokenizer(legacy=True)`.
+
+Mistral-7B v0.1 and the models SPIN starts from (zephyr-7b-sft-full) declare
+`"legacy": true`, and every published SPIN number was computed on token ids produced by
+transformers' tokenizer, not by SentencePiece's own encoder. The two differ, so this file
+reproduces the transformers pipeline on top of the SentencePiece model's vocabulary:
+
+1. Split the text on special tokens (`<unk>`, `<s>`, `</s>` and any other control piece),
+   leftmost-longest match. Written in the text, they become their ids.
+2. Each remaining segment: spaces become '▁', and a '▁' is prepended unless the segment
+   already starts with one (Metaspace, prepend_scheme="always"). Because this happens per
+   segment, `</s>\\n` encodes as `</s> ▁ \\n` (2, 28705, 13): the legacy quirk.
+3. The segment is NOT split on whitespace (unlike SentencePiece's own encoder), and is
+   merged by BPE with transformers' merge ranks: pair (l, r) has rank (id(l + r), len(l)),
+   lowest rank first, leftmost on ties. So "hello  world" is `▁hell o ▁▁ world` here but
+   `▁hell o ▁ ▁world` in SentencePiece.
+4. Characters not in the vocabulary fall back to their UTF-8 bytes (`<0xNN>` pieces).
+
+Only BPE models are supported (Mistral's is BPE; transformers treats unigram models with a
+different algorithm). No BOS is added: callers add `bos_id` where they want it.
+"""
+
+import heapq
+import os
+import re
+import tempfile
+
+import sentencepiece as spm
+
+_SPACE = "\u2581"  # '▁', SentencePiece's visible space
+
+
+class Tokenizer:
+    def __init__(self, path):
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.model")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        sp = spm.SentencePieceProcessor()
+        try:
+            with open(path, "rb") as f:
+                sp.LoadFromSerializedProto(f.read())
+        except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError
+            raise ValueError(f"{path}: not a readable SentencePiece model ({e})") from None
+        self.path = path
+        self.sp = sp
+        self.vocab_size = sp.get_piece_size()
+        self.bos_id, self.eos_id, self.unk_id = sp.bos_id(), sp.eos_id(), sp.unk_id()
+        self.pieces = [sp.id_to_piece(i) for i in range(self.vocab_size)]
+        self.piece_to_id = {p: i for i, p in enumerate(self.pieces)}
+        self.special_ids = {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+        self._byte_ids = {}
+        for i in range(self.vocab_size):
+            if sp.is_byte(i):
+                self._byte_ids[int(self.pieces[i][3:5], 16)] = i
+        if len(self._byte_ids) < 256 and len(self.pieces) > 0:
+            # transformers' BPE also maps unknown characters to bytes; without all 256 byte
+            # pieces some text would need <unk>, whose handling we do not reproduce.
+            raise ValueError(f"{path}: the model has no byte fallback (need all 256 <0xNN> pieces)")
+        specials = sorted((self.pieces[i] for i in self.special_ids), key=len, reverse=True)
+        self._special_re = re.compile("|".join(re.escape(s) for s in specials))
+        self._cache = {}
+
+    # -- encoding ---------------------------------------------------------------------
+    def encode(self, text):
+        ids = []
+        pos = 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                ids.extend(self._encode_segment(text[pos : m.start()]))
+            ids.append(self.piece_to_id[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids.extend(self._encode_segment(text[pos:]))
+        return ids
+
+    def _encode_segment(self, segment):
+        s = segment.replace(" ", _SPACE)
+        if not s.startswith(_SPACE):
+            s = _SPACE + s
+        cached = self._cache.get(s)
+        if cached is None:
+            cached = self._bpe(s)
+            if len(self._cache) < 100_000:
+                self._cache[s] = cached
+        return list(cached)
+
+    def _bpe(self, s):
+        # Symbols are strings of the vocabulary, or None for a byte-fallback character
+        # (bytes never merge: no piece in the vocabulary starts with "<0x" plus more text).
+        sym = [c if c in self.piece_to_id else None for c in s]
+        n = len(sym)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap = []
+
+        def push(i):
+            j = nxt[i]
+            if j < n and sym[i] is not None and sym[j] is not None:
+                merged = self.piece_to_id.get(sym[i] + sym[j])
+                if merged is not None:
+                    heapq.heappush(heap, (merged, len(sym[i]), i, sym[i], sym[j]))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, _, i, left, right = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else n
+            if j >= n or sym[i] != left or sym[j] != right:
+                continue  # stale entry: one side has merged since it was pushed
+            sym[i] = left + right
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+
+        ids = []
+        i = 0
+        while i < n:
+            if sym[i] is None:
+                ids.extend(self._byte_ids[b] for b in s[i].encode("utf-8"))
+            else:
+                ids.append(self.piece_to_id[sym[i]])
+            i = nxt[i]
+        return ids
+
+    # -- decoding ---------------------------------------------------------------------
+    def decode(self, ids, skip_special_tokens=False):
+        """transformers' decoder: '▁' -> ' ', byte pieces -> UTF-8, drop one leading space."""
+        out, pending = [], bytearray()
+
+        def flush():
+            if pending:
+                try:
+                    out.append(pending.decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(pending))
+                pending.clear()
+
+        for i in ids:
+            i = int(i)
+            if skip_special_tokens and i in self.special_ids:
+                continue
+            piece = self.pieces[i]
+            if self.sp.is_byte(i):
+                pending.append(int(piece[3:5], 16))
+                continue
+            flush()
+            out.append(piece.replace(_SPACE, " "))
+        flush()
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text
+
+
+def train_tokenizer(texts, out_dir, vocab_size=512):
+    """Train a small byte-fallback BPE SentencePiece model laid out like Mistral's
+    (<unk>=0, <s>=1, </s>=2, no pad) and write `out_dir/tokenizer.model` atomically.
+
+    Normalisation is off and the dummy prefix on, matching how transformers reads the
+    model. BPE training uses no randomness (all sentences, no shuffling, one thread), so the
+    file is a function of `texts` and `vocab_size` alone.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("train_tokenizer: no non-empty texts")
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".model", dir=out_dir)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts),
+                model_writer=f,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                hard_vocab_limit=False,
+                byte_fallback=True,
+                character_coverage=1.0,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                normalization_rule_name="identity",
+                add_dummy_prefix=True,
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                num_threads=1,
+                shuffle_input_sentence=False,
+                minloglevel=2,
+            )
+        path = os.path.join(out_dir, "tokenizer.model")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
