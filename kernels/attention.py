@@ -33,6 +33,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 # --------------------------------------------------------------------------------------
 # The reference: SDPA with an explicit boolean mask (the CPU path and the test oracle's twin)
@@ -63,6 +65,339 @@ def attention_torch(q, k, v, starts=None, window=None, q_offset=0):
     mask = mask | empty
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != k.shape[1])
     return torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+# Shared conventions:
+# * Scores are kept in base-2 units, s2 = (q . k) * scale * log2(e), so exp2 replaces exp;
+#   LSE stores the base-2 log-sum-exp per query row, (B, H, Tq) fp32.
+# * K/V are indexed by kv head hkv = h // GROUP: grouped-query attention never repeats K/V.
+# * Every program derives the band of key blocks it can see from the rule
+#   start <= j <= qi, qi - W < j, and loops over that band only; the boolean `vis` then
+#   masks the ragged edges inside the band.
+# * A row with no visible key keeps m = -inf, l = 0: exponents use m_safe (0 in that case)
+#   so no inf - inf appears; its output is 0 and its LSE is stored as 0 (never used, since
+#   the backward multiplies by vis).
+# * DOT: operand dtype of tl.dot. The input dtype on GPUs (fp32 accumulation); fp32 for
+#   bf16 under the interpreter, whose bf16 arithmetic is wrong (shared/TRITON_ON_CPU.md).
+
+
+@triton.jit
+def _visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW: tl.constexpr):
+    qi = q_offset + offs_m  # absolute index of each query on the key axis
+    vis = (offs_n[None, :] <= qi[:, None]) & (offs_n[None, :] >= start)
+    if HAS_WINDOW:
+        vis = vis & (offs_n[None, :] > qi[:, None] - window)
+    return vis  # (BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _key_band(m_lo, m_hi, q_offset, start, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key blocks [lo, hi) that queries m_lo..m_hi-1 (call-relative) can see."""
+    lo = start
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, q_offset + m_lo - window + 1)
+    lo = (lo // BLOCK_N) * BLOCK_N  # align, so blocks line up with the dK/dV kernel's
+    hi = q_offset + m_hi  # exclusive: the last query sees up to itself
+    return lo, hi
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, STARTS,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    H, Tq, q_offset, window, qk_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D >= 16)  # tl.dot minimum
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hkv = (h // GROUP).to(tl.int64)
+    start = tl.load(STARTS + b)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(DOT)  # (BLOCK_M, D)
+    K += b * skb + hkv * skh
+    V += b * svb + hkv * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)  # running sum of p @ v
+    lo, hi = _key_band(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq),
+                       q_offset, start, window, BLOCK_N, HAS_WINDOW)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < hi  # hi <= Tk, so no read past the keys
+        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
+        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base 2
+        s = tl.where(_visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)  # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v)
+        m_i = m_new
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, 0.0, m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, Tq,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax backward's row term.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < Tq
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, STARTS,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    H, Tq, q_offset, window, qk_scale, sm_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program owns BLOCK_M query rows of one head and walks the same key band as the
+    # forward: dQ = scale * sum_j dS_ij k_j, dS = P * (dP - delta), dP = dO V^T.
+    # It is the only writer of its dQ rows, so no atomics.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hkv = (h // GROUP).to(tl.int64)
+    start = tl.load(STARTS + b)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(DOT)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(DOT)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    K += b * skb + hkv * skh
+    V += b * svb + hkv * svh
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    lo, hi = _key_band(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq),
+                       q_offset, start, window, BLOCK_N, HAS_WINDOW)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < hi
+        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
+        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = _visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)  # recomputed probabilities
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(DOT), k)
+    tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, STARTS,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    sgb, sgh, sgt,  # dK and dV share one layout (allocated together by the wrapper)
+    H, Tq, q_offset, window, qk_scale, sm_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program owns BLOCK_N keys of one kv head and sums, in registers, the
+    # contributions of all GROUP query heads that share it: dK and dV of a kv head have a
+    # single writer, so grouped-query attention needs neither atomics nor repeated K/V.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)  # over B * Hkv
+    Hkv = H // GROUP
+    b = (bh // Hkv).to(tl.int64)
+    hkv = (bh % Hkv).to(tl.int64)
+    Tk = q_offset + Tq
+    start = tl.load(STARTS + b)
+    n_lo = pid_n * BLOCK_N
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < Tk
+    k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0).to(DOT)
+    v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0).to(DOT)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    # Query rows that can see a key of this block: qi >= max(n_lo, start) and, with a
+    # window, qi <= n_hi - 1 + W - 1. Blocks wholly inside the padding see none.
+    n_hi = tl.minimum(n_lo + BLOCK_N, Tk)
+    m_lo = tl.maximum(tl.maximum(n_lo, start) - q_offset, 0)
+    m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    m_hi = Tq
+    if HAS_WINDOW:
+        m_hi = tl.minimum(m_hi, n_hi - 1 + window - q_offset)
+    m_hi = tl.where(n_hi <= start, m_lo, m_hi)
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        row = (b * H + h) * Tq  # offset of this head's LSE / delta rows
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < Tq
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0).to(DOT)
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0).to(DOT)
+            lse = tl.load(LSE + row + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + row + offs_m, mask=row_ok, other=0.0)
+            # Transposed tiles (BLOCK_N, BLOCK_M); rows past Tq would be causally "visible"
+            # (their qi >= Tk), so row_ok is part of the mask.
+            vis = tl.trans(_visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW) & row_ok[:, None])
+            sT = tl.dot(k, tl.trans(q)) * qk_scale
+            pT = tl.where(vis, tl.exp2(sT - lse[None, :]), 0.0)
+            dv += tl.dot(pT.to(DOT), do)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(DOT), q)
+    out = b * sgb + hkv * sgh + offs_n[:, None] * sgt + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------
+# Wrappers and the autograd Function
+# --------------------------------------------------------------------------------------
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+LOG2E = 1.4426950408889634
+
+
+def _dot_dtype(dtype):
+    if INTERPRET and dtype == torch.bfloat16:
+        return tl.float32
+    return _TL[dtype]
+
+
+def _blocks(D, Tq):
+    """(fwd BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N), (dkdv BLOCK_M, BLOCK_N), num_warps.
+
+    Hand-picked for an H100 (not tuned there yet, see bench/RESULTS_attention_cpu.md);
+    under the interpreter, fewer and bigger blocks are faster (cost ~ programs x steps).
+    """
+    if INTERPRET:
+        return (64, 64), (64, 64), (64, 64), 4
+    if D <= 64:
+        return (128, 64), (128, 32), (32, 128), 4
+    return (128, 64), (64, 64), (64, 64), 8
+
+
+def _strides(x):
+    assert x.stride(-1) == 1, "the head dim must be contiguous"
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _starts_tensor(starts, B, device):
+    if starts is None:
+        return torch.zeros(B, dtype=torch.int32, device=device)
+    return starts.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _check_triton(q):
+    D = q.shape[-1]
+    assert D >= 16 and D & (D - 1) == 0, f"Triton attention needs a power-of-two head dim >= 16, got {D}"
+    assert q.dtype in _TL, f"unsupported dtype {q.dtype}"
+    assert q.is_cuda or INTERPRET, "Triton attention needs CUDA tensors or TRITON_INTERPRET=1"
+
+
+def flash_attention_fwd(q, k, v, starts, window, q_offset, blocks=None):
+    B, H, Tq, D = q.shape
+    Hkv = k.shape[1]
+    (BM, BN), _, _, warps = blocks or _blocks(D, Tq)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(Tq, BM), B * H)
+    _attn_fwd[grid](
+        q, k, v, o, lse, starts, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, Tq, q_offset, window or 0, LOG2E / math.sqrt(D),
+        GROUP=H // Hkv, D=D, HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=3,
+    )
+    return o, lse
+
+
+def flash_attention_bwd(do, q, k, v, o, lse, starts, window, q_offset, blocks=None):
+    B, H, Tq, D = q.shape
+    Hkv = k.shape[1]
+    (fm, _), (qm, qn), (km, kn), warps = blocks or _blocks(D, Tq)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(Tq, fm), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Tq, D=D, BLOCK_M=fm)
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, Hkv, k.shape[2], D, dtype=k.dtype, device=k.device)
+    dv = torch.empty_like(dk)
+    common = dict(GROUP=H // Hkv, D=D, HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype),
+                  num_warps=warps, num_stages=2)
+    scalars = (H, Tq, q_offset, window or 0, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
+    ins = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    _attn_bwd_dq[(triton.cdiv(Tq, qm), B * H)](
+        q, k, v, do, dq, lse, delta, starts, *ins, *_strides(dq), *scalars,
+        BLOCK_M=qm, BLOCK_N=qn, **common)
+    _attn_bwd_dkdv[(triton.cdiv(k.shape[2], kn), B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, starts, *ins, *_strides(dk), *scalars,
+        BLOCK_M=km, BLOCK_N=kn, **common)
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, starts, window, q_offset, blocks):
+        o, lse = flash_attention_fwd(q, k, v, starts, window, q_offset, blocks)
+        ctx.save_for_backward(q, k, v, o, lse, starts)
+        ctx.window, ctx.q_offset, ctx.blocks = window, q_offset, blocks
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, starts = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, starts, ctx.window, ctx.q_offset, ctx.blocks)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention_triton(q, k, v, starts=None, window=None, q_offset=0, blocks=None, decode_splits=None):
+    """The Triton path. blocks / decode_splits override the block sizes and the decode
+    split count (tests use them to force many blocks and many splits on tiny shapes)."""
+    _check_triton(q)
+    starts_t = _starts_tensor(starts, q.shape[0], q.device)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.shape[2] <= DECODE_MAX_TQ and not needs_grad:
+        # Generation: a few new queries against a long cache, split across programs.
+        from kernels.attention_decode import decode_attention
+        return decode_attention(q, k, v, starts_t, window, q_offset, num_splits=decode_splits)
+    return FlashAttention.apply(q, k, v, starts_t, window, q_offset, blocks)
+
+
+DECODE_MAX_TQ = 16
 
 
 # --------------------------------------------------------------------------------------
@@ -100,5 +435,3 @@ def attention(q, k, v, *, starts=None, window=None, q_offset=0, impl="auto"):
     raise ValueError(f"impl must be 'torch', 'triton' or 'auto', got {impl!r}")
 
 
-def attention_triton(q, k, v, starts=None, window=None, q_offset=0):
-    raise NotImplementedError("Triton path: in progress (issue 7)")
