@@ -1,0 +1,186 @@
+"""Examples -> token ids -> left-padded batches (the DESIGN.md contract).
+
+Token layout of one sequence: prompt ids, then response ids.
+- prompt ids   = encode(render_prompt(prompt messages)): `<|system|>\\n</s>\\n<|user|>\\n...<|assistant|>\\n`
+- response ids = encode(answer) + [eos], the answer tokenised on its own as the official
+  collator does (so it starts with the '▁' the tokenizer prepends to every segment).
+
+How this differs from the official collator (uclaml/SPIN, after TRL's DPO collator):
+it tokenises the response text `{answer}</s>\\n`, i.e. encode(answer) + [</s>, ▁, \\n],
+then appends one more EOS; it gives attention mask 0 to every EOS inside the text (the two
+in the prompt and the first in the response) and still scores them. So its response is
+3 tokens longer than ours, and its sequence log-prob also contains
+log p(</s>) + log p(▁ | </s>) + log p(\\n) + log p(</s> | \\n) where ours has log p(</s>).
+We stop at the first EOS because generation stops there (y' never contains `▁\\n</s>`), so
+real and generated responses are scored over the same kind of span, and because masks here
+are "zeros then ones" (left padding only), which cannot express holes at inner EOS tokens.
+`official_suffix=True` reproduces the official token ids (encode(`{answer}</s>\\n`) + [eos]),
+with every token attended.
+
+Truncation (official defaults max_length=1024, max_prompt_length=512, as in TRL's DPO
+collator): only when prompt + the longer response exceed max_length, the prompt keeps its
+last max_prompt_length tokens; if still too long, both responses keep their first
+max_length - len(prompt) tokens (a cut response loses its EOS). A response cut to nothing
+raises TruncationError, or is skipped and counted with on_empty="skip".
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from data.template import render_prompt, render_response
+
+
+class TruncationError(ValueError):
+    pass
+
+
+@dataclass
+class Pair:
+    prompt_ids: list
+    real_ids: list
+    generated_ids: list | None = None
+    ref_real_logp: float | None = None
+    ref_generated_logp: float | None = None
+    truncated: bool = False
+
+
+@dataclass
+class TokenizeReport:
+    examples: int = 0
+    truncated: int = 0
+    skipped_empty: int = 0
+    reasons: list = field(default_factory=list)
+
+    def summary(self):
+        s = f"{self.examples} examples, {self.truncated} truncated, {self.skipped_empty} skipped (response cut to nothing)"
+        return s + "".join(f"\n  {r}" for r in self.reasons)
+
+
+def response_ids(tok, answer, *, official_suffix=False):
+    text = render_response(answer) if official_suffix else answer
+    return tok.encode(text) + [tok.eos_id]
+
+
+def truncate(prompt, responses, max_length, max_prompt_length):
+    """(prompt, [responses]) -> (prompt, [responses], truncated). Raises TruncationError
+    when a response would be left empty."""
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest <= max_length:
+        return prompt, responses, False
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - max_prompt_length :]
+    budget = max_length - len(prompt)
+    if budget <= 0:
+        raise TruncationError(
+            f"prompt of {len(prompt)} tokens leaves no room for a response (max_length={max_length}, "
+            f"max_prompt_length={max_prompt_length})"
+        )
+    return prompt, [r[:budget] for r in responses], True
+
+
+def tokenize_example(tok, ex, *, max_length=1024, max_prompt_length=512, official_suffix=False):
+    prompt = tok.encode(render_prompt(ex.prompt))
+    responses = [response_ids(tok, ex.response, official_suffix=official_suffix)]
+    if ex.generated is not None:
+        responses.append(response_ids(tok, ex.generated, official_suffix=official_suffix))
+    prompt, responses, cut = truncate(prompt, responses, max_length, max_prompt_length)
+
+    def logp(name):
+        v = ex.extras.get(name)
+        return None if v is None else float(v)
+
+    return Pair(
+        prompt_ids=prompt,
+        real_ids=responses[0],
+        generated_ids=responses[1] if len(responses) > 1 else None,
+        ref_real_logp=logp("ref_real_logps"),
+        ref_generated_logp=logp("ref_generated_logps"),
+        truncated=cut,
+    )
+
+
+def tokenize_examples(tok, examples, *, max_length=1024, max_prompt_length=512, official_suffix=False, on_empty="raise"):
+    """Returns (pairs, TokenizeReport). The report's counts are for callers to print."""
+    if on_empty not in ("raise", "skip"):
+        raise ValueError(f"on_empty must be 'raise' or 'skip', got {on_empty!r}")
+    report, pairs = TokenizeReport(), []
+    for i, ex in enumerate(examples):
+        report.examples += 1
+        try:
+            p = tokenize_example(
+                tok, ex, max_length=max_length, max_prompt_length=max_prompt_length, official_suffix=official_suffix
+            )
+        except TruncationError as e:
+            if on_empty == "raise":
+                raise TruncationError(f"example {i} (0-based): {e}") from None
+            report.skipped_empty += 1
+            if len(report.reasons) < 5:
+                report.reasons.append(f"example {i} (0-based): {e}")
+            continue
+        report.truncated += p.truncated
+        pairs.append(p)
+    return pairs, report
+
+
+# -- collate: left padding, targets = next token on response positions -----------------
+
+
+def _left_pad(seqs, n_prompt, pad_id):
+    """seqs: token lists; n_prompt[b]: how many of seqs[b]'s leading tokens are prompt.
+    Returns input_ids, attention_mask, targets, all (len(seqs), T) int64."""
+    B, T = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    for b, (s, p) in enumerate(zip(seqs, n_prompt)):
+        start = T - len(s)
+        input_ids[b, start:] = torch.tensor(s, dtype=torch.long)
+        attention_mask[b, start:] = 1
+        # targets[:, t] = input_ids[:, t+1] where token t+1 is a response token
+        first = start + p  # absolute index of the first response token
+        if first < T:
+            targets[b, first - 1 : T - 1] = input_ids[b, first:T]
+    return input_ids, attention_mask, targets
+
+
+def collate_pairs(items, pad_id):
+    """SPIN batch: rows 0..B-1 = prompt + real response, rows B..2B-1 = prompt + generated.
+
+    Returns input_ids, attention_mask, targets (2B, T); ref_real_logps and
+    ref_generated_logps (B,) float32 when every item carries them."""
+    if not items:
+        raise ValueError("collate_pairs: empty batch")
+    if any(it.generated_ids is None for it in items):
+        raise ValueError("collate_pairs: every item needs generated_ids")
+    if any(len(it.prompt_ids) == 0 for it in items):
+        raise ValueError("collate_pairs: empty prompt (the first response token needs a token before it)")
+    seqs = [it.prompt_ids + it.real_ids for it in items] + [it.prompt_ids + it.generated_ids for it in items]
+    n_prompt = [len(it.prompt_ids) for it in items] * 2
+    input_ids, attention_mask, targets = _left_pad(seqs, n_prompt, pad_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+    for name, attr in (("ref_real_logps", "ref_real_logp"), ("ref_generated_logps", "ref_generated_logp")):
+        values = [getattr(it, attr) for it in items]
+        if all(v is not None for v in values):
+            batch[name] = torch.tensor(values, dtype=torch.float32)
+        elif any(v is not None for v in values):
+            raise ValueError(f"collate_pairs: {name} present on some items only")
+    return batch
+
+
+def collate_sft(items, pad_id):
+    """Single sequences (prompt + real response), same layout: (B, T) tensors."""
+    if not items:
+        raise ValueError("collate_sft: empty batch")
+    input_ids, attention_mask, targets = _left_pad(
+        [it.prompt_ids + it.real_ids for it in items], [len(it.prompt_ids) for it in items], pad_id
+    )
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+def collate_prompts(prompt_ids_list, pad_id):
+    """Left-padded prompts for generation: input_ids, attention_mask (B, T)."""
+    if not prompt_ids_list or any(len(p) == 0 for p in prompt_ids_list):
+        raise ValueError("collate_prompts: empty batch or empty prompt")
+    input_ids, attention_mask, _ = _left_pad(list(prompt_ids_list), [len(p) for p in prompt_ids_list], pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
