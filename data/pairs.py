@@ -11,9 +11,14 @@ then appends one more EOS; it gives attention mask 0 to every EOS inside the tex
 in the prompt and the first in the response) and still scores them. So its response is
 3 tokens longer than ours, and its sequence log-prob also contains
 log p(</s>) + log p(▁ | </s>) + log p(\\n) + log p(</s> | \\n) where ours has log p(</s>).
-We stop at the first EOS because generation stops there (y' never contains `▁\\n</s>`), so
-real and generated responses are scored over the same kind of span, and because masks here
-are "zeros then ones" (left padding only), which cannot express holes at inner EOS tokens.
+We stop at the first EOS because sampling stops there, so a real and a generated response
+are scored over the same kind of span, and because masks here are "zeros then ones" (left
+padding only), which cannot express holes at inner EOS tokens.
+
+Both ways share one quirk of tokenising the answer on its own: the tokenizer prepends '▁',
+so "Hello" becomes `▁Hello` (22557) and "857" becomes `▁ 8 5 7`, whereas the same answer
+inside the full conversation text (how Zephyr's SFT saw it) is `Hello` (16230) / `8 5 7`.
+Generated ids re-encoded from text therefore differ from the ids the model sampled.
 `official_suffix=True` reproduces the official token ids (encode(`{answer}</s>\\n`) + [eos]),
 with every token attended.
 
