@@ -268,8 +268,8 @@ def _attn_bwd_dkdv(
                          mask=row_ok[:, None], other=0.0).to(DOT)
             lse = tl.load(LSE + row + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + row + offs_m, mask=row_ok, other=0.0)
-            # Transposed tiles (BLOCK_N, BLOCK_M); rows past Tq would be causally "visible"
-            # (their qi >= Tk), so row_ok is part of the mask.
+            # Transposed tiles (BLOCK_N, BLOCK_M). Rows past Tq are causally "visible" (their
+            # qi >= Tk); their dO loads as 0 so they add nothing, but row_ok says so outright.
             vis = tl.trans(_visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW) & row_ok[:, None])
             sT = tl.dot(k, tl.trans(q)) * qk_scale
             pT = tl.where(vis, tl.exp2(sT - lse[None, :]), 0.0)
