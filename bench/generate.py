@@ -1,0 +1,123 @@
+"""Decode throughput: our `generate.sample` against transformers' `generate`, same weights.
+
+Claim (issue 5): >= 3x transformers' tokens/s on CPU at batch 8, 32-token prompts, 64 new
+tokens, a 4-layer 256-wide Mistral with vocab 32000, plain sampling (temperature 1, top_k 0,
+top_p 1), EOS ignored so both produce exactly 64 tokens per row. Medians over repeats, in one run.
+
+    python bench/generate.py                 # CPU figures -> bench/RESULTS_generate_cpu.md
+    python bench/generate.py --repeats 7 --threads 2
+
+GPU goal (not run here; no figures are claimed): batch-1 bf16 decode of a Mistral-7B-shaped model
+at >= 70% of the HBM roofline, i.e. tokens/s >= 0.7 * bandwidth / weight bytes
+(7.24e9 params * 2 B = 14.5 GB; H100 SXM 3.35 TB/s -> roofline ~231 tok/s, goal ~162 tok/s):
+
+    python bench/generate.py --device cuda --dtype bfloat16 --shape 7b --batch 1 \
+        --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf
+
+(--shape 7b builds the model with random weights on the device; --no-hf skips the baseline.)
+Record the card, command and figures in bench/RESULTS.md.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from generate import sample  # noqa: E402
+from model import Mistral, ModelConfig  # noqa: E402
+
+SHAPES = {
+    "small": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=32),
+    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    # -- workload
+    ap.add_argument("--shape", default="small", choices=SHAPES)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    # -- hardware
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print("settings:", vars(args), f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    torch.manual_seed(0)
+    hf = None
+    if args.no_hf:  # random weights straight on the device (a 7B does not fit a temp folder quickly)
+        cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=4096, dtype=args.dtype)
+        with torch.device(device):
+            ours = Mistral(cfg).to(dtype).eval()
+    else:
+        import transformers
+        hf_cfg = transformers.MistralConfig(**SHAPES[args.shape], max_position_embeddings=4096,
+                                            tie_word_embeddings=False)
+        hf = transformers.MistralForCausalLM(hf_cfg).eval()
+        folder = tempfile.mkdtemp(prefix="bench-generate-")
+        hf.save_pretrained(folder)
+        hf = hf.to(device=device, dtype=dtype)
+        ours = Mistral.from_pretrained(folder, dtype=dtype, device=device)
+    ids = torch.randint(3, 32000, (args.batch, args.prompt_len))
+    prompts = ids.tolist()
+    n_tokens = args.batch * args.new_tokens
+
+    def run_ours(seed):
+        out = sample(ours, prompts, max_new_tokens=args.new_tokens, eos_id=None, temperature=1.0,
+                     seed=seed, batch_size=args.batch)
+        assert all(len(o.tokens) == args.new_tokens for o in out)
+
+    def run_hf(seed):
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = hf.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=True,
+                              temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
+                              min_new_tokens=args.new_tokens, pad_token_id=0)
+        assert out.shape[1] == args.prompt_len + args.new_tokens
+
+    runs = {"ours": run_ours} if hf is None else {"ours": run_ours, "transformers": run_hf}
+    times = {k: [] for k in runs}
+    for name, fn in runs.items():  # warm-up
+        fn(0)
+    for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        for name, fn in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn(r + 1)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in runs:
+        print(f"{k:>12}: median {med[k] * 1e3:8.1f} ms  {n_tokens / med[k]:9.1f} tok/s  "
+              f"(runs: {', '.join(f'{t * 1e3:.0f}' for t in times[k])} ms)")
+    if hf is not None:
+        print(f"ratio ours / transformers: {med['transformers'] / med['ours']:.2f}x (target >= 3x on CPU)")
+    if device.type == "cuda":
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        bw = float(os.environ.get("HBM_BYTES_PER_S", 3.35e12))  # H100 SXM; set for other cards
+        roof = bw / weight_bytes * args.batch
+        print(f"roofline (weights {weight_bytes / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s): {roof:.1f} tok/s; "
+              f"ours at {n_tokens / med['ours'] / roof:.0%} (includes the prefill)")
+
+
+if __name__ == "__main__":
+    main()

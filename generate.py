@@ -1,0 +1,414 @@
+"""Self-play generation for SPIN: sample y' ~ p_t(.|x) for every prompt, and score the opponent
+log-probs log p_t(y|x), log p_t(y'|x) once, here, so training never holds a reference model.
+
+    sample(model, prompts, ...)      -> [Sample(tokens, logprobs, finished)]   KV-cached decode
+    score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
+    generate_dataset(model, tok, examples, out_path, ...)   sharded, resumable, Parquet out
+
+Launch (one process, or one per GPU):
+    python generate.py --model DIR --data train.parquet --out iter0/synthetic.parquet
+    torchrun --nproc_per_node=2 generate.py --model DIR --data train.parquet --out ...
+
+How this departs from the official SPIN generation (uclaml/SPIN, spin/batch_decode.py):
+1. Prompts use the Zephyr template that training uses (data/template.py), not "### Instruction:".
+2. Each prompt has its own random stream, keyed by (seed, prompt id): a sample does not depend
+   on the batch it lands in, the batch size, or the number of ranks (up to float rounding of the
+   logits, which can only flip a draw whose uniform falls within rounding of a CDF boundary).
+3. The opponent log-probs are computed here, on exactly the token ids training uses
+   (data/pairs.py), and stored as columns, instead of by a second model at every training step.
+4. Part files are written as the run goes; a rerun skips the parts that exist.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import KVCache
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Sample:
+    tokens: list  # generated ids, ending with EOS if the row stopped there
+    logprobs: list  # log p_t(token) under the untempered, unfiltered model distribution
+    finished: bool  # stopped at EOS (False: ran out of max_new_tokens)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """(B, V) -> (B, V) with -inf on removed tokens; transformers' order and rules: top-k keeps
+    every token not below the k-th largest logit (ties kept), then top-p (Holtzman et al. 2020)
+    keeps the most probable tokens until their mass reaches top_p, always at least one."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = logits.sort(dim=-1, descending=True)  # (B, V)
+        p = srt.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # mass strictly before this token already >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """One token per row by inverse CDF: logits (B, V), u (B,) uniforms in [0, 1) -> (B,).
+    The uniforms come from each prompt's own generator (drawn up front, see _uniforms), so the
+    hot path is batched with no per-row Python loop."""
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1).double()
+    cdf = probs.cumsum(-1)  # (B, V), non-decreasing; removed tokens add exactly 0
+    total = cdf[:, -1:]
+    # x < total strictly, so the first index with cdf > x exists and has probability > 0.
+    x = torch.minimum(u[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True)[:, 0]
+
+
+def _seed_of(seed, key):
+    digest = hashlib.sha256(f"spin-generate/{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _uniforms(seed, keys, n):
+    """(B, n) float64 uniforms, row b from a CPU generator seeded by (seed, keys[b]): the same
+    numbers on any device, in any batch."""
+    rows = [torch.rand(n, generator=torch.Generator().manual_seed(_seed_of(seed, k)), dtype=torch.float64)
+            for k in keys]
+    return torch.stack(rows)
+
+
+def left_pad(seqs, device, pad_id=0):
+    """Token lists -> input_ids, attention_mask (B, T), left-padded (DESIGN.md)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_k, top_p, greedy,
+                  seed, progress):
+    device = model.lm_head.weight.device
+    B = len(prompts)
+    ids, mask = left_pad(prompts, device)
+    cache = KVCache.allocate(model.config, B, ids.shape[1] + max_new_tokens, device=device,
+                             dtype=model.lm_head.weight.dtype)
+    u = None if greedy else _uniforms(seed, keys, max_new_tokens).to(device)  # (B, max_new)
+    tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(ids, attention_mask=mask, cache=cache)[:, -1].float()  # prefill: (B, V)
+    steps = 0
+    for t in range(max_new_tokens):
+        nxt = logits.argmax(-1) if greedy else draw(logits, u[:, t], temperature, top_k, top_p)  # (B,)
+        tokens[:, t] = nxt
+        # The stored log-prob is log p_t, untempered and unfiltered: what SPIN's loss needs.
+        logps[:, t] = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
+        steps = t + 1
+        if progress is not None:
+            progress(tokens=int(B - finished.sum()) if eos_id is not None else B)
+        if eos_id is not None:
+            stop = (nxt == eos_id) & ~finished
+            lengths = torch.where(stop, t + 1, lengths)
+            finished |= stop
+            if bool(finished.all()):  # one host sync per step; the decode step dwarfs it
+                break
+        if t + 1 < max_new_tokens:
+            # Finished rows keep decoding in lock step (their tokens are discarded): left padding
+            # keeps one shared cache length, so no row is removed mid-batch.
+            logits = model(nxt[:, None], cache=cache)[:, -1].float()
+    tokens, logps, lengths = tokens[:, :steps].tolist(), logps[:, :steps].tolist(), lengths.tolist()
+    return [Sample(tokens[b][:lengths[b]], logps[b][:lengths[b]], bool(finished[b])) for b in range(B)]
+
+
+def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
+           greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None):
+    """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
+    prompt, in input order. eos_id=None never stops early. prompt_ids: the key of each prompt's
+    random stream (default: its index in `prompts`); pass global ids when sharding, so that
+    prompt i gets the same sample whichever rank or batch it lands in."""
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    if max_new_tokens < 1 or any(len(p) == 0 for p in prompts):
+        raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
+    limit = model.config.max_position_embeddings
+    if prompts and max(map(len, prompts)) + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens "
+                         f"exceeds the model's {limit} positions: truncate prompts first")
+    keys = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        got = _sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
+                            eos_id, temperature, top_k, top_p, greedy, seed, progress)
+        for i, g in zip(idx, got):
+            out[i] = g
+        if progress is not None:
+            progress(prompts=len(idx))
+    return out
+
+
+@torch.inference_mode()
+def score(model, prompts, responses, *, batch_size=16):
+    """sum_t log p(response_t | prompt, response_<t) per pair, float32, from one prefill-style
+    forward over prompt + response per batch (model.token_logprobs, DESIGN.md convention)."""
+    if len(prompts) != len(responses) or any(len(p) == 0 for p in prompts):
+        raise ValueError("score: need as many responses as prompts, and non-empty prompts")
+    device = model.lm_head.weight.device
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))
+    out = [0.0] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask = left_pad([prompts[i] + responses[i] for i in idx], device)
+        B, T = ids.shape
+        # Entry t scores ids[:, t+1]: keep t from the last prompt token to T-2.
+        first = T - torch.tensor([len(responses[i]) for i in idx], device=device)  # (B,) first response slot
+        t = torch.arange(T, device=device)[None, :]
+        keep = (t >= first[:, None] - 1) & (t < T - 1)
+        targets = torch.where(keep, torch.roll(ids, -1, dims=1), -100)
+        lp = model.token_logprobs(ids, targets, mask)  # (B, T) fp32
+        for i, v in zip(idx, lp.sum(1).tolist()):
+            out[i] = v
+    return out
+
+
+class Progress:
+    """One line on stderr, redrawn at most twice a second: prompts done, new tokens, tokens/s."""
+
+    def __init__(self, total, label="generate", stream=sys.stderr):
+        self.total, self.label, self.stream = total, label, stream
+        self.prompts = self.tokens = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, prompts=0, tokens=0):
+        self.prompts += prompts
+        self.tokens += tokens
+        now = time.perf_counter()
+        if now - self.last >= 0.5 or self.prompts == self.total:
+            self.last = now
+            rate = self.tokens / max(now - self.t0, 1e-9)
+            self.stream.write(f"\r{self.label}: {self.prompts}/{self.total} prompts, "
+                              f"{self.tokens} tokens, {rate:.1f} tok/s ")
+            self.stream.flush()
+
+    def close(self):
+        self.stream.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: shard -> parts -> one Parquet file in the official SPIN layout
+#
+# Part p holds examples [p * part_size, (p + 1) * part_size) and is done by rank p % world_size.
+# Parts do not depend on the world size, so a run may resume with a different number of ranks.
+# `settings.json` in the parts folder records what the parts were made with; a rerun with other
+# settings is refused rather than mixing samples from two configurations.
+
+
+def _atomic_json(path, obj):
+    fd, tmp = tempfile.mkstemp(prefix=".settings.", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _parts_dir(out_path):
+    return os.fspath(out_path) + ".parts"
+
+
+def _part_path(out_path, p, n_parts):
+    return os.path.join(_parts_dir(out_path), f"part-{p:05d}-of-{n_parts:05d}.parquet")
+
+
+def merge_parts(out_path, n_parts, settings):
+    """Concatenate the parts in example order into out_path (atomic), settings in its metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.concat_tables([pq.read_table(_part_path(out_path, p, n_parts)) for p in range(n_parts)])
+    if table.num_rows != settings["examples"]:
+        raise RuntimeError(f"{_parts_dir(out_path)}: parts hold {table.num_rows} rows, expected {settings['examples']}")
+    table = table.replace_schema_metadata({"spin_generate": json.dumps(settings, sort_keys=True)})
+    folder = os.path.dirname(os.path.abspath(out_path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out_path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, rank=0, world_size=1,
+                     part_size=256, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+                     greedy=False, batch_size=16, max_prompt_length=512, max_length=1024,
+                     model_id="", skipped_rows=0, progress=True):
+    """Sample y' for every example, score prompt+y and prompt+y', write the SPIN layout.
+    `real` and `generated` carry every prompt turn as given (system turn included when the data
+    has one) followed by one assistant turn: data/readers.py reads all turns before the last
+    assistant one back as the prompt. Returns a summary dict; rank 0 merges once all parts exist."""
+    from data.pairs import truncate, tokenize_example
+    from data.readers import DataError, Example, write_examples
+    from data.template import render_prompt
+
+    if not examples:
+        raise DataError(f"{out_path}: no examples to generate from")
+    limit = model.config.max_position_embeddings
+    if max(max_length, max_prompt_length + max_new_tokens) > limit:
+        raise ValueError(f"max_length {max_length} or max_prompt_length {max_prompt_length} + max_new_tokens "
+                         f"{max_new_tokens} exceeds the model's {limit} positions")
+    data_sha = hashlib.sha256(json.dumps([[e.prompt, e.response] for e in examples]).encode()).hexdigest()
+    settings = dict(examples=len(examples), data_sha256=data_sha, model=model_id, iteration=iteration,
+                    seed=seed, part_size=part_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, greedy=greedy, max_prompt_length=max_prompt_length,
+                    max_length=max_length)
+    summary = dict(prompts=0, generated_tokens=0, wall_s=0.0, tokens_per_s=0.0, truncated_prompts=0,
+                   skipped_rows=skipped_rows, parts_written=0, parts_skipped=0, merged=False, out=str(out_path))
+    if os.path.exists(out_path):  # a finished stage is detected and skipped
+        import pyarrow.parquet as pq
+        done = (pq.read_schema(out_path).metadata or {}).get(b"spin_generate")
+        if done is None or json.loads(done) != settings:
+            raise ValueError(f"{out_path} exists and was not made with these settings: delete it to regenerate")
+        print(f"generate: {out_path} is complete, nothing to do")
+        return dict(summary, merged=True)
+    n_parts = (len(examples) + part_size - 1) // part_size
+    parts = _parts_dir(out_path)
+    os.makedirs(parts, exist_ok=True)
+    settings_file = os.path.join(parts, "settings.json")
+    if os.path.exists(settings_file):
+        with open(settings_file) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise ValueError(f"{parts} was made with other settings ({', '.join(diff)}): "
+                             f"delete it or choose another --out")
+    else:
+        _atomic_json(settings_file, settings)  # every rank writes the same bytes
+
+    t0 = time.perf_counter()
+    mine = [p for p in range(n_parts) if p % world_size == rank]
+    todo = [p for p in mine if not os.path.exists(_part_path(out_path, p, n_parts))]
+    summary["parts_skipped"] = len(mine) - len(todo)
+    total = sum(min(part_size, len(examples) - p * part_size) for p in todo)
+    bar = Progress(total, label=f"generate rank {rank}") if progress and total else None
+    for p in todo:
+        idx = list(range(p * part_size, min(len(examples), (p + 1) * part_size)))
+        full = [tok.encode(render_prompt(examples[i].prompt)) for i in idx]
+        # Generation sees the prompt training would keep next to a max_new_tokens response.
+        prompts = [truncate(ids, [[0] * max_new_tokens], max_length, max_prompt_length)[0] for ids in full]
+        got = sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id, temperature=temperature,
+                     top_k=top_k, top_p=top_p, greedy=greedy, seed=seed, batch_size=batch_size,
+                     progress=bar, prompt_ids=[(iteration, i) for i in idx])
+        # Training scores re-tokenised text (the ids data/pairs.py will build), so score those.
+        texts = [tok.decode([t for t in g.tokens if t != tok.eos_id], skip_special_tokens=True) for g in got]
+        pairs = [tokenize_example(tok, Example(examples[i].prompt, examples[i].response, text),
+                                  max_length=max_length, max_prompt_length=max_prompt_length)
+                 for i, text in zip(idx, texts)]
+        logps = score(model, [q.prompt_ids for q in pairs] * 2,
+                      [q.real_ids for q in pairs] + [q.generated_ids for q in pairs], batch_size=batch_size)
+        rows = []
+        for j, (i, g, q, text) in enumerate(zip(idx, got, pairs, texts)):
+            cut = min(len(prompts[j]), len(q.prompt_ids)) < len(full[j])  # never silent: counted, stored
+            extras = dict(ref_real_logps=logps[j], ref_generated_logps=logps[len(idx) + j],
+                          real_tokens=len(q.real_ids), generated_tokens=len(q.generated_ids),
+                          iteration=iteration, seed=seed, finished=g.finished, truncated=cut or q.truncated)
+            rows.append(Example(examples[i].prompt, examples[i].response, text, extras))
+            summary["generated_tokens"] += len(g.tokens)
+            summary["truncated_prompts"] += cut
+        summary["prompts"] += len(idx)
+        write_examples(_part_path(out_path, p, n_parts), rows, "spin")  # atomic
+        summary["parts_written"] += 1
+    if bar is not None:
+        bar.close()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0 and all(os.path.exists(_part_path(out_path, p, n_parts)) for p in range(n_parts)):
+        merge_parts(out_path, n_parts, settings)
+        summary["merged"] = True
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["tokens_per_s"] = summary["generated_tokens"] / max(summary["wall_s"], 1e-9)
+    print(f"generate rank {rank}: {summary['prompts']} prompts, {summary['generated_tokens']} tokens, "
+          f"{summary['tokens_per_s']:.1f} tok/s, {summary['wall_s']:.1f} s, {summary['truncated_prompts']} "
+          f"truncated, {summary['skipped_rows']} skipped rows, parts {summary['parts_written']} written / "
+          f"{summary['parts_skipped']} reused{', merged -> ' + str(out_path) if summary['merged'] else ''}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI (one process, or torchrun: each rank its parts, a barrier, rank 0 merges)
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # -- inputs and outputs
+    ap.add_argument("--model", required=True, help="Hugging Face model folder")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.model (default: MODEL/tokenizer.model)")
+    ap.add_argument("--data", required=True, help=".parquet or .jsonl (spin, messages or prompt/response layout)")
+    ap.add_argument("--out", required=True, help="output .parquet; parts go to OUT.parts/")
+    ap.add_argument("--num-prompts", type=int, default=None, help="use the first N examples")
+    ap.add_argument("--part-size", type=int, default=256)
+    # -- sampling
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--iteration", type=int, default=0)
+    # -- lengths (the training truncation rule, data/pairs.py)
+    ap.add_argument("--max-prompt-length", type=int, default=512)
+    ap.add_argument("--max-length", type=int, default=1024)
+    # -- hardware
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
+    args = ap.parse_args(argv)
+
+    from data.readers import read_examples
+    from data.tokenizer import Tokenizer
+    from model import Mistral
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    settings = dict(vars(args), tokenizer=args.tokenizer or os.path.join(args.model, "tokenizer.model"),
+                    world_size=world_size, device=str(device))
+    if rank == 0:
+        print("generate settings:", json.dumps(settings, indent=1))
+    tok = Tokenizer(settings["tokenizer"])
+    examples, report = read_examples(args.data, on_error="skip")
+    if report.skipped:
+        print(report.summary(), file=sys.stderr)
+    examples = examples[:args.num_prompts] if args.num_prompts else examples
+    model = Mistral.from_pretrained(args.model, dtype=args.dtype, device=device)
+    summary = generate_dataset(
+        model, tok, examples, args.out, iteration=args.iteration, seed=args.seed, rank=rank,
+        world_size=world_size, part_size=args.part_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+        batch_size=args.batch_size, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+        model_id=os.path.abspath(args.model), skipped_rows=report.skipped)
+    if rank == 0 and summary["merged"]:
+        _atomic_json(os.fspath(args.out) + ".settings.json", dict(settings, summary=summary))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

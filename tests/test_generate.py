@@ -1,0 +1,287 @@
+"""generate.py: sampling against transformers' generate and against full forwards; seeded
+determinism; top-k/top-p sets; scoring; the dataset writer (layout, opponent log-probs, resume,
+sharding, truncation, bad input)."""
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from generate import draw, filter_logits, generate_dataset, main, merge_parts, sample, score
+from model import Mistral
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def make_hf(folder, vocab=VOCAB, seed=0, **kw):
+    """A random HF Mistral saved to `folder`; norms randomised (transformers sets them to ones)
+    and embeddings/head widened so the distributions are peaked, as a trained model's are."""
+    torch.manual_seed(seed)
+    base = dict(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=None)
+    base.update(kw)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**base)).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif "embed" in n or "lm_head" in n:
+                p.normal_(0, 1.0)
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    hf, folder = make_hf(str(tmp_path_factory.mktemp("gen") / "ckpt"), sliding_window=6)
+    return hf, Mistral.from_pretrained(folder)
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def full_logprobs(model, prompt, tokens):
+    """log p(tokens[t] | prompt, tokens[:t]) from one plain forward, in float64."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logp = model(ids).double().log_softmax(-1)[0]  # (T, V)
+    pos = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
+    return logp[pos, torch.tensor(tokens)]
+
+
+# -- sampling --------------------------------------------------------------------------------
+
+def test_greedy_equals_transformers_generate(ckpt):
+    hf, model = ckpt
+    prompts = prompts_of([7, 3, 1])
+    free = sample(model, prompts, max_new_tokens=12, eos_id=None, greedy=True)
+    eos = free[0].tokens[4]  # a token greedy emits, so at least one row stops early
+    ours = sample(model, prompts, max_new_tokens=12, eos_id=eos, greedy=True)
+    assert ours[0].finished and ours[0].tokens[-1] == eos and len(ours[0].tokens) <= 5
+    for p, f, o in zip(prompts, free, ours):
+        for eos_id, got in ((None, f), (eos, o)):
+            with torch.no_grad():
+                ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12,
+                                  eos_token_id=eos_id, pad_token_id=0)[0, len(p):].tolist()
+            assert got.tokens == ref
+            assert got.finished == (eos_id is not None and eos_id in ref)
+
+
+def test_padded_batch_rows_equal_each_prompt_alone(ckpt):
+    _, model = ckpt
+    prompts = prompts_of([11, 2, 7, 5, 9])
+    batch = sample(model, prompts, max_new_tokens=10, eos_id=None, greedy=True, batch_size=5)
+    for p, b in zip(prompts, batch):
+        alone = sample(model, [p], max_new_tokens=10, eos_id=None, greedy=True)[0]
+        assert b.tokens == alone.tokens
+        assert max(abs(x - y) for x, y in zip(b.logprobs, alone.logprobs)) <= 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0),
+                                dict(temperature=0.5, top_k=5), dict(temperature=2.0, top_p=0.8)])
+def test_logprobs_are_untempered_and_equal_a_full_forward(ckpt, kw):
+    _, model = ckpt
+    prompts = prompts_of([6, 13, 2])
+    for p, s in zip(prompts, sample(model, prompts, max_new_tokens=9, eos_id=None, seed=3, **kw)):
+        ref = full_logprobs(model, p, s.tokens)
+        assert (torch.tensor(s.logprobs, dtype=torch.float64) - ref).abs().max().item() <= 1e-4
+    # and score() agrees with the per-token sum
+    outs = sample(model, prompts, max_new_tokens=9, eos_id=None, seed=3, **kw)
+    for v, s in zip(score(model, prompts, [s.tokens for s in outs]), outs):
+        assert abs(v - sum(s.logprobs)) <= 1e-4
+
+
+def test_seeded_samples_independent_of_batching_and_sharding(ckpt):
+    _, model = ckpt
+    prompts = prompts_of([4, 9, 6, 2, 8, 3])
+    kw = dict(max_new_tokens=8, eos_id=5, temperature=1.0, seed=7)
+    ref = sample(model, prompts, batch_size=16, **kw)
+    assert sample(model, prompts, batch_size=16, **kw) == ref
+    for bs in (1, 4):
+        got = sample(model, prompts, batch_size=bs, **kw)
+        assert [g.tokens for g in got] == [r.tokens for r in ref]
+    # a shard of the prompts, keyed by their global index, gets the same samples
+    shard = sample(model, prompts[3:], prompt_ids=[3, 4, 5], **kw)
+    assert [s.tokens for s in shard] == [r.tokens for r in ref[3:]]
+    other = sample(model, prompts, batch_size=16, **dict(kw, seed=8))
+    assert [s.tokens for s in other] != [r.tokens for r in ref]
+
+
+def allowed_sets(logits, top_k, top_p, slack):
+    """Reference sets computed from the definitions: (surely allowed, possibly allowed).
+    A token may be kept iff fewer than k tokens have a larger logit and the probability mass
+    of more probable tokens (after top-k) is below top_p. Ties may be ordered either way, so
+    "surely" counts tied tokens as more probable and "possibly" does not; `slack` absorbs rounding."""
+    V = logits.shape[0]
+    higher = (logits[None, :] > logits[:, None]).sum(1)  # tokens with a larger logit
+    in_k = higher < top_k if top_k else torch.ones(V, dtype=torch.bool)
+    p = torch.where(in_k, logits.double(), float("-inf")).softmax(-1)
+    above = (p[None, :] * (p[None, :] > p[:, None])).sum(1)  # (V,) mass of more probable tokens
+    above_or_tied = (p[None, :] * (p[None, :] >= p[:, None])).sum(1) - p
+    sure = in_k & (above_or_tied < top_p - slack)
+    maybe = in_k & ((above < top_p + slack) | (higher == 0))
+    return sure, maybe
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=st.lists(st.floats(-30, 30, width=32), min_size=2, max_size=40),
+       top_k=st.integers(0, 45), top_p=st.floats(0.01, 1.0), u=st.floats(0, 1, exclude_max=True))
+def test_filter_keeps_exactly_the_allowed_set(logits, top_k, top_p, u):
+    x = torch.tensor([logits])
+    kept = torch.isfinite(filter_logits(x, top_k, top_p))[0]
+    sure, maybe = allowed_sets(x[0], top_k, top_p, slack=1e-5)
+    assert kept[x[0] == x[0].max()].any()  # a most probable token always survives
+    assert not (kept & ~maybe).any() and not (sure & ~kept).any()
+    tok = draw(x, torch.tensor([u], dtype=torch.float64), 1.0, top_k, top_p)
+    assert kept[tok.item()]
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3, temperature=1.5), dict(top_p=0.5, temperature=1.3)])
+def test_sampling_end_to_end_stays_in_allowed_set(ckpt, kw):
+    _, model = ckpt
+    prompts = prompts_of([5, 8, 3, 10])
+    for p, s in zip(prompts, sample(model, prompts, max_new_tokens=16, eos_id=None, seed=1, **kw)):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + s.tokens])).float()[0] / kw["temperature"]
+        for t, tok in enumerate(s.tokens):
+            _, maybe = allowed_sets(logits[len(p) - 1 + t], kw.get("top_k", 0), kw.get("top_p", 1.0), 1e-5)
+            assert maybe[tok]
+
+
+def test_score_equals_token_logprob_sums(ckpt):
+    _, model = ckpt
+    prompts, responses = prompts_of([4, 9, 1], seed=2), prompts_of([6, 1, 0], seed=3)
+    got = score(model, prompts, responses, batch_size=2)
+    for p, r, v in zip(prompts, responses, got):
+        ids = torch.tensor([p + r])
+        targets = torch.full_like(ids, -100)
+        targets[0, len(p) - 1:-1] = ids[0, len(p):]
+        with torch.no_grad():
+            ref = model.token_logprobs(ids, targets).sum().item()
+        assert abs(v - ref) <= 1e-4 and (r or v == 0.0)
+
+
+# -- datasets --------------------------------------------------------------------------------
+
+TEXTS = ["the cat sat on the mat", "what is two plus two", "four, of course", "tell me a story",
+         "once upon a time there was a tiny model", "<|system|>\n", "<|user|>\n", "<|assistant|>\n"] * 20
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from data.readers import Example
+    from data.tokenizer import Tokenizer, train_tokenizer
+    root = tmp_path_factory.mktemp("ds")
+    tok = Tokenizer(train_tokenizer(TEXTS, str(root / "ckpt"), vocab_size=300))
+    _, folder = make_hf(str(root / "ckpt"), vocab=tok.vocab_size, max_position_embeddings=1100)
+    examples = [Example([{"role": "user", "content": f"question {i}: what is {i} plus {i}?"}], f"it is {2 * i}")
+                for i in range(9)]
+    examples[4] = Example([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "hello"}, {"role": "user", "content": "story?"}],
+                          "once upon a time")
+    return tok, Mistral.from_pretrained(folder), folder, examples
+
+
+KW = dict(max_new_tokens=6, temperature=1.0, seed=3, part_size=4, batch_size=3, progress=False)
+
+
+def test_dataset_layout_and_opponent_logprobs(world, tmp_path):
+    from data.pairs import collate_pairs, tokenize_examples
+    from data.readers import read_examples
+    tok, model, _, examples = world
+    out = str(tmp_path / "synthetic.parquet")
+    summary = generate_dataset(model, tok, examples, out, iteration=2, **KW)
+    assert summary["merged"] and summary["prompts"] == 9 and summary["parts_written"] == 3
+    import pyarrow.parquet as pq
+    table = pq.read_table(out)
+    assert {"real", "generated", "ref_real_logps", "ref_generated_logps", "real_tokens", "generated_tokens",
+            "iteration", "seed", "finished"} <= set(table.column_names)
+    assert set(table.column("iteration").to_pylist()) == {2}
+    back, report = read_examples(out)
+    assert [b.prompt for b in back] == [e.prompt for e in examples]  # whole prompt, in input order
+    assert [b.response for b in back] == [e.response for e in examples]
+    # A fresh forward on the stored texts, re-tokenised as training will, gives the stored values.
+    pairs, _ = tokenize_examples(tok, back, max_length=1024, max_prompt_length=512)
+    batch = collate_pairs(pairs, pad_id=0)
+    with torch.no_grad():
+        sums = model.token_logprobs(batch["input_ids"], batch["targets"], batch["attention_mask"]).sum(1)
+    stored = torch.tensor([p.ref_real_logp for p in pairs] + [p.ref_generated_logp for p in pairs])
+    assert (sums - stored).abs().max().item() <= 1e-4
+    assert [len(p.generated_ids) for p in pairs] == table.column("generated_tokens").to_pylist()
+
+
+def test_resume_after_kill_between_parts(world, tmp_path):
+    tok, model, _, examples = world
+    out = str(tmp_path / "synthetic.parquet")
+    generate_dataset(model, tok, examples, out, **KW)
+    first = open(out, "rb").read()
+    parts = sorted(f for f in os.listdir(out + ".parts") if f.endswith(".parquet"))
+    mtimes = {f: os.stat(os.path.join(out + ".parts", f)).st_mtime_ns for f in parts}
+    os.remove(out)
+    os.remove(os.path.join(out + ".parts", parts[1]))  # killed while writing part 1
+    summary = generate_dataset(model, tok, examples, out, **KW)
+    assert summary["parts_written"] == 1 and summary["parts_skipped"] == 2
+    assert open(out, "rb").read() == first
+    for f in (parts[0], parts[2]):  # untouched
+        assert os.stat(os.path.join(out + ".parts", f)).st_mtime_ns == mtimes[f]
+    assert generate_dataset(model, tok, examples, out, **KW)["parts_written"] == 0  # complete: skipped
+    with pytest.raises(ValueError, match="settings"):
+        generate_dataset(model, tok, examples, out, **dict(KW, seed=4))
+
+
+def test_two_ranks_give_the_rows_of_one(world, tmp_path):
+    tok, model, _, examples = world
+    one, two = str(tmp_path / "one.parquet"), str(tmp_path / "two.parquet")
+    generate_dataset(model, tok, examples, one, **dict(KW, batch_size=9))
+    r0 = generate_dataset(model, tok, examples, two, rank=0, world_size=2, **KW)
+    assert not r0["merged"] and not os.path.exists(two)  # rank 1's part is still missing
+    r1 = generate_dataset(model, tok, examples, two, rank=1, world_size=2, **KW)
+    assert not r1["merged"] and r0["prompts"] + r1["prompts"] == 9
+    merge_parts(two, 3, json.load(open(two + ".parts/settings.json")))
+    import pyarrow.parquet as pq
+    a, b = pq.read_table(one).to_pylist(), pq.read_table(two).to_pylist()
+    assert [r["generated"] for r in a] == [r["generated"] for r in b]
+    for x, y in zip(a, b):
+        assert x["ref_generated_logps"] == pytest.approx(y["ref_generated_logps"], abs=1e-4)
+
+
+def test_long_prompt_truncated_and_counted(world, tmp_path):
+    from data.readers import Example
+    tok, model, _, examples = world
+    short = Example([{"role": "user", "content": "hi"}], "no")
+    long = Example([{"role": "user", "content": "tell me a story " * 30}], "no")
+    out = str(tmp_path / "t.parquet")
+    summary = generate_dataset(model, tok, [short, long], out,
+                               **dict(KW, max_prompt_length=40, max_length=60))
+    assert summary["truncated_prompts"] == 1
+    import pyarrow.parquet as pq
+    assert pq.read_table(out).column("truncated").to_pylist() == [False, True]
+
+
+def test_cli_and_bad_input(world, tmp_path):
+    from data.readers import DataError
+    tok, model, folder, examples = world
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt[-1]["content"], "response": e.response}) + "\n"
+                            for e in examples))
+    out = str(tmp_path / "cli.parquet")
+    summary = main(["--model", folder, "--data", str(data), "--out", out, "--num-prompts", "3",
+                    "--max-new-tokens", "4", "--part-size", "2", "--top-k", "5"])
+    assert summary["prompts"] == 3 and os.path.exists(out) and os.path.exists(out + ".settings.json")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        main(["--model", folder, "--data", str(empty), "--out", str(tmp_path / "x.parquet")])
+    with pytest.raises(DataError, match="no examples"):
+        generate_dataset(model, tok, [], str(tmp_path / "y.parquet"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(DataError, match="layout"):
+        main(["--model", folder, "--data", str(bad), "--out", str(tmp_path / "z.parquet")])
