@@ -340,10 +340,8 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
         summary["merged"] = True
     summary["wall_s"] = time.perf_counter() - t0
     summary["tokens_per_s"] = summary["generated_tokens"] / max(summary["wall_s"], 1e-9)
-    print(f"generate rank {rank}: {summary['prompts']} prompts, {summary['generated_tokens']} tokens, "
-          f"{summary['tokens_per_s']:.1f} tok/s, {summary['wall_s']:.1f} s, {summary['truncated_prompts']} "
-          f"truncated, {summary['skipped_rows']} skipped rows, parts {summary['parts_written']} written / "
-          f"{summary['parts_skipped']} reused{', merged -> ' + str(out_path) if summary['merged'] else ''}")
+    print(f"generate rank {rank}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in summary.items()))
     return summary
 
 
