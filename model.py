@@ -282,7 +282,7 @@ class Mistral(nn.Module):
         C = cfg.hidden_size
         lp = linear_logprobs(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T),
                              impl=logprob_impl)  # (N,)
-        return lp.view(B, T)
+        return lp.view(B, T).clone()  # not a view: FSDP's pre-backward hook must see a fresh tensor
 
     def token_logprobs(self, input_ids, targets, attention_mask=None, **kw):
         return self(input_ids, attention_mask=attention_mask, targets=targets, **kw)
