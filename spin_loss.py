@@ -1,0 +1,133 @@
+"""
+The SPIN objective (Chen et al., "Self-Play Fine-Tuning Converts Weak Language Models
+to Strong Language Models", ICML 2024, arXiv 2401.01335), as pure functions of
+per-sequence log-probs. Nothing here knows about models, tokenizers or devices.
+
+SPIN is a two-player game played once per iteration t. The opponent is the frozen
+previous model p_t = p_{theta_t}; it answers each prompt x with y' ~ p_t(.|x). The main
+player p_theta learns to tell the ground-truth answer y ~ p_data(.|x) from y', with the
+log-ratio to the opponent as its score (paper Section 4, Algorithm 1):
+
+    L_SPIN(theta, theta_t) = E_{x, y ~ p_data(.|x), y' ~ p_t(.|x)} [
+        l( lambda * log p_theta(y|x)  / p_t(y|x)
+         - lambda * log p_theta(y'|x) / p_t(y'|x) ) ]
+
+    l(u) = log(1 + exp(-u))    the logistic loss, the paper's choice (= -logsigmoid(u))
+    lambda > 0                 the temperature; we call it beta, as DPO does
+
+The minimiser becomes the next opponent, p_{t+1} = p_theta, and the game repeats.
+This is exactly the DPO loss (Rafailov et al. 2023) with beta = lambda, chosen = the
+real (ground-truth) answer, rejected = the generated answer, and the reference model =
+the previous iteration's model. Only the data and the reference change each iteration.
+What the paper proves about it (checked numerically in tests/test_spin_loss.py):
+  Thm 5.2: if p_t = p_data, theta_t is a global minimiser (the game has stopped);
+           if not, theta_t is not a minimiser for a suitable lambda.
+  Thm 5.4: with the logistic loss and a rich enough model class, the minimiser is
+           p_{t+1}(y|x) ∝ p_t(y|x) * (p_data(y|x) / p_t(y|x))^(1/lambda),
+           so lambda = 1 jumps straight to p_data and a larger lambda moves less.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_logps(token_logps, mask):
+    # Sum of per-token log-probs over the response tokens only: (B, T) -> (B,). Prompt
+    # and padding positions must contribute exactly 0 even if they hold -inf or NaN,
+    # so select with where(); mask * logp would give 0 * -inf = NaN, in the forward
+    # pass and in the gradient.
+    if token_logps.dim() != 2 or token_logps.shape != mask.shape:
+        raise ValueError(f"token_logps {tuple(token_logps.shape)} and mask "
+                         f"{tuple(mask.shape)} must both be (B, T)")
+    return torch.where(mask.bool(), token_logps, 0.0).sum(-1)  # (B,)
+
+
+def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_generated_logps,
+              beta=0.1, loss_type="sigmoid", base_real_logps=None, base_generated_logps=None,
+              alpha=0.0, reduction="mean"):
+    # Every input is a (B,) tensor of sequence log-probs log p(y|x): "policy" is p_theta
+    # (with gradient), "ref" the opponent p_t (precomputed, no gradient needed), "real" the
+    # ground-truth answer y, "generated" the opponent's own answer y'.
+    # Returns (loss, metrics): loss is the mean over the batch (reduction="none" gives the
+    # (B,) per-pair losses); metrics are detached 0-d float tensors, not python floats, so
+    # train.py can all-reduce them across ranks before logging.
+    named = {"policy_real_logps": policy_real_logps, "policy_generated_logps": policy_generated_logps,
+             "ref_real_logps": ref_real_logps, "ref_generated_logps": ref_generated_logps}
+    if alpha != 0.0 or base_real_logps is not None or base_generated_logps is not None:
+        named.update(base_real_logps=base_real_logps, base_generated_logps=base_generated_logps)
+    for name, x in named.items():
+        if x is None:
+            raise ValueError("alpha > 0 needs both base_real_logps and base_generated_logps "
+                             f"(the base model's log-probs); {name} is missing")
+        if x.dim() != 1 or x.shape != policy_real_logps.shape:
+            raise ValueError(f"all log-prob inputs must share one 1-D shape (B,); "
+                             f"{name} is {tuple(x.shape)}, policy_real_logps is "
+                             f"{tuple(policy_real_logps.shape)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+    # Opponent regularisation (Alami et al. 2024, arXiv 2404.04291): play against the
+    # geometric mixture p_ref ∝ p_base^alpha * p_t^(1-alpha) of the base (SFT) model and
+    # the previous iteration, which keeps later iterations closer to the base model.
+    # In log space the mixture is a weighted sum (its normaliser is the same for y and y'
+    # and cancels in the difference below). alpha = 0 is plain SPIN, alpha = 1 the base.
+    if alpha > 0:
+        ref_real_logps = alpha * base_real_logps + (1 - alpha) * ref_real_logps
+        ref_generated_logps = alpha * base_generated_logps + (1 - alpha) * ref_generated_logps
+
+    # The implicit rewards lambda * log p_theta / p_t of each answer, and their difference.
+    real_logratios = policy_real_logps - ref_real_logps                  # (B,)
+    generated_logratios = policy_generated_logps - ref_generated_logps   # (B,)
+    u = beta * (real_logratios - generated_logratios)                    # (B,)
+
+    # A plain if/elif: a new loss is one more branch here, and nothing else changes.
+    if loss_type == "sigmoid":
+        # l(u) = log(1 + exp(-u)) = -logsigmoid(u). logsigmoid stays finite for |u| of
+        # 1e4; log(sigmoid(u)) underflows to log(0) = -inf in float32 below about u = -88.
+        losses = -F.logsigmoid(u)
+    elif loss_type == "hinge":
+        # l(u) = max(0, 1 - u), the official code's other option (SLiC-style). It stops
+        # pushing once the real answer leads by a margin of 1.
+        losses = torch.relu(1 - u)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'hinge'")
+
+    if reduction == "mean":
+        loss = losses.mean()
+    elif reduction == "none":
+        loss = losses
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
+
+    # The names the official SPIN/DPO trainers log, so their curves compare directly.
+    # Computed in at least float32 (bf16 means are coarse), never below the input dtype.
+    det = lambda x: x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    real_rewards = beta * det(real_logratios)
+    generated_rewards = beta * det(generated_logratios)
+    metrics = {
+        "rewards/real": real_rewards.mean(),
+        "rewards/generated": generated_rewards.mean(),
+        "rewards/margins": (real_rewards - generated_rewards).mean(),
+        "rewards/accuracies": (real_rewards > generated_rewards).float().mean(),
+        "logps/real": det(policy_real_logps).mean(),
+        "logps/generated": det(policy_generated_logps).mean(),
+    }
+    return loss, metrics
+
+
+def beta_for_iteration(schedule, t):
+    # The official recipe changes beta between iterations (0.1 for t = 0, 1, 2, then 5.0
+    # for t = 3), so a schedule is a float (constant) or a list indexed by iteration. A
+    # list shorter than t + 1 repeats its last value, so [0.1, 0.1, 0.1, 5.0] also covers
+    # any later iterations with 5.0.
+    if t < 0:
+        raise ValueError(f"iteration t must be >= 0, got {t}")
+    betas = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule]
+    if not betas:
+        raise ValueError("beta schedule is empty")
+    for b in betas:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+            raise ValueError(f"every beta must be a positive number, got {b!r} in {schedule!r}")
+    return float(betas[min(t, len(betas) - 1)])
