@@ -104,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--sft", action="store_true", help="only run SFT on --data (cross-entropy on the ground truth)")
     p.add_argument("--sft-steps", type=int, default=None)
     p.add_argument("--sft-lr", type=float, default=None)
+    p.add_argument("--sft-optimizer", default="adamw", choices=["rmsprop", "adamw"],
+                   help="optimiser of the demo's warm start (--sft runs too); the baseline uses --optimizer")
     p.add_argument("--baseline", type=int, default=None, choices=[0, 1],
                    help="also run continued SFT with the same number of steps, as the baseline")
     # checkpoints
@@ -112,6 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--demo-dim", type=int, default=None)
     p.add_argument("--demo-layers", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None, help="demo tokenizer vocabulary size")
+    # fault injection for the resume test: SIGKILL this process after STAGE:STEP
+    p.add_argument("--kill-at", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.demo = args.model is None
     preset = DEMO if args.demo else RECIPE
@@ -133,8 +137,11 @@ def parse_args(argv=None):
 def setup_distributed():
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(29500 + os.getpid() % 1000))
+        import socket
+        with socket.socket() as s:  # a free port for the one-process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -239,7 +246,7 @@ def load_ckpt(stage_dir, model, opt, sched):
 # ----------------------------------------------------------------------------------------------
 # One training stage: SPIN (pairs) or SFT (ground truth only), from an HF folder to an HF folder.
 
-def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, device, metrics, tag):
+def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, device, metrics, tag, optimizer):
     """items: tokenised pairs (SPIN) or sequences (SFT). The global batch at step s is a fixed
     function of (seed, s), so 1 and N processes see the same data and give the same losses."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -251,7 +258,7 @@ def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, de
     model, config = build_model(init_dir, args, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "rmsprop":  # the paper's choice; no weight decay
+    if optimizer == "rmsprop":  # the paper's choice; no weight decay
         opt = torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -330,6 +337,8 @@ def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, de
         metrics(rec)
         if (step + 1) % args.ckpt_every == 0 and step + 1 < steps:
             save_ckpt(stage_dir, step + 1, model, opt, sched)
+        if args.kill_at == f"{tag}:{step + 1}":
+            os.kill(os.getpid(), 9)
     return model, config
 
 
@@ -516,12 +525,13 @@ def main(argv=None):
     dtype_name = ModelConfig.from_hf(init_dir).dtype
     has_task = args.demo
 
-    def run_stage(kind, init, items, steps, lr, beta, folder, tag):
+    def run_stage(kind, init, items, steps, lr, beta, folder, tag, optimizer=args.optimizer):
         model_dir = os.path.join(folder, "model")
         if not os.path.exists(model_dir):
             os.makedirs(folder, exist_ok=True)
             log(f"[{tag}] {kind}: {steps} steps from {init}")
-            model, config = train_stage(kind, init, items, steps, lr, beta, folder, tok, args, device, metrics, tag)
+            model, config = train_stage(kind, init, items, steps, lr, beta, folder, tok, args, device, metrics,
+                                        tag, optimizer)
             export(model, config, model_dir, tok_path, dtype_name)
             del model
         return model_dir
@@ -532,7 +542,7 @@ def main(argv=None):
         sft_items, rep = tokenize(train_ex)
         log(f"sft data: {rep.summary()}")
         base = stage("sft", lambda: run_stage("sft", init_dir, sft_items, args.sft_steps, args.sft_lr, None,
-                                              os.path.join(out, "sft"), "sft"))
+                                              os.path.join(out, "sft"), "sft", args.sft_optimizer))
         if args.sft:
             log(f"SFT model: {base}")
             return

@@ -271,3 +271,33 @@ def test_integer_tensor_refused(tmp_path):
     rewrite(folder, lambda t: t.__setitem__("model.norm.weight", torch.zeros(48, dtype=torch.int8)))
     with pytest.raises(ValueError, match="model.norm.weight.*unsupported dtype"):
         Mistral.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device):
+    """The model with the Triton kernels (interpreted on CPU) gives the torch path's logits,
+    per-token log-probs and gradients, with left padding and a window shorter than the rows."""
+    _, folder = make_hf(tmp_path, sliding_window=6, num_attention_heads=4, num_key_value_heads=1,
+                        hidden_size=64, head_dim=16)
+    model = Mistral.from_pretrained(folder, device=device)
+    ids = torch.randint(0, VOCAB, (2, 21), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    targets[1, :7] = -100
+    results = []
+    for impl in ("torch", "triton"):
+        model.zero_grad()
+        lp = model(ids, attention_mask=mask, targets=targets, attn_impl=impl, logprob_impl=impl)
+        lp.sum().backward()
+        logits = model(ids, attention_mask=mask, attn_impl=impl).detach()
+        results.append((lp.detach(), logits, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp0, lg0, g0), (lp1, lg1, g1) = results
+    assert (lp0 - lp1).abs().max().item() <= 2e-4
+    real = mask.bool()
+    assert (lg0[real] - lg1[real]).abs().max().item() <= 2e-4
+    for n in g0:
+        scale = g0[n].abs().max().item() + 1e-6
+        assert (g0[n] - g1[n]).abs().max().item() <= 2e-3 * scale, n

@@ -1,0 +1,165 @@
+"""End-to-end tests of train.py on a shortened embedded demo: the pipeline's invariants, not a
+lucky accuracy number. Each run is a real subprocess (python or torchrun), as users launch it."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-prompts", "96", "--eval-prompts", "16", "--sft-steps", "6", "--sft-lr", "3e-3",
+        "--iterations", "2", "--batch-size", "16", "--micro-batch-size", "4", "--demo-dim", "32",
+        "--demo-layers", "1", "--max-new-tokens", "28", "--ckpt-every", "3", "--lr", "1e-4",
+        "--beta", "0.5", "--gen-batch-size", "64"]
+
+
+def run(out, *extra, procs=1, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    if procs == 1:
+        cmd = [sys.executable, "train.py"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "train.py"]
+    p = subprocess.run(cmd + ["--out", str(out), *TINY, *extra], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+
+def step_losses(out):
+    """{(stage, step): loss}, keeping the last record of a step (a resumed run repeats some)."""
+    return {(r["stage"], r["step"]): r["loss"] for r in records(out) if r["type"] == "step"}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    p = run(out, "--baseline", "1")
+    return out, p
+
+
+def test_pipeline_writes_every_output(single):
+    out, p = single
+    for rel in ["config.json", "metrics.jsonl", "report.png", "data/train.jsonl", "data/heldout.jsonl",
+                "tokenizer/tokenizer.model", "sft/model/config.json", "iter0/synthetic.parquet",
+                "iter0/eval_synthetic.parquet", "iter0/model/model.safetensors", "iter0/model/tokenizer.model",
+                "iter1/model/config.json", "baseline/iter1/model/config.json"]:
+        assert os.path.exists(os.path.join(out, rel)), rel
+    assert "SPIN exact match" in p.stdout and "wall time" in p.stdout
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["iterations"] == 2 and cfg["world_size"] == 1
+
+
+def test_metrics_present_and_finite(single):
+    out, _ = single
+    recs = records(out)
+    steps = [r for r in recs if r["type"] == "step"]
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert {r["stage"] for r in steps} == {"sft", "spin0", "spin1", "sft0", "sft1"}
+    for r in steps:
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"):
+            assert math.isfinite(r[k]), (k, r)
+    for r in steps:
+        if r["stage"].startswith("spin"):
+            for k in ("rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
+                      "logps/real", "logps/generated"):
+                assert math.isfinite(r[k])
+    assert [(r["arm"], r["iteration"]) for r in evals] == [("start", 0), ("spin", 1), ("spin", 2), ("sft", 1), ("sft", 2)]
+    for r in evals:
+        assert 0 <= r["exact_match"] <= 1 and math.isfinite(r["gt_logp_per_token"])
+
+
+def test_first_spin_step_is_log2(single):
+    """At theta = theta_t every pair's loss is log 2 (spin_loss's closed form), so the first
+    logged step, computed before any update, checks model, data and stored log-probs agree."""
+    out, _ = single
+    first = [r for r in records(out) if r["type"] == "step" and r["stage"] in ("spin0", "spin1") and r["step"] == 1]
+    assert len(first) == 2
+    for r in first:
+        assert abs(r["loss"] - math.log(2)) < 1e-4, r
+        assert abs(r["rewards/margins"]) < 1e-4
+
+
+def test_exports_load_in_transformers(single):
+    transformers = pytest.importorskip("transformers")
+    out, _ = single
+    from model import Mistral
+    folder = os.path.join(out, "iter1", "model")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours = Mistral.from_pretrained(folder)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() < 1e-4
+
+
+def test_opponent_logprobs_equal_fresh_forward(single):
+    out, _ = single
+    from data import pairs, readers
+    from data.tokenizer import Tokenizer
+    from model import Mistral
+    import generate
+    tok = Tokenizer(os.path.join(out, "sft", "model"))
+    examples, _ = readers.read_examples(os.path.join(out, "iter1", "synthetic.parquet"))
+    items, _ = pairs.tokenize_examples(tok, examples[:24], max_length=128, max_prompt_length=64)
+    opponent = Mistral.from_pretrained(os.path.join(out, "iter0", "model"))  # p_1 made iteration 1's data
+    real = generate.score(opponent, [i.prompt_ids for i in items], [i.real_ids for i in items])
+    gen = generate.score(opponent, [i.prompt_ids for i in items], [i.generated_ids for i in items])
+    for it, a, b in zip(items, real, gen):
+        assert abs(float(a) - it.ref_real_logp) < 1e-3
+        assert abs(float(b) - it.ref_generated_logp) < 1e-3
+
+
+def test_two_processes_match_one(single, tmp_path):
+    out1, _ = single
+    out2 = tmp_path / "two"
+    run(out2, "--baseline", "1", procs=2)
+    a, b = step_losses(out1), step_losses(out2)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert abs(a[k] - b[k]) < 2e-3 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    assert json.load(open(out2 / "config.json"))["world_size"] == 2
+
+
+def test_kill_and_resume_gives_the_same_losses(single, tmp_path):
+    out1, _ = single
+    out = tmp_path / "killed"
+    p = run(out, "--baseline", "1", "--kill-at", "spin1:5", check=False)
+    assert p.returncode != 0  # SIGKILLed in the middle of iteration 1's training
+    assert os.path.isdir(out / "iter1" / "ckpt" / "step-3") and not os.path.exists(out / "iter1" / "model")
+    run(out, "--baseline", "1", "--resume")
+    a, b = step_losses(out1), step_losses(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert abs(a[k] - b[k]) < 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+
+
+def test_live_reference_agrees_with_stored_logprobs(tmp_path):
+    out = tmp_path / "live"
+    run(out, "--baseline", "0", "--iterations", "1", "--live-reference")
+    spin = [r for r in records(out) if r["type"] == "step" and r["stage"] == "spin0"]
+    assert spin and all(r["live_reference_max_abs_diff"] < 1e-3 for r in spin)
+    assert abs(spin[0]["loss"] - math.log(2)) < 1e-4
+
+
+def test_existing_run_needs_resume(single):
+    out, _ = single
+    p = run(out, check=False)
+    assert p.returncode != 0 and "--resume" in (p.stderr + p.stdout)
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path):
+    out = tmp_path / "nan"
+    p = run(out, "--baseline", "0", "--iterations", "1", "--sft-lr", "1e30", "--ckpt-every", "1", check=False)
+    assert p.returncode != 0
+    assert "stopping. The last good checkpoint" in p.stderr
+    ckpts = os.listdir(out / "sft" / "ckpt")
+    assert ckpts and all(c.startswith("step-") for c in ckpts)  # no half-written folder left
