@@ -27,10 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-# The torch path holds at most one fp32 logits chunk of max(TORCH_TILE_ELEMENTS, V)
-# elements (rows = TORCH_TILE_ELEMENTS // V, at least one). 4M elements = 16 MB: large
-# enough that each chunk GEMM runs at full speed, small next to any real N * V.
-TORCH_TILE_ELEMENTS = 1 << 22
+# The torch path holds one fp32 (rows, V) logits chunk, rows = TORCH_TILE_ELEMENTS // V
+# (at least one), and on CPU takes its (log-)softmax in place (two chunks elsewhere).
+# 8M elements = 32 MB: big chunks keep the GEMMs efficient and the op count low (on a
+# shared CPU each op pays a thread-pool wake-up), yet 1/16 of N * V at N = 4096, V = 32000.
+TORCH_TILE_ELEMENTS = 1 << 23
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,50 +86,67 @@ def _check_inputs(hidden, weight, targets, ignore_index):
 # ----------------------------------------------------------------------------------------
 
 
+def _softmax(x, log):
+    # On CPU in place: ATen's CPU (log_)softmax reads each element before writing that same
+    # index, so out=x is exact (the float64 tests check it) and saves a (rows, V) chunk.
+    if x.device.type == "cpu":
+        op = torch.ops.aten._log_softmax.out if log else torch.ops.aten._softmax.out
+        return op(x, 1, False, out=x)
+    return x.log_softmax(1) if log else x.softmax(1)
+
+
 class _TorchLinearLogprobs(torch.autograd.Function):
+    # Per chunk of rows tokens: forward = one GEMM + one fused log_softmax; backward = one
+    # GEMM + one fused softmax + two GEMMs. torch's fused (log_)softmax is one vectorised
+    # pass; an online log-sum-exp in separate torch ops would be four passes, as slow as a
+    # GEMM on a CPU. No lse is saved: softmax recomputes it from the chunk exactly. Work on
+    # (rows, C) or (N, C) tensors stays outside the loop: on a busy CPU every small op costs
+    # a thread-pool round trip, so the loop body is kept to the big ops.
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, rows):
         N = hidden.shape[0]
         w32 = weight.float()  # (V, C); a no-op view for fp32, one (V, C) copy otherwise
         valid = targets != ignore_index
-        safe = torch.where(valid, targets, 0).long()  # (N,), ignored rows point at column 0
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        tgt = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        safe = torch.where(valid, targets, 0).long()[:, None]  # (N, 1), ignored rows -> column 0
+        out = torch.empty(N, 1, dtype=torch.float32, device=hidden.device)
+        buf = hidden.new_empty(min(rows, N), weight.shape[0], dtype=torch.float32)  # one chunk
         for n0 in range(0, N, rows):
             n1 = min(n0 + rows, N)
-            logits = hidden[n0:n1].float() @ w32.T  # (rows, V) fp32, the only big tensor
-            tgt[n0:n1] = logits.gather(1, safe[n0:n1, None])[:, 0]
-            # logsumexp in place, so no second (rows, V) temporary is allocated.
-            m = logits.amax(1, keepdim=True)  # (rows, 1)
-            lse[n0:n1] = (m[:, 0] + logits.sub_(m).exp_().sum(1).log())
-        ctx.save_for_backward(hidden, weight, safe, valid, lse)
+            logits = torch.mm(hidden[n0:n1].float(), w32.T, out=buf[: n1 - n0])  # (rows, V)
+            torch.gather(_softmax(logits, log=True), 1, safe[n0:n1], out=out[n0:n1])
+        ctx.save_for_backward(hidden, weight, safe, valid)
         ctx.rows = rows
-        return torch.where(valid, tgt - lse, 0.0)
+        return torch.where(valid, out[:, 0], 0.0)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, safe, valid, lse = ctx.saved_tensors
+        hidden, weight, safe, valid = ctx.saved_tensors
         rows = ctx.rows
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N = hidden.shape[0]
         w32 = weight.float()
-        g = torch.where(valid, grad_out.float(), 0.0)  # (N,), ignored rows pass nothing back
-        dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        g = torch.where(valid, grad_out.float(), 0.0)[:, None]  # (N, 1); ignored rows pass nothing
+        # dlogits = g * (onehot - p) is never formed: g moves onto the (N, C) side of each
+        # GEMM and the onehot term becomes a row gather (dh) or scatter (dw) after the loop.
+        pw = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        gh = hidden.float() * g if need_w else None  # (N, C)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        buf = hidden.new_empty(min(rows, N), weight.shape[0], dtype=torch.float32)  # one chunk
         for n0 in range(0, N, rows):
             n1 = min(n0 + rows, N)
-            h = hidden[n0:n1].float()  # (rows, C)
-            logits = h @ w32.T  # (rows, V), recomputed rather than stored
-            # dlogits = g * (onehot - softmax), built in place in the logits buffer.
-            d = logits.sub_(lse[n0:n1, None]).exp_().mul_(-g[n0:n1, None])
-            d.scatter_add_(1, safe[n0:n1, None], g[n0:n1, None])
+            logits = torch.mm(hidden[n0:n1].float(), w32.T, out=buf[: n1 - n0])
+            p = _softmax(logits, log=False)  # (rows, V), recomputed rather than stored
             if need_h:
-                torch.mm(d, w32, out=dh[n0:n1])  # (rows, C)
+                torch.mm(p, w32, out=pw[n0:n1])  # (rows, C): p @ W
             if need_w:
-                dw.addmm_(d.T, h)  # (V, C), fp32 accumulation across chunks
-        dh = dh.to(hidden.dtype) if need_h else None
-        dw = dw.to(weight.dtype) if need_w else None
-        return dh, dw, None, None, None
+                dw.addmm_(p.T, gh[n0:n1], alpha=-1.0)  # -p^T (g h), fp32 accumulation
+        del buf, logits, p  # free the chunk before the (N, C) epilogue allocates
+        dh = dw_out = None
+        if need_h:
+            dh = ((w32[safe[:, 0]] - pw) * g).to(hidden.dtype)  # g * (W[t] - p @ W)
+        if need_w:
+            dw_out = dw.index_add_(0, safe[:, 0], gh).to(weight.dtype)  # + onehot^T (g h)
+        return dh, dw_out, None, None, None
 
 
 def _torch_rows(V):
