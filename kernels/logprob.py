@@ -3,7 +3,8 @@
 SPIN scores every response token of the real and the generated answer:
     logp[n] = log_softmax(hidden[n] @ weight.T)[targets[n]]
 
-Motivation: the naive version (`linear_logprobs_naive`) writes the full logits.
+Motivation: the usual naive version (bf16 GEMM, then upcast; `linear_logprobs_naive`
+below upcasts first, for an exact reference) writes the full logits.
     logits = hidden @ weight.T          # (N, V)   write N*V*2 B (bf16)
     logits = logits.float()             # (N, V)   read N*V*2, write N*V*4
     logp = logits.log_softmax(-1)       # (N, V)   read 2x N*V*4, write N*V*4 (kept for backward)
