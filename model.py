@@ -305,8 +305,8 @@ class Mistral(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes=2 * 1024**3):
-        save_checkpoint(self.state_dict(), self.config, path, max_shard_bytes=max_shard_bytes)
+    def save_pretrained(self, path, max_shard_bytes=2 * 1024**3, extra_files=None):
+        save_checkpoint(self.state_dict(), self.config, path, max_shard_bytes, extra_files)
 
 
 def left_padding(attention_mask):
@@ -409,10 +409,10 @@ def load_checkpoint(path, model, dtype, device=None):
     return state
 
 
-def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3):
-    """Write a HF folder (config.json + safetensors, sharded with an index above max_shard_bytes).
-    Written into a temporary folder that is renamed into place, so a crash never leaves a
-    folder that looks complete but is not."""
+def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra_files=None):
+    """Write a HF folder (config.json + safetensors, sharded with an index above max_shard_bytes,
+    plus extra_files {name: source path}, e.g. the tokenizer). Written into a temporary folder
+    that is renamed into place, so a crash never leaves a folder that looks complete but is not."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     if config.tie_word_embeddings:
@@ -447,6 +447,8 @@ def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3):
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        for name, src in (extra_files or {}).items():
+            shutil.copy(src, os.path.join(tmp, name))
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.rename(path, os.path.join(old, "x"))

@@ -29,10 +29,7 @@ import math
 import os
 import resource
 import shutil
-import sys
-import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -197,10 +194,7 @@ def export(model, config, folder, tokenizer_path, dtype_name):
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         state = {k.replace("._checkpoint_wrapped_module", ""): v.to(resolve_dtype(dtype_name)) for k, v in state.items()}
-        tmp = folder + ".tmp"
-        save_checkpoint(state, config, tmp)
-        shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-        os.replace(tmp, folder) if not os.path.exists(folder) else (shutil.rmtree(folder), os.replace(tmp, folder))
+        save_checkpoint(state, config, folder, extra_files={"tokenizer.model": tokenizer_path})
     dist.barrier()
 
 
@@ -219,9 +213,9 @@ def save_ckpt(stage_dir, step, model, opt, sched):
             json.dump({"step": step, "scheduler": sched.state_dict(),
                        "rng_cpu": torch.get_rng_state().tolist()}, f)
         os.replace(tmp, final)
-        for old in os.listdir(ckpt):  # keep the newest two
-            if old.startswith("step-") and int(old[5:]) < step - 1 and len(os.listdir(ckpt)) > 2:
-                shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
+        done = sorted(int(d[5:]) for d in os.listdir(ckpt) if d.startswith("step-"))
+        for old in done[:-2]:  # keep the newest two
+            shutil.rmtree(os.path.join(ckpt, f"step-{old}"), ignore_errors=True)
     dist.barrier()
 
 
@@ -436,7 +430,7 @@ def prepare_demo(out, args):
         train_path, held_path = task.write_task(data_dir, seed=args.seed, n_train=args.num_prompts,
                                                 n_heldout=args.eval_prompts)
         examples, _ = readers.read_examples(train_path)
-        from data.template import render_messages, render_prompt
+        from data.template import render_prompt
         texts = [render_prompt(ex.prompt) + ex.response for ex in examples]
         tok_path = train_tokenizer(texts, tok_dir, vocab_size=args.vocab)
         tok = Tokenizer(tok_path)
@@ -453,9 +447,7 @@ def prepare_demo(out, args):
                 if p.dim() == 2:
                     std = 0.02 / math.sqrt(2 * L) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                     p.normal_(0.0, std)
-        save_checkpoint(model.state_dict(), config, init_dir + ".tmp")
-        shutil.copy(tok_path, os.path.join(init_dir + ".tmp", "tokenizer.model"))
-        os.replace(init_dir + ".tmp", init_dir)
+        save_checkpoint(model.state_dict(), config, init_dir, extra_files={"tokenizer.model": tok_path})
     dist.barrier()
     return (os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "heldout.jsonl"),
             os.path.join(init_dir))
@@ -480,19 +472,41 @@ def load_data(args, tok, train_path, eval_path):
 # ----------------------------------------------------------------------------------------------
 # The driver
 
+def prepare_out_dir(args, world):
+    """Write config.json (the resolved settings) into the run folder; returns an error message
+    when the folder holds another run, or when --resume would change its settings."""
+    out = args.out
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "kill_at")}
+    saved = os.path.join(out, "config.json")
+    if os.path.exists(saved):
+        if not args.resume:
+            return f"{out} already holds a run; pass --resume to continue it, or another --out"
+        with open(saved) as f:
+            old = json.load(f)
+        # The world size may change on resume: the data order does not depend on it.
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        if diff:
+            return f"{saved}: --resume with different settings: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in diff)
+    os.makedirs(out, exist_ok=True)
+    print(json.dumps({**settings, "world_size": world}), flush=True)
+    tmp = saved + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({**settings, "world_size": world}, f, indent=2)
+    os.replace(tmp, saved)
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     out = args.out
-    if rank == 0:
-        if os.path.exists(os.path.join(out, "config.json")) and not args.resume:
-            raise SystemExit(f"{out} already holds a run; pass --resume to continue it, or another --out")
-        os.makedirs(out, exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k != "resume"}
-        settings["world_size"] = world
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(settings, f, indent=2)
-        log(json.dumps(settings, indent=None))
+    # Rank 0 checks the run folder; every rank learns the verdict, so none waits forever.
+    verdict = [prepare_out_dir(args, world) if rank == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        dist.destroy_process_group()
+        raise SystemExit(verdict[0])
     dist.barrier()
     metrics_path = os.path.join(out, "metrics.jsonl")
 
@@ -546,8 +560,6 @@ def main(argv=None):
         if args.sft:
             log(f"SFT model: {base}")
             return
-    per_epoch = len(train_ex) // args.batch_size
-    steps = max(1, int(args.epochs * per_epoch))
     table = []  # one row per iteration and arm, for the final report
 
     # The SFT starting point, evaluated against its own samples (rewards are 0 by definition).

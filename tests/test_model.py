@@ -1,7 +1,6 @@
 """model.py against transformers' MistralForCausalLM on tiny random checkpoints made here."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
