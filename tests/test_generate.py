@@ -13,27 +13,13 @@ from generate import draw, filter_logits, generate_dataset, main, merge_parts, s
 from model import Mistral
 
 transformers = pytest.importorskip("transformers")
+from hf_tiny import random_hf_mistral  # noqa: E402
 
 VOCAB = 97
 
 
 def make_hf(folder, vocab=VOCAB, seed=0, **kw):
-    """A random HF Mistral saved to `folder`; norms randomised (transformers sets them to ones)
-    and embeddings/head widened so the distributions are peaked, as a trained model's are."""
-    torch.manual_seed(seed)
-    base = dict(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=None)
-    base.update(kw)
-    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**base)).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-            elif "embed" in n or "lm_head" in n:
-                p.normal_(0, 1.0)
-    hf.save_pretrained(folder)
-    return hf, folder
+    return random_hf_mistral(folder, vocab=vocab, seed=seed, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -8,34 +8,14 @@ import torch
 from model import KVCache, Mistral, ModelConfig
 
 transformers = pytest.importorskip("transformers")
+from hf_tiny import random_hf_mistral  # noqa: E402
 
 VOCAB = 97
 
 
-def hf_config(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=None)
-    base.update(kw)
-    return transformers.MistralConfig(**base)
-
-
 def make_hf(tmp_path, name="ckpt", max_shard_size=None, seed=0, **kw):
-    """A random HF Mistral saved to tmp_path/name. RMSNorm weights are randomised: transformers
-    initialises them to ones, which would hide a norm bug."""
-    torch.manual_seed(seed)
-    cfg = hf_config(**kw)
-    hf = transformers.MistralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-            elif "embed" in n or "lm_head" in n:
-                p.normal_(0, 1.0)
-    folder = os.path.join(tmp_path, name)
-    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    hf.save_pretrained(folder, **extra)
-    return hf, folder
+    return random_hf_mistral(os.path.join(tmp_path, name), vocab=VOCAB, seed=seed,
+                             max_shard_size=max_shard_size, **kw)
 
 
 def hf_logits(hf, ids, mask=None):
