@@ -313,12 +313,13 @@ def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, de
         if not math.isfinite(loss_value) or not math.isfinite(gnorm.item()):
             raise FloatingPointError(f"{tag} step {step}: loss {loss_value}, grad norm {gnorm.item()}; "
                                      f"stopping. The last good checkpoint in {stage_dir}/ckpt is intact.")
+        lr_used = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         dt = time.time() - t0
         rec = {"type": "step", "stage": tag, "step": step + 1, "steps": steps, "loss": loss_value,
-               "lr": sched.get_last_lr()[0], "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / dt,
+               "lr": lr_used, "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / dt,
                "peak_mem_mb": peak_memory_mb(device)}
         if kind == "spin":
             n = sums[6]

@@ -143,11 +143,16 @@ def test_kill_and_resume_gives_the_same_losses(single, tmp_path):
 
 
 def test_live_reference_agrees_with_stored_logprobs(tmp_path):
+    """A resident opponent model recomputes what generation stored: for iteration 0's fresh
+    samples and for iteration 0's data mixed into iteration 1 (rescored by p_1). Activation
+    checkpointing is on, so that path runs too."""
     out = tmp_path / "live"
-    run(out, "--baseline", "0", "--iterations", "1", "--live-reference")
-    spin = [r for r in records(out) if r["type"] == "step" and r["stage"] == "spin0"]
-    assert spin and all(r["live_reference_max_abs_diff"] < 1e-3 for r in spin)
-    assert abs(spin[0]["loss"] - math.log(2)) < 1e-4
+    run(out, "--baseline", "0", "--live-reference", "--mix-previous", "1", "--activation-checkpointing")
+    assert os.path.exists(out / "iter1" / "previous_rescored.parquet")
+    for stage in ("spin0", "spin1"):
+        spin = [r for r in records(out) if r["type"] == "step" and r["stage"] == stage]
+        assert spin and all(r["live_reference_max_abs_diff"] < 1e-3 for r in spin)
+        assert abs(spin[0]["loss"] - math.log(2)) < 1e-4
 
 
 def test_existing_run_needs_resume(single):
