@@ -279,10 +279,15 @@ class Mistral(nn.Module):
         x = self.model.norm(x)
         if targets is None:
             return self.lm_head(x)
-        C = cfg.hidden_size
-        lp = linear_logprobs(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T),
-                             impl=logprob_impl)  # (N,)
-        return lp.view(B, T).clone()  # not a view: FSDP's pre-backward hook must see a fresh tensor
+        # Only scored positions go through the LM head: in a SPIN batch the prompt and padding
+        # are a third or more of the tokens, and the head is the costliest layer of a small model.
+        flat = targets.reshape(B * T)
+        keep = (flat != -100).nonzero().squeeze(1)  # (N,)
+        h = x.reshape(B * T, cfg.hidden_size).index_select(0, keep)  # (N, C)
+        lp = linear_logprobs(h, self.lm_head.weight, flat.index_select(0, keep), impl=logprob_impl)
+        out = torch.zeros(B, T, dtype=lp.dtype, device=lp.device)
+        out.view(B * T).index_copy_(0, keep, lp)
+        return out  # (B, T); a fresh tensor, not a view, as FSDP's pre-backward hook needs
 
     def token_logprobs(self, input_ids, targets, attention_mask=None, **kw):
         return self(input_ids, attention_mask=attention_mask, targets=targets, **kw)
