@@ -107,7 +107,7 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
     logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1].float()  # prefill: (B, V)
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
     steps = 0
     for t in range(max_new_tokens):
         nxt = logits.argmax(-1) if greedy else draw(logits, u[:, t], temperature, top_k, top_p)  # (B,)

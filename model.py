@@ -240,7 +240,7 @@ class Mistral(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, positions=None, cache=None, targets=None,
-                attn_impl="auto", logprob_impl="auto"):
+                attn_impl="auto", logprob_impl="auto", logits_to_keep=None):
         """input_ids (B, T) -> logits (B, T, V); or, given targets (B, T), per-token log-probs
         (B, T) fp32 where entry t is log p(targets[:, t] | input_ids[:, :t+1]) and targets == -100
         gives 0. The log-prob path goes through the fused kernel and never builds the logits;
@@ -249,6 +249,7 @@ class Mistral(nn.Module):
         attention_mask (B, T): left padding (zeros then ones). With a cache it may only be
         given on the first call (the prefill); later calls append real tokens to every row.
         positions (B, T): defaults to the mask-derived ones, so padding never shifts them.
+        logits_to_keep=k: logits of the last k positions only (a prefill needs just the last).
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -276,9 +277,11 @@ class Mistral(nn.Module):
             x = block(x, cos, sin, starts, cache, i, attn_impl)
         if cache is not None:
             cache.length += T
-        x = self.model.norm(x)
         if targets is None:
-            return self.lm_head(x)
+            if logits_to_keep is not None:
+                x = x[:, -logits_to_keep:]
+            return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
         # Only scored positions go through the LM head: in a SPIN batch the prompt and padding
         # are a third or more of the tokens, and the head is the costliest layer of a small model.
         flat = targets.reshape(B * T)

@@ -280,3 +280,10 @@ def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device):
     for n in g0:
         scale = g0[n].abs().max().item() + 1e-6
         assert (g0[n] - g1[n]).abs().max().item() <= 2e-3 * scale, n
+
+
+def test_logits_to_keep(tmp_path):
+    _, folder = make_hf(tmp_path)
+    model = Mistral.from_pretrained(folder)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.allclose(model(ids, logits_to_keep=3), model(ids)[:, -3:], atol=1e-6)
