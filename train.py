@@ -47,16 +47,16 @@ from model import Mistral, ModelConfig, resolve_dtype, save_checkpoint
 from spin_loss import beta_for_iteration, sequence_logps, spin_loss
 
 # Two presets. Flags left unset take the preset's value: the paper's recipe when --model is
-# given, the embedded CPU demo otherwise. The demo's values come from bench/SWEEP.md.
+# given, the embedded CPU demo otherwise. The demo's values come from EXPERIMENTS.md's sweep.
 RECIPE = dict(iterations=4, beta="0.1,0.1,0.1,5.0", lr="5e-7,5e-7,1e-7,1e-7", epochs=2.0,
               batch_size=64, micro_batch_size=1, optimizer="rmsprop", max_new_tokens=256,
               temperature=1.0, max_length=1024, max_prompt_length=512, mix_previous=True,
               eval_prompts=500, baseline=False, ckpt_every=200, gen_batch_size=32)
-DEMO = dict(iterations=3, beta="0.5", lr="1e-5", epochs=2.0, batch_size=64, micro_batch_size=32,
+DEMO = dict(iterations=3, beta="2.0", lr="3e-5", epochs=2.0, batch_size=64, micro_batch_size=32,
             optimizer="rmsprop", max_new_tokens=32, temperature=1.0, max_length=128,
             max_prompt_length=64, mix_previous=False, eval_prompts=500, baseline=True,
-            ckpt_every=20, gen_batch_size=256, num_prompts=2000, sft_steps=200, sft_lr=2e-3,
-            demo_dim=128, demo_layers=4, vocab=384)
+            ckpt_every=20, gen_batch_size=256, num_prompts=2000, sft_steps=400, sft_lr=3e-3,
+            demo_dim=96, demo_layers=3, vocab=384)
 
 
 def parse_args(argv=None):
