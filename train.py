@@ -41,6 +41,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import generate
 import report
+from evaluate import evaluate, rescore
 from data import pairs, readers, task
 from data.tokenizer import Tokenizer, train_tokenizer
 from model import Mistral, ModelConfig, resolve_dtype, save_checkpoint
@@ -358,67 +359,6 @@ def run_generation(model_dir, examples, out_path, tok, args, device, iteration, 
                               max_prompt_length=args.max_prompt_length, max_length=args.max_length,
                               model_id=model_dir)
     del model
-    dist.barrier()
-
-
-def evaluate(model_dir, eval_synth, tok, args, device, beta, has_task):
-    """Held-out metrics of the model in model_dir against the opponent whose samples and
-    log-probs are stored in eval_synth. Each rank scores its shard; the sums are reduced."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    examples, _ = readers.read_examples(eval_synth, layout="spin")
-    mine = examples[rank::world]
-    items, _ = pairs.tokenize_examples(tok, mine, max_length=args.max_length,
-                                       max_prompt_length=args.max_prompt_length)
-    model = Mistral.from_pretrained(model_dir, device=device,
-                                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    prompts = [it.prompt_ids for it in items]
-    lp_real = generate.score(model, prompts, [it.real_ids for it in items], batch_size=args.gen_batch_size)
-    lp_gen = generate.score(model, prompts, [it.generated_ids for it in items], batch_size=args.gen_batch_size)
-    stats = torch.zeros(7, dtype=torch.float64)
-    for it, a, b in zip(items, lp_real, lp_gen):
-        r_real = beta * (float(a) - it.ref_real_logp)
-        r_gen = beta * (float(b) - it.ref_generated_logp)
-        stats[:6] += torch.tensor([float(a), len(it.real_ids), r_real > r_gen, r_real - r_gen,
-                                   it.real_ids == it.generated_ids, 1.0], dtype=torch.float64)
-    if has_task:  # greedy decoding of the new model, scored by the task's exact match
-        outs = generate.sample(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
-                               greedy=True, batch_size=args.gen_batch_size)
-        for ex, o in zip(mine, outs):
-            stats[6] += task.score(ex.prompt, tok.decode([x for x in o.tokens if x != tok.eos_id]))
-    del model
-    dist.all_reduce(stats)
-    n = max(stats[5].item(), 1.0)
-    out = {"gt_logp_per_token": stats[0].item() / max(stats[1].item(), 1.0),
-           "reward_accuracy": stats[2].item() / n, "reward_margin": stats[3].item() / n,
-           "opponent_equals_gt": stats[4].item() / n, "eval_examples": int(n)}
-    if has_task:
-        out["exact_match"] = stats[6].item() / n
-    return out
-
-
-def rescore(model_dir, in_path, out_path, tok, args, device, prefix):
-    """Add `{prefix}real_logps` / `{prefix}generated_logps` columns computed by the model in
-    model_dir: iteration t-1's data mixed into iteration t needs log-probs under p_t."""
-    if os.path.exists(out_path):
-        return
-    examples, _ = readers.read_examples(in_path, layout="spin")
-    items, _ = pairs.tokenize_examples(tok, examples, max_length=args.max_length,
-                                       max_prompt_length=args.max_prompt_length)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = Mistral.from_pretrained(model_dir, device=device)
-    mine = list(range(rank, len(items), world))
-    lr_ = generate.score(model, [items[i].prompt_ids for i in mine], [items[i].real_ids for i in mine],
-                         batch_size=args.gen_batch_size)
-    lg_ = generate.score(model, [items[i].prompt_ids for i in mine], [items[i].generated_ids for i in mine],
-                         batch_size=args.gen_batch_size)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, [(i, float(a), float(b)) for i, a, b in zip(mine, lr_, lg_)])
-    if rank == 0:
-        for part in gathered:
-            for i, a, b in part:
-                examples[i].extras[prefix + "real_logps"] = a
-                examples[i].extras[prefix + "generated_logps"] = b
-        readers.write_examples(out_path, examples, "spin")
     dist.barrier()
 
 
