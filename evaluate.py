@@ -21,16 +21,27 @@ from data import pairs, readers, task
 from model import Mistral
 
 
-def evaluate(model_dir, eval_synth, tok, args, device, beta, has_task):
+def _tokenized(tok, examples, args):
+    """[(example, Pair)] for the examples whose tokenisation leaves a response (the same rule
+    as training, which skips and counts the rest), so examples and pairs stay aligned."""
+    out = []
+    for ex in examples:
+        try:
+            out.append((ex, pairs.tokenize_example(tok, ex, max_length=args.max_length,
+                                                   max_prompt_length=args.max_prompt_length)))
+        except pairs.TruncationError:
+            pass
+    return out
+
+
+def evaluate(model_dir, eval_synth, tok, args, device, dtype, beta, has_task):
     """Held-out metrics of the model in model_dir against the opponent whose samples and
     log-probs are stored in eval_synth. Each rank scores its shard; the sums are reduced."""
     rank, world = dist.get_rank(), dist.get_world_size()
     examples, _ = readers.read_examples(eval_synth, layout="spin")
-    mine = examples[rank::world]
-    items, _ = pairs.tokenize_examples(tok, mine, max_length=args.max_length,
-                                       max_prompt_length=args.max_prompt_length)
-    model = Mistral.from_pretrained(model_dir, device=device,
-                                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    mine = _tokenized(tok, examples[rank::world], args)
+    items = [it for _, it in mine]
+    model = Mistral.from_pretrained(model_dir, device=device, dtype=dtype)
     prompts = [it.prompt_ids for it in items]
     lp_real = generate.score(model, prompts, [it.real_ids for it in items], batch_size=args.gen_batch_size)
     lp_gen = generate.score(model, prompts, [it.generated_ids for it in items], batch_size=args.gen_batch_size)
@@ -43,7 +54,7 @@ def evaluate(model_dir, eval_synth, tok, args, device, beta, has_task):
     if has_task:  # greedy decoding of the new model, scored by the task's exact match
         outs = generate.sample(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
                                greedy=True, batch_size=args.gen_batch_size)
-        for ex, o in zip(mine, outs):
+        for (ex, _), o in zip(mine, outs):
             stats[6] += task.score(ex.prompt, tok.decode([x for x in o.tokens if x != tok.eos_id]))
     del model
     dist.all_reduce(stats)
@@ -56,27 +67,27 @@ def evaluate(model_dir, eval_synth, tok, args, device, beta, has_task):
     return out
 
 
-def rescore(model_dir, in_path, out_path, tok, args, device, prefix):
-    """Add `{prefix}real_logps` / `{prefix}generated_logps` columns computed by the model in
-    model_dir: iteration t-1's data mixed into iteration t needs log-probs under p_t."""
+def rescore(model_dir, in_path, out_path, tok, args, device, dtype, prefix):
+    """Write in_path's rows again with `{prefix}real_logps` / `{prefix}generated_logps` computed
+    by the model in model_dir: iteration t-1's data mixed into iteration t needs log-probs under
+    p_t. Rows whose tokenisation leaves no response are dropped, as training would skip them."""
     if os.path.exists(out_path):
         return
     examples, _ = readers.read_examples(in_path, layout="spin")
-    items, _ = pairs.tokenize_examples(tok, examples, max_length=args.max_length,
-                                       max_prompt_length=args.max_prompt_length)
+    kept = _tokenized(tok, examples, args)
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = Mistral.from_pretrained(model_dir, device=device)
-    mine = list(range(rank, len(items), world))
-    lr_ = generate.score(model, [items[i].prompt_ids for i in mine], [items[i].real_ids for i in mine],
+    model = Mistral.from_pretrained(model_dir, device=device, dtype=dtype)
+    mine = list(range(rank, len(kept), world))
+    lr_ = generate.score(model, [kept[i][1].prompt_ids for i in mine], [kept[i][1].real_ids for i in mine],
                          batch_size=args.gen_batch_size)
-    lg_ = generate.score(model, [items[i].prompt_ids for i in mine], [items[i].generated_ids for i in mine],
+    lg_ = generate.score(model, [kept[i][1].prompt_ids for i in mine], [kept[i][1].generated_ids for i in mine],
                          batch_size=args.gen_batch_size)
     gathered = [None] * world
     dist.all_gather_object(gathered, [(i, float(a), float(b)) for i, a, b in zip(mine, lr_, lg_)])
     if rank == 0:
         for part in gathered:
             for i, a, b in part:
-                examples[i].extras[prefix + "real_logps"] = a
-                examples[i].extras[prefix + "generated_logps"] = b
-        readers.write_examples(out_path, examples, "spin")
+                kept[i][0].extras[prefix + "real_logps"] = a
+                kept[i][0].extras[prefix + "generated_logps"] = b
+        readers.write_examples(out_path, [ex for ex, _ in kept], "spin")
     dist.barrier()

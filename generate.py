@@ -384,7 +384,7 @@ def main(argv=None):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world_size > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     settings = dict(vars(args), tokenizer=args.tokenizer or os.path.join(args.model, "tokenizer.model"),
                     world_size=world_size, device=str(device))
     if rank == 0:

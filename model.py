@@ -66,7 +66,7 @@ class ModelConfig:
             return raw[key]
 
         if raw.get("model_type", "mistral") not in ("mistral", "llama"):
-            raise ValueError(f"{source}: model_type '{raw['model_type']}' is not supported (mistral)")
+            raise ValueError(f"{source}: model_type '{raw['model_type']}' is not supported (mistral, llama)")
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act '{raw['hidden_act']}' is not supported (silu)")
         # Two spellings in the wild: Mistral-7B / Zephyr files have top-level rope_theta and
@@ -102,9 +102,11 @@ class ModelConfig:
     def to_hf(self):
         """The config.json that transformers reads back as a MistralForCausalLM."""
         d = asdict(self)
+        # Both spellings: transformers 5 reads rope_parameters/dtype, 4.x (what the official
+        # SPIN stack pins) reads rope_theta/torch_dtype and would silently default the theta.
         d.update(architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu",
-                 rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"})
-        del d["rope_theta"]
+                 rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+                 torch_dtype=self.dtype)
         return d
 
 
@@ -128,7 +130,8 @@ class KVCache:
     def allocate(cls, config, batch, max_len, device=None, dtype=torch.float32):
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         # The cache holds max_len slots even with a sliding window: simpler than a ring buffer,
-        # and SPIN's generations (<= 1024 tokens) are shorter than Mistral's 4096 window.
+        # and SPIN's sequences (prompt + new tokens, <= 1024 in the recipe) are shorter than
+        # Mistral's 4096 window, so a ring buffer would save nothing there.
         k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         return cls(k, v, torch.zeros(batch, dtype=torch.long, device=device))
@@ -441,7 +444,7 @@ def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         cfg = config.to_hf()
-        cfg["dtype"] = dtype_name
+        cfg["dtype"] = cfg["torch_dtype"] = dtype_name
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         if len(shards) == 1:

@@ -24,7 +24,7 @@ def table(rows, timings=None):
     arms = [a for a in ("spin", "sft") if any(r["arm"] == a for r in rows)]
     head = ["iter"] + [f"{arm.upper()} {h}" for arm in arms for _, h, _ in cols]
     lines = []
-    start = next((r for r in rows if r["arm"] == "start"), None)
+    start = next((r for r in reversed(rows) if r["arm"] == "start"), None)  # a resumed run repeats rows
     if start is not None:
         lines.append(["0 (SFT start)"] + [_cell(start, k, f) for _ in arms for k, _, f in cols])
     iters = sorted({r["iteration"] for r in rows if r["arm"] != "start"})
@@ -54,7 +54,7 @@ def plot(rows, path):
     keys = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     axes = [axes] if len(keys) == 1 else axes
-    start = next((r for r in rows if r["arm"] == "start"), None)
+    start = next((r for r in reversed(rows) if r["arm"] == "start"), None)
     for ax, (key, title, _) in zip(axes, keys):
         for arm, style in (("spin", "o-"), ("sft", "s--")):
             pts = sorted((r["iteration"], r[key]) for r in rows if r["arm"] == arm and r.get(key) is not None)

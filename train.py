@@ -5,8 +5,9 @@
                       stores log p_t(y|x) and log p_t(y'|x) next to the samples (generate.py)
         2. train      p_theta <- p_t, minimise the SPIN loss (spin_loss.py) against the stored
                       opponent log-probs; FSDP2, RMSprop, linear warmup/decay
-        3. evaluate   held-out ground-truth log-likelihood, reward accuracy/margin, task metric
-        4. export     iter{t}/model, a Hugging Face folder: the next p_t
+        3. export     iter{t}/model, a Hugging Face folder: the next p_t
+        4. evaluate   held-out ground-truth log-likelihood, reward accuracy/margin, task metric
+                      (evaluate.py), on the export
 
 Launch:
     python train.py                                   # embedded demo, one process
@@ -124,6 +125,12 @@ def parse_args(argv=None):
         setattr(args, k, bool(getattr(args, k)))
     if not args.demo and not args.data:
         p.error("--model needs --data (training prompts with ground truth)")
+    if args.demo and (args.data or args.eval_data):
+        p.error("--data needs --model: without --model train.py runs the embedded demo")
+    if args.sft and (args.sft_steps is None or args.sft_lr is None):
+        p.error("--sft needs --sft-steps and --sft-lr")
+    if args.resume and args.out is None:
+        p.error("--resume needs --out (the run folder to continue)")
     if args.out is None:
         args.out = os.path.join("runs", "spin-" + time.strftime("%Y%m%d-%H%M%S"))
     return args
@@ -144,15 +151,40 @@ def setup_distributed():
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    # Metrics are reduced as small CPU tensors, so a GPU run needs gloo beside nccl.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None)
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return rank, world, device
 
 
+def inference_dtype(args, device):
+    """The dtype of every frozen copy (generation, scoring, evaluation, the live reference), so
+    stored and recomputed log-probs always come from the same precision."""
+    if args.dtype:
+        return resolve_dtype(args.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def log(*a):
     if dist.get_rank() == 0:
         print(*a, flush=True)
+
+
+def on_rank0(fn):
+    """Run fn on rank 0 only. Every rank learns whether it failed, so none waits forever at the
+    next collective (a full disk during an export, say)."""
+    err, exc = [None], None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as e:
+            exc, err[0] = e, f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(err, src=0)
+    if exc is not None:
+        raise exc
+    if err[0]:
+        raise RuntimeError(f"rank 0 failed: {err[0]}")
 
 
 def per_iteration(values, t, name):
@@ -193,10 +225,9 @@ def build_model(folder, args, device):
 def export(model, config, folder, tokenizer_path, dtype_name):
     """Gather the full weights on rank 0 and write a HF folder (plus the tokenizer) atomically."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        state = {k.replace("._checkpoint_wrapped_module", ""): v.to(resolve_dtype(dtype_name)) for k, v in state.items()}
-        save_checkpoint(state, config, folder, extra_files={"tokenizer.model": tokenizer_path})
-    dist.barrier()
+    on_rank0(lambda: save_checkpoint(
+        {k.replace("._checkpoint_wrapped_module", ""): v.to(resolve_dtype(dtype_name)) for k, v in state.items()},
+        config, folder, extra_files={"tokenizer.model": tokenizer_path}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +292,9 @@ def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, de
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
     start = load_ckpt(stage_dir, model, opt, sched)
-    live = Mistral.from_pretrained(init_dir, device=device).eval() if (args.live_reference and kind == "spin") else None
+    live = None
+    if args.live_reference and kind == "spin":
+        live = Mistral.from_pretrained(init_dir, device=device, dtype=inference_dtype(args, device))
     per_epoch = len(items) // G
     if per_epoch == 0:
         raise ValueError(f"{tag}: {len(items)} examples is fewer than one global batch of {G}")
@@ -272,7 +305,8 @@ def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, de
         order = torch.randperm(len(items), generator=g)[pos * G:(pos + 1) * G].tolist()
         batch_items = [items[i] for i in order]
         mine = batch_items[rank * local:(rank + 1) * local]
-        sums, ntok = torch.zeros(8, dtype=torch.float64), 0
+        sums, ntok = torch.zeros(7, dtype=torch.float64), 0
+        live_diff = torch.zeros(1, dtype=torch.float64)
         # SFT normalises by the response tokens of the whole global batch, known to every rank.
         gt_tokens = sum(len(it.real_ids) for it in batch_items) if kind == "sft" else 0
         for m0 in range(0, local, mb):
@@ -289,7 +323,8 @@ def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, de
                 if live is not None:
                     with torch.no_grad():
                         ref = sequence_logps(live(ids, attention_mask=mask, targets=tgt), tgt != -100)
-                    sums[7] += (ref[:n] - ref_real).abs().max().item() + (ref[n:] - ref_gen).abs().max().item()
+                    diff = torch.cat([ref[:n] - ref_real, ref[n:] - ref_gen]).abs().max().item()
+                    live_diff[0] = max(live_diff[0].item(), diff)
                     ref_real, ref_gen = ref[:n], ref[n:]
                 loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=beta, loss_type=args.loss_type)
                 # spin_loss averages over this micro-batch; FSDP averages over ranks.
@@ -310,6 +345,7 @@ def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, de
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         dist.all_reduce(sums)
+        dist.all_reduce(live_diff, op=dist.ReduceOp.MAX)
         loss_value = (sums[0] / sums[6]).item()
         if not math.isfinite(loss_value) or not math.isfinite(gnorm.item()):
             raise FloatingPointError(f"{tag} step {step}: loss {loss_value}, grad norm {gnorm.item()}; "
@@ -329,7 +365,7 @@ def train_stage(kind, init_dir, items, steps, lr, beta, stage_dir, tok, args, de
                         "rewards/accuracies": (sums[3] / n).item(), "logps/real": (sums[4] / n).item(),
                         "logps/generated": (sums[5] / n).item(), "beta": beta})
             if live is not None:
-                rec["live_reference_max_abs_diff"] = sums[7].item()
+                rec["live_reference_max_abs_diff"] = live_diff.item()
         metrics(rec)
         if (step + 1) % args.ckpt_every == 0 and step + 1 < steps:
             save_ckpt(stage_dir, step + 1, model, opt, sched)
@@ -345,13 +381,12 @@ def peak_memory_mb(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation and evaluation, sharded over ranks, on a plain (unsharded) copy of a HF folder.
+# Generation, sharded over ranks, on a plain (unsharded) copy of a HF folder.
 
 def run_generation(model_dir, examples, out_path, tok, args, device, iteration, seed):
     if os.path.exists(out_path):
         return
-    model = Mistral.from_pretrained(model_dir, device=device,
-                                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = Mistral.from_pretrained(model_dir, device=device, dtype=inference_dtype(args, device))
     generate.generate_dataset(model, tok, examples, out_path, iteration=iteration, seed=seed,
                               rank=dist.get_rank(), world_size=dist.get_world_size(),
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -367,7 +402,10 @@ def run_generation(model_dir, examples, out_path, tok, args, device, iteration, 
 
 def prepare_demo(out, args):
     data_dir, tok_dir, init_dir = (os.path.join(out, d) for d in ("data", "tokenizer", "init"))
-    if dist.get_rank() == 0 and not os.path.exists(init_dir):
+
+    def build():  # on rank 0; skipped when a previous attempt finished it
+        if os.path.exists(init_dir):
+            return
         train_path, held_path = task.write_task(data_dir, seed=args.seed, n_train=args.num_prompts,
                                                 n_heldout=args.eval_prompts)
         examples, _ = readers.read_examples(train_path)
@@ -389,7 +427,8 @@ def prepare_demo(out, args):
                     std = 0.02 / math.sqrt(2 * L) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                     p.normal_(0.0, std)
         save_checkpoint(model.state_dict(), config, init_dir, extra_files={"tokenizer.model": tok_path})
-    dist.barrier()
+
+    on_rank0(build)
     return (os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "heldout.jsonl"),
             os.path.join(init_dir))
 
@@ -419,6 +458,8 @@ def prepare_out_dir(args, world):
     out = args.out
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "kill_at")}
     saved = os.path.join(out, "config.json")
+    if args.resume and not os.path.exists(saved):
+        return f"--resume: {saved} does not exist, so there is no run to continue"
     if os.path.exists(saved):
         if not args.resume:
             return f"{out} already holds a run; pass --resume to continue it, or another --out"
@@ -479,6 +520,7 @@ def main(argv=None):
                                                    max_prompt_length=args.max_prompt_length, on_empty="skip")
     dtype_name = ModelConfig.from_hf(init_dir).dtype
     has_task = args.demo
+    infer = inference_dtype(args, device)
 
     def run_stage(kind, init, items, steps, lr, beta, folder, tag, optimizer=args.optimizer):
         model_dir = os.path.join(folder, "model")
@@ -506,7 +548,7 @@ def main(argv=None):
     # The SFT starting point, evaluated against its own samples (rewards are 0 by definition).
     synth0 = os.path.join(out, "iter0", "eval_synthetic.parquet")
     stage("generate", lambda: run_generation(base, held_ex, synth0, tok, args, device, 0, args.seed + 7))
-    row = stage("evaluate", lambda: evaluate(base, synth0, tok, args, device, 1.0, has_task))
+    row = stage("evaluate", lambda: evaluate(base, synth0, tok, args, device, infer, 1.0, has_task))
     row.update(arm="start", iteration=0, reward_accuracy=None, reward_margin=None)
     table.append(row)
     metrics({"type": "eval", **row})
@@ -524,7 +566,7 @@ def main(argv=None):
         if args.mix_previous and t > 0:  # the official recipe: iteration t-1's data, rescored by p_t
             prev = os.path.join(out, f"iter{t - 1}", "synthetic.parquet")
             mixed = os.path.join(folder, "previous_rescored.parquet")
-            stage("generate", lambda: rescore(opponent, prev, mixed, tok, args, device, "ref_"))
+            stage("generate", lambda: rescore(opponent, prev, mixed, tok, args, device, infer, "ref_"))
             files.append(mixed)
         examples = [ex for f in files for ex in readers.read_examples(f, layout="spin")[0]]
         items, rep = tokenize(examples)
@@ -532,7 +574,7 @@ def main(argv=None):
         log(f"[iter{t}] {rep.summary()}; samples equal to the ground truth: {same:.1%}")
         n_steps = max(1, int(args.epochs * (len(items) // args.batch_size)))
         model_dir = stage("train", lambda: run_stage("spin", opponent, items, n_steps, lr, beta, folder, f"spin{t}"))
-        row = stage("evaluate", lambda: evaluate(model_dir, eval_synth, tok, args, device, beta, has_task))
+        row = stage("evaluate", lambda: evaluate(model_dir, eval_synth, tok, args, device, infer, beta, has_task))
         row.update(arm="spin", iteration=t + 1, train_samples_equal_gt=same, steps=n_steps)
         if t > 0 and row["gt_logp_per_token"] < table[-1]["gt_logp_per_token"] - 1e-3 or \
                 t == 0 and row["gt_logp_per_token"] < table[0]["gt_logp_per_token"] - 1e-3:
@@ -557,7 +599,7 @@ def main(argv=None):
             eval_synth = os.path.join(folder, "eval_synthetic.parquet")
             stage("generate", lambda: run_generation(prev, held_ex, eval_synth, tok, args, device, t, args.seed + 7 + t))
             beta = per_iteration(args.beta, t, "beta")
-            row = stage("evaluate", lambda: evaluate(model_dir, eval_synth, tok, args, device, beta, has_task))
+            row = stage("evaluate", lambda: evaluate(model_dir, eval_synth, tok, args, device, infer, beta, has_task))
             row.update(arm="sft", iteration=t + 1, steps=spin_rows[t]["steps"])
             table.append(row)
             metrics({"type": "eval", **row})

@@ -168,3 +168,19 @@ def test_nan_loss_stops_with_clear_message(tmp_path):
     assert "stopping. The last good checkpoint" in p.stderr
     ckpts = os.listdir(out / "sft" / "ckpt")
     assert ckpts and all(c.startswith("step-") for c in ckpts)  # no half-written folder left
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "x.jsonl"], "--data needs --model"),
+    (["--model", "m"], "--model needs --data"),
+    (["--sft", "--model", "m", "--data", "x.jsonl"], "--sft needs --sft-steps and --sft-lr"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_contradictory_flags_are_refused(flags, message):
+    p = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr
+
+
+def test_resume_of_a_missing_run_is_refused(tmp_path):
+    p = run(tmp_path / "nothing", "--resume", check=False)
+    assert p.returncode != 0 and "no run to continue" in p.stderr
