@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data.pairs import collate_prompts, left_pad
 from model import KVCache
 
 # ----------------------------------------------------------------------------------------------
@@ -83,23 +84,13 @@ def _uniforms(seed, keys, n):
     return torch.stack(rows)
 
 
-def left_pad(seqs, device, pad_id=0):
-    """Token lists -> input_ids, attention_mask (B, T), left-padded (DESIGN.md)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[b, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.inference_mode()
 def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_k, top_p, greedy,
                   seed, progress):
     device = model.lm_head.weight.device
     B = len(prompts)
-    ids, mask = left_pad(prompts, device)
+    b = collate_prompts(prompts, pad_id=0)  # the pad id is never attended nor scored
+    ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
     cache = KVCache.allocate(model.config, B, ids.shape[1] + max_new_tokens, device=device,
                              dtype=model.lm_head.weight.dtype)
     u = None if greedy else _uniforms(seed, keys, max_new_tokens).to(device)  # (B, max_new)
@@ -173,13 +164,9 @@ def score(model, prompts, responses, *, batch_size=16):
     out = [0.0] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        ids, mask = left_pad([prompts[i] + responses[i] for i in idx], device)
-        B, T = ids.shape
-        # Entry t scores ids[:, t+1]: keep t from the last prompt token to T-2.
-        first = T - torch.tensor([len(responses[i]) for i in idx], device=device)  # (B,) first response slot
-        t = torch.arange(T, device=device)[None, :]
-        keep = (t >= first[:, None] - 1) & (t < T - 1)
-        targets = torch.where(keep, torch.roll(ids, -1, dims=1), -100)
+        # The training collate's layout: targets are the response tokens, -100 elsewhere.
+        ids, mask, targets = (x.to(device) for x in left_pad(
+            [prompts[i] + responses[i] for i in idx], [len(prompts[i]) for i in idx], pad_id=0))
         lp = model.token_logprobs(ids, targets, mask)  # (B, T) fp32
         for i, v in zip(idx, lp.sum(1).tolist()):
             out[i] = v

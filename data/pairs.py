@@ -131,7 +131,7 @@ def tokenize_examples(tok, examples, *, max_length=1024, max_prompt_length=512, 
 # -- collate: left padding, targets = next token on response positions -----------------
 
 
-def _left_pad(seqs, n_prompt, pad_id):
+def left_pad(seqs, n_prompt, pad_id):
     """seqs: token lists; n_prompt[b]: how many of seqs[b]'s leading tokens are prompt.
     Returns input_ids, attention_mask, targets, all (len(seqs), T) int64."""
     B, T = len(seqs), max(len(s) for s in seqs)
@@ -162,7 +162,7 @@ def collate_pairs(items, pad_id):
         raise ValueError("collate_pairs: empty prompt (the first response token needs a token before it)")
     seqs = [it.prompt_ids + it.real_ids for it in items] + [it.prompt_ids + it.generated_ids for it in items]
     n_prompt = [len(it.prompt_ids) for it in items] * 2
-    input_ids, attention_mask, targets = _left_pad(seqs, n_prompt, pad_id)
+    input_ids, attention_mask, targets = left_pad(seqs, n_prompt, pad_id)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
     for name, attr in (("ref_real_logps", "ref_real_logp"), ("ref_generated_logps", "ref_generated_logp")):
         values = [getattr(it, attr) for it in items]
@@ -177,7 +177,7 @@ def collate_sft(items, pad_id):
     """Single sequences (prompt + real response), same layout: (B, T) tensors."""
     if not items:
         raise ValueError("collate_sft: empty batch")
-    input_ids, attention_mask, targets = _left_pad(
+    input_ids, attention_mask, targets = left_pad(
         [it.prompt_ids + it.real_ids for it in items], [len(it.prompt_ids) for it in items], pad_id
     )
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
@@ -187,5 +187,5 @@ def collate_prompts(prompt_ids_list, pad_id):
     """Left-padded prompts for generation: input_ids, attention_mask (B, T)."""
     if not prompt_ids_list or any(len(p) == 0 for p in prompt_ids_list):
         raise ValueError("collate_prompts: empty batch or empty prompt")
-    input_ids, attention_mask, _ = _left_pad(list(prompt_ids_list), [len(p) for p in prompt_ids_list], pad_id)
+    input_ids, attention_mask, _ = left_pad(list(prompt_ids_list), [len(p) for p in prompt_ids_list], pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
