@@ -26,7 +26,7 @@ def table(rows, timings=None):
     lines = []
     start = next((r for r in reversed(rows) if r["arm"] == "start"), None)  # a resumed run repeats rows
     if start is not None:
-        lines.append(["0 (SFT start)"] + [_cell(start, k, f) for _ in arms for k, _, f in cols])
+        lines.append(["0 (start)"] + [_cell(start, k, f) for _ in arms for k, _, f in cols])
     iters = sorted({r["iteration"] for r in rows if r["arm"] != "start"})
     for t in iters:
         by_arm = {r["arm"]: r for r in rows if r["iteration"] == t and r["arm"] != "start"}

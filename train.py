@@ -518,7 +518,13 @@ def main(argv=None):
     train_ex, held_ex = load_data(args, tok, train_path, eval_path)
     tokenize = lambda exs: pairs.tokenize_examples(tok, exs, max_length=args.max_length,
                                                    max_prompt_length=args.max_prompt_length, on_empty="skip")
-    dtype_name = ModelConfig.from_hf(init_dir).dtype
+    init_config = ModelConfig.from_hf(init_dir)
+    dtype_name = init_config.dtype
+    need = max(args.max_length, args.max_prompt_length + args.max_new_tokens)
+    if need > init_config.max_position_embeddings:  # fail now, not after an hour of SFT
+        raise SystemExit(f"{init_dir}: the model has {init_config.max_position_embeddings} positions, but "
+                         f"--max-length {args.max_length} / --max-prompt-length {args.max_prompt_length} + "
+                         f"--max-new-tokens {args.max_new_tokens} need {need}")
     has_task = args.demo
     infer = inference_dtype(args, device)
 
