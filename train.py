@@ -216,8 +216,6 @@ def build_model(folder, args, device):
     full = {}
     if dist.get_rank() == 0:
         full = Mistral.from_pretrained(folder, dtype=torch.float32, device="cpu").state_dict()
-        if config.tie_word_embeddings:
-            full.pop("lm_head.weight", None)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, config
 

@@ -186,17 +186,20 @@ def test_resume_of_a_missing_run_is_refused(tmp_path):
     assert p.returncode != 0 and "no run to continue" in p.stderr
 
 
-def test_recipe_path_on_a_hugging_face_folder(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_recipe_path_on_a_hugging_face_folder(tmp_path, tied):
     """The user path with --model: a HF folder (made by transformers, with the real Mistral
     tokenizer), official SPIN-layout Parquet data, the recipe's defaults (beta schedule,
-    mixing in iteration t-1's data rescored by p_t), two iterations, no task metric."""
+    mixing in iteration t-1's data rescored by p_t), two iterations, no task metric; with
+    untied and tied embeddings (FSDP and the exports must keep one shared tensor)."""
     pytest.importorskip("transformers")
     mistral_common = pytest.importorskip("mistral_common")
     from hf_tiny import random_hf_mistral
     from data.readers import Example, write_examples
     model = tmp_path / "model"
     random_hf_mistral(str(model), vocab=32000, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=256, sliding_window=48)
+                      num_key_value_heads=1, max_position_embeddings=256, sliding_window=48,
+                      tie_word_embeddings=tied)
     import shutil
     shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
                 model / "tokenizer.model")
@@ -224,4 +227,6 @@ def test_recipe_path_on_a_hugging_face_folder(tmp_path):
     evals = [r for r in records(out) if r["type"] == "eval"]
     assert len(evals) == 3 and all("exact_match" not in r for r in evals)
     transformers = pytest.importorskip("transformers")
-    transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "model")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "model")
+    assert hf.config.tie_word_embeddings == tied
+    assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight) == tied
