@@ -546,6 +546,7 @@ def main(argv=None):
                                               os.path.join(out, "sft"), "sft", args.sft_optimizer))
         if args.sft:
             log(f"SFT model: {base}")
+            dist.destroy_process_group()
             return
     table = []  # one row per iteration and arm, for the final report
 
