@@ -16,3 +16,5 @@ step python bench/logprob.py --device cuda --dtype bf16 --C 4096 --V 32000 --N 3
 step python bench/attention.py --impl triton --out "$out/attention.json"
 step python bench/generate.py --device cuda --dtype bfloat16 --shape 7b --batch 1 --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf
 step python bench/train.py --device cuda --dtype bf16 --batch 8 --steps 20
+# train.py's GPU path (cpu:gloo,cuda:nccl, bf16 compute, Triton kernels) has never run: a short demo.
+step python train.py --out "$out/demo" --num-prompts 256 --eval-prompts 64 --sft-steps 60 --iterations 1 --batch-size 32
