@@ -118,25 +118,31 @@ def test_opponent_logprobs_equal_fresh_forward(single):
         assert abs(float(b) - it.ref_generated_logp) < 1e-3
 
 
-def test_two_processes_match_one(single, tmp_path):
+@pytest.fixture(scope="module")
+def double(tmp_path_factory):
+    out = tmp_path_factory.mktemp("double") / "run"
+    run(out, "--baseline", "1", procs=2)
+    return out
+
+
+def test_two_processes_match_one(single, double):
     out1, _ = single
-    out2 = tmp_path / "two"
-    run(out2, "--baseline", "1", procs=2)
-    a, b = step_losses(out1), step_losses(out2)
+    a, b = step_losses(out1), step_losses(double)
     assert a.keys() == b.keys()
     for k in a:
         assert abs(a[k] - b[k]) < 2e-3 * max(1.0, abs(a[k])), (k, a[k], b[k])
-    assert json.load(open(out2 / "config.json"))["world_size"] == 2
+    assert json.load(open(double / "config.json"))["world_size"] == 2
 
 
-def test_kill_and_resume_gives_the_same_losses(single, tmp_path):
-    out1, _ = single
+@pytest.mark.parametrize("procs", [1, 2])
+def test_kill_and_resume_gives_the_same_losses(single, double, tmp_path, procs):
+    uninterrupted = single[0] if procs == 1 else double
     out = tmp_path / "killed"
-    p = run(out, "--baseline", "1", "--kill-at", "spin1:5", check=False)
+    p = run(out, "--baseline", "1", "--kill-at", "spin1:5", procs=procs, check=False)
     assert p.returncode != 0  # SIGKILLed in the middle of iteration 1's training
     assert os.path.isdir(out / "iter1" / "ckpt" / "step-3") and not os.path.exists(out / "iter1" / "model")
-    run(out, "--baseline", "1", "--resume")
-    a, b = step_losses(out1), step_losses(out)
+    run(out, "--baseline", "1", "--resume", procs=procs)
+    a, b = step_losses(uninterrupted), step_losses(out)
     assert a.keys() == b.keys()
     for k in a:
         assert abs(a[k] - b[k]) < 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
