@@ -535,6 +535,9 @@ def main(argv=None):
                                         tag, optimizer)
             export(model, config, model_dir, tok_path, dtype_name)
             del model
+            # The export is the stage's result; its checkpoints (weights plus optimiser state,
+            # ~16 bytes a parameter) only served a resume.
+            on_rank0(lambda: shutil.rmtree(os.path.join(folder, "ckpt"), ignore_errors=True))
         return model_dir
 
     # 0. SFT: the demo's warm start, or the whole job with --sft.

@@ -55,6 +55,8 @@ def test_pipeline_writes_every_output(single):
                 "iter1/model/config.json", "baseline/iter1/model/config.json"]:
         assert os.path.exists(os.path.join(out, rel)), rel
     assert "SPIN exact match" in p.stdout and "wall time" in p.stdout
+    for stage in ("sft", "iter0", "iter1", "baseline/iter0"):  # checkpoints go once exported
+        assert not os.path.exists(os.path.join(out, stage, "ckpt")), stage
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["iterations"] == 2 and cfg["world_size"] == 1
 
