@@ -34,28 +34,36 @@ def _tokenized(tok, examples, args):
     return out
 
 
+def parts_of(n, rank, world, size=256):
+    """The index ranges this rank takes: part p is [p*size, (p+1)*size), done by rank p % world.
+    Each part goes through score/sample in one call whatever the world size, so its batches,
+    and therefore its float rounding, are the same with 1 or N ranks."""
+    return [range(p, min(n, p + size)) for p in range(rank * size, n, world * size)]
+
+
 def evaluate(model_dir, eval_synth, tok, args, device, dtype, beta, has_task):
     """Held-out metrics of the model in model_dir against the opponent whose samples and
     log-probs are stored in eval_synth. Each rank scores its shard; the sums are reduced."""
     rank, world = dist.get_rank(), dist.get_world_size()
     examples, _ = readers.read_examples(eval_synth, layout="spin")
-    mine = _tokenized(tok, examples[rank::world], args)
-    items = [it for _, it in mine]
     model = Mistral.from_pretrained(model_dir, device=device, dtype=dtype)
-    prompts = [it.prompt_ids for it in items]
-    lp_real = generate.score(model, prompts, [it.real_ids for it in items], batch_size=args.gen_batch_size)
-    lp_gen = generate.score(model, prompts, [it.generated_ids for it in items], batch_size=args.gen_batch_size)
     stats = torch.zeros(7, dtype=torch.float64)
-    for it, a, b in zip(items, lp_real, lp_gen):
-        r_real = beta * (float(a) - it.ref_real_logp)
-        r_gen = beta * (float(b) - it.ref_generated_logp)
-        stats[:6] += torch.tensor([float(a), len(it.real_ids), r_real > r_gen, r_real - r_gen,
-                                   it.real_ids == it.generated_ids, 1.0], dtype=torch.float64)
-    if has_task:  # greedy decoding of the new model, scored by the task's exact match
-        outs = generate.sample(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
-                               greedy=True, batch_size=args.gen_batch_size)
-        for (ex, _), o in zip(mine, outs):
-            stats[6] += task.score(ex.prompt, tok.decode([x for x in o.tokens if x != tok.eos_id]))
+    for part in parts_of(len(examples), rank, world):
+        mine = _tokenized(tok, [examples[i] for i in part], args)
+        items = [it for _, it in mine]
+        prompts = [it.prompt_ids for it in items]
+        lp_real = generate.score(model, prompts, [it.real_ids for it in items], batch_size=args.gen_batch_size)
+        lp_gen = generate.score(model, prompts, [it.generated_ids for it in items], batch_size=args.gen_batch_size)
+        for it, a, b in zip(items, lp_real, lp_gen):
+            r_real = beta * (float(a) - it.ref_real_logp)
+            r_gen = beta * (float(b) - it.ref_generated_logp)
+            stats[:6] += torch.tensor([float(a), len(it.real_ids), r_real > r_gen, r_real - r_gen,
+                                       it.real_ids == it.generated_ids, 1.0], dtype=torch.float64)
+        if has_task:  # greedy decoding of the new model, scored by the task's exact match
+            outs = generate.sample(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
+                                   greedy=True, batch_size=args.gen_batch_size)
+            for (ex, _), o in zip(mine, outs):
+                stats[6] += task.score(ex.prompt, tok.decode([x for x in o.tokens if x != tok.eos_id]))
     del model
     dist.all_reduce(stats)
     n = max(stats[5].item(), 1.0)
@@ -77,13 +85,14 @@ def rescore(model_dir, in_path, out_path, tok, args, device, dtype, prefix):
     kept = _tokenized(tok, examples, args)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = Mistral.from_pretrained(model_dir, device=device, dtype=dtype)
-    mine = list(range(rank, len(kept), world))
-    lr_ = generate.score(model, [kept[i][1].prompt_ids for i in mine], [kept[i][1].real_ids for i in mine],
-                         batch_size=args.gen_batch_size)
-    lg_ = generate.score(model, [kept[i][1].prompt_ids for i in mine], [kept[i][1].generated_ids for i in mine],
-                         batch_size=args.gen_batch_size)
+    got = []
+    for part in parts_of(len(kept), rank, world):
+        prompts = [kept[i][1].prompt_ids for i in part]
+        lr_ = generate.score(model, prompts, [kept[i][1].real_ids for i in part], batch_size=args.gen_batch_size)
+        lg_ = generate.score(model, prompts, [kept[i][1].generated_ids for i in part], batch_size=args.gen_batch_size)
+        got += [(i, float(a), float(b)) for i, a, b in zip(part, lr_, lg_)]
     gathered = [None] * world
-    dist.all_gather_object(gathered, [(i, float(a), float(b)) for i, a, b in zip(mine, lr_, lg_)])
+    dist.all_gather_object(gathered, got)
     if rank == 0:
         for part in gathered:
             for i, a, b in part:

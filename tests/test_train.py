@@ -11,7 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-prompts", "96", "--eval-prompts", "16", "--sft-steps", "6", "--sft-lr", "3e-3",
-        "--iterations", "2", "--batch-size", "16", "--micro-batch-size", "4", "--demo-dim", "32",
+        "--iterations", "2", "--batch-size", "16", "--micro-batch-size", "8", "--demo-dim", "32",
         "--demo-layers", "1", "--max-new-tokens", "28", "--ckpt-every", "3", "--lr", "1e-4",
         "--beta", "0.5", "--gen-batch-size", "64"]
 
@@ -131,8 +131,12 @@ def test_two_processes_match_one(single, double):
     out1, _ = single
     a, b = step_losses(out1), step_losses(double)
     assert a.keys() == b.keys()
+    # One process runs the two micro-batches of 8 that the two ranks run, the gradient norm is
+    # world-size independent (train.clip_grad_norm) and the generation and rescoring batches are
+    # fixed parts: the runs are the same computation, so the losses agree to float rounding
+    # (bitwise on the machine this was written on).
     for k in a:
-        assert abs(a[k] - b[k]) < 2e-3 * max(1.0, abs(a[k])), (k, a[k], b[k])
+        assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])), (k, a[k], b[k])
     assert json.load(open(double / "config.json"))["world_size"] == 2
 
 
