@@ -54,7 +54,7 @@ RECIPE = dict(iterations=4, beta="0.1,0.1,0.1,5.0", lr="5e-7,5e-7,1e-7,1e-7", ep
               batch_size=64, micro_batch_size=1, optimizer="rmsprop", max_new_tokens=256,
               temperature=1.0, max_length=1024, max_prompt_length=512, mix_previous=True,
               eval_prompts=500, baseline=False, ckpt_every=200, gen_batch_size=32)
-DEMO = dict(iterations=3, beta="2.0", lr="3e-5", epochs=2.0, batch_size=64, micro_batch_size=32,
+DEMO = dict(iterations=3, beta="2.0", lr="3e-5", epochs=3.0, batch_size=64, micro_batch_size=32,
             optimizer="rmsprop", max_new_tokens=32, temperature=1.0, max_length=128,
             max_prompt_length=64, mix_previous=True, eval_prompts=500, baseline=True,
             ckpt_every=20, gen_batch_size=256, num_prompts=2000, sft_steps=400, sft_lr=3e-3,
