@@ -283,7 +283,16 @@ class Mistral(nn.Module):
         if targets is None:
             if logits_to_keep is not None:
                 x = x[:, -logits_to_keep:]
-            return self.lm_head(self.model.norm(x))
+            h = self.model.norm(x)  # (B, k, C)
+            if h.device.type == "cpu" and h.shape[0] * h.shape[1] <= 64 and not torch.is_grad_enabled():
+                # A decode step on CPU: MKL runs (V, C) @ (C, rows) ~1.4x faster than F.linear's
+                # (rows, C) @ (V, C)^T for a few rows (bench/RESULTS_generate_cpu.md). The values
+                # agree to float32 rounding, not bitwise (the summation order differs).
+                W = self.lm_head.weight
+                # contiguous: the sampler's softmax and logsumexp along V are ~4x slower on the
+                # transposed view than the copy costs.
+                return (W @ h.reshape(-1, h.shape[-1]).T).T.contiguous().reshape(*h.shape[:2], W.shape[0])
+            return self.lm_head(h)
         x = self.model.norm(x)
         # Only scored positions go through the LM head: in a SPIN batch the prompt and padding
         # are a third or more of the tokens, and the head is the costliest layer of a small model.

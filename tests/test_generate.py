@@ -129,6 +129,38 @@ def test_filter_keeps_exactly_the_allowed_set(logits, top_k, top_p, u):
     assert kept[tok.item()]
 
 
+def reference_draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """The inverse CDF with one float64 scan over the whole vocabulary (draw's old form)."""
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1).double()
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True)[:, 0], x, cdf
+
+
+@settings(max_examples=100, deadline=None)
+@given(V=st.integers(1, 2000), seed=st.integers(0, 2**31 - 1), top_k=st.integers(0, 50),
+       top_p=st.floats(0.05, 1.0), scale=st.floats(0.1, 30.0), zero_block=st.booleans())
+def test_blocked_draw_equals_one_scan(V, seed, top_k, top_p, scale, zero_block):
+    """draw scans a block of 512 tokens after locating it; it must pick what one float64 scan
+    picks (up to a uniform within rounding of a CDF boundary), never a token of probability 0,
+    across block edges, with empty blocks (all -inf) and with a vocabulary not a multiple of 512."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, V, generator=g) * scale
+    if zero_block and V > 600:
+        logits[:, 100:600] = float("-inf")
+    u = torch.rand(6, generator=g, dtype=torch.float64)
+    u[0] = 0.0
+    u[1] = 1.0 - 2**-53  # the largest uniform
+    got = draw(logits, u, 1.0, top_k, top_p)
+    want, x, cdf = reference_draw(logits, u, 1.0, top_k, top_p)
+    probs = filter_logits(logits, top_k, top_p).softmax(-1)
+    for b in range(6):
+        assert probs[b, got[b]] > 0, (b, got[b].item())
+        near = (cdf[b] - x[b]).abs().min() <= 1e-12 * cdf[b, -1]
+        assert got[b] == want[b] or near, (b, got[b].item(), want[b].item())
+
+
 @pytest.mark.parametrize("kw", [dict(top_k=3, temperature=1.5), dict(top_p=0.5, temperature=1.3)])
 def test_sampling_end_to_end_stays_in_allowed_set(ckpt, kw):
     _, model = ckpt
