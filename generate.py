@@ -77,7 +77,7 @@ def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     B, V = probs.shape
     S = _DRAW_BLOCK
     full = V // S * S
-    sums = [probs[:, :full].view(B, -1, S).sum(-1, dtype=torch.float64)] if full else []
+    sums = [probs[:, :full].reshape(B, -1, S).sum(-1, dtype=torch.float64)] if full else []
     if full < V:
         sums.append(probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
     block_cdf = torch.cat(sums, 1).cumsum(-1)  # (B, NB), non-decreasing; empty blocks add exactly 0

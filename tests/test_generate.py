@@ -153,6 +153,7 @@ def test_blocked_draw_equals_one_scan(V, seed, top_k, top_p, scale, zero_block):
     u[0] = 0.0
     u[1] = 1.0 - 2**-53  # the largest uniform
     got = draw(logits, u, 1.0, top_k, top_p)
+    assert torch.equal(draw(logits.T.contiguous().T, u, 1.0, top_k, top_p), got)  # a strided view too
     want, x, cdf = reference_draw(logits, u, 1.0, top_k, top_p)
     probs = filter_logits(logits, top_k, top_p).softmax(-1)
     for b in range(6):
