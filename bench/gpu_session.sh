@@ -1,20 +1,44 @@
 #!/usr/bin/env bash
-# The one prepared script for a session that is lent a GPU (about 15 minutes of device time):
-# CUDA tests first (the interpreter cannot catch compile failures, races or bf16 numerics),
-# then every benchmark against its baseline. Run from the repository root:
-#     OUT=/tmp/gpu bash bench/gpu_session.sh        (on the device tool: OUT=$OUT)
-# Everything lands in $OUT; copy the figures, with the card's name, into bench/RESULTS.md.
+# The one prepared script for a session that is lent a GPU (about 15 minutes of device time,
+# machine start included; at most 10 minutes per command). Two parts, one device call each:
+#     OUT=$OUT bash bench/gpu_session.sh tests    # CUDA kernel/model tests (~3-4 min cold)
+#     OUT=$OUT bash bench/gpu_session.sh bench    # every benchmark + a short train.py run
+# Tests come first: the interpreter cannot catch compile failures, races or bf16 numerics.
+# Each step writes its own log into $OUT (unbuffered, so a step killed by its timeout keeps
+# what it printed); the device tool returns at most 8 files from $OUT, so nothing else goes
+# there (the bench part writes 7, both parts together 8).
+# Copy the figures, with the card's name, into bench/RESULTS.md.
 set -u
 out=${OUT:-bench/gpu_out}
+part=${1:-all}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-step() { echo "== $*" | tee -a "$out/log.txt"; timeout 240 "$@" 2>&1 | tail -40 | tee -a "$out/log.txt"; }
-step python -m pytest -q -x -k cuda tests/test_logprob.py tests/test_attention.py tests/test_model.py
-step python bench/logprob.py --device cuda --dtype bf16 --C 4096 --V 32000 --N 8192
-step python bench/logprob.py --device cuda --dtype bf16 --C 4096 --V 32000 --N 32768
-step python bench/attention.py --impl triton --out "$out/attention.json"
-step python bench/generate.py --device cuda --dtype bfloat16 --shape 7b --batch 1 --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf
-step python bench/train.py --device cuda --dtype bf16 --batch 8 --steps 20
-# train.py's GPU path (cpu:gloo,cuda:nccl, bf16 compute, Triton kernels) has never run: a short demo.
-step python train.py --out "$out/demo" --num-prompts 256 --eval-prompts 64 --sft-steps 60 --iterations 1 --batch-size 32
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/gpu.txt"
+step() {  # step NAME SECONDS CMD...: the command's output goes to $OUT/NAME.log and the console
+  local name=$1 secs=$2; shift 2
+  echo "== $name: $*" | tee -a "$out/$name.log"
+  timeout "$secs" "$@" 2>&1 | tee -a "$out/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$out/$name.log"
+}
+if [ "$part" = tests ] || [ "$part" = all ]; then
+  # No -x: one failure must not hide the others.
+  step tests 400 $py -m pytest -q -k cuda tests/test_logprob.py tests/test_attention.py tests/test_model.py
+fi
+if [ "$part" = bench ] || [ "$part" = all ]; then
+  step logprob 90 $py bench/logprob.py --device cuda --dtype bf16 --C 4096 --V 32000 --N 8192
+  step logprob 120 $py bench/logprob.py --device cuda --dtype bf16 --C 4096 --V 32000 --N 32768
+  step attention 150 $py bench/attention.py --impl triton --seqlens 1024 4096 16384 --reps 3 \
+      --out "$out/attention.json"
+  step generate 90 $py bench/generate.py --device cuda --dtype bfloat16 --shape 7b --batch 1 \
+      --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf
+  step train 60 $py bench/train.py --device cuda --dtype bf16 --batch 8 --steps 20
+  # train.py's GPU path (cpu:gloo,cuda:nccl, bf16 compute, Triton kernels) has never run.
+  # Its run folder stays outside $OUT; only the metrics come back.
+  step demo 120 $py train.py --out /tmp/spin-gpu-demo --num-prompts 256 --eval-prompts 64 \
+      --sft-steps 60 --iterations 1 --batch-size 32
+  cat /tmp/spin-gpu-demo/metrics.jsonl >> "$out/demo.log" 2>/dev/null
+fi

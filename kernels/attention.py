@@ -110,6 +110,7 @@ def _attn_fwd(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     H, Tq, q_offset, window, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D >= 16)  # tl.dot minimum
@@ -137,14 +138,14 @@ def _attn_fwd(
         col_ok = offs_n < hi  # hi <= Tk, so no read past the keys
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base 2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base 2
         s = tl.where(_visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PREC)
         m_i = m_new
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -178,6 +179,7 @@ def _attn_bwd_dq(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
     H, Tq, q_offset, window, qk_scale, sm_scale,
     GROUP: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program owns BLOCK_M query rows of one head and walks the same key band as the
@@ -208,12 +210,12 @@ def _attn_bwd_dq(
         col_ok = offs_n < hi
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = _visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW)
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)  # recomputed probabilities
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(DOT), k)
+        dq += tl.dot(ds.to(DOT), k, input_precision=PREC)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -225,6 +227,7 @@ def _attn_bwd_dkdv(
     sgb, sgh, sgt,  # dK and dV share one layout (allocated together by the wrapper)
     H, Tq, q_offset, window, qk_scale, sm_scale,
     GROUP: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program owns BLOCK_N keys of one kv head and sums, in registers, the
@@ -271,12 +274,12 @@ def _attn_bwd_dkdv(
             # Transposed tiles (BLOCK_N, BLOCK_M). Rows past Tq are causally "visible" (their
             # qi >= Tk); their dO loads as 0 so they add nothing, but row_ok says so outright.
             vis = tl.trans(_visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW) & row_ok[:, None])
-            sT = tl.dot(k, tl.trans(q)) * qk_scale
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
             pT = tl.where(vis, tl.exp2(sT - lse[None, :]), 0.0)
-            dv += tl.dot(pT.to(DOT), do)
-            dpT = tl.dot(v, tl.trans(do))
+            dv += tl.dot(pT.to(DOT), do, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
             dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(DOT), q)
+            dk += tl.dot(dsT.to(DOT), q, input_precision=PREC)
     out = b * sgb + hkv * sgh + offs_n[:, None] * sgt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -295,6 +298,13 @@ def _dot_dtype(dtype):
     if INTERPRET and dtype == torch.bfloat16:
         return tl.float32
     return _TL[dtype]
+
+
+def _dot_precision(dtype):
+    """input_precision of every tl.dot: "ieee" for fp32 operands, because Triton's default on
+    NVIDIA GPUs is tf32 (10-bit mantissa), which puts fp32 attention ~5e-4 away from the torch
+    path; None (the default) for bf16/fp16 operands, where it does not apply."""
+    return "ieee" if _dot_dtype(dtype) == tl.float32 else None
 
 
 def _blocks(D, Tq):
@@ -339,7 +349,7 @@ def flash_attention_fwd(q, k, v, starts, window, q_offset, blocks=None):
         q, k, v, o, lse, starts, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, Tq, q_offset, window or 0, LOG2E / math.sqrt(D),
         GROUP=H // Hkv, D=D, HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=3,
+        PREC=_dot_precision(q.dtype), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=3,
     )
     return o, lse
 
@@ -355,7 +365,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, starts, window, q_offset, blocks=No
     dk = torch.empty(B, Hkv, k.shape[2], D, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
     common = dict(GROUP=H // Hkv, D=D, HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype),
-                  num_warps=warps, num_stages=2)
+                  PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=2)
     scalars = (H, Tq, q_offset, window or 0, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
     ins = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     _attn_bwd_dq[(triton.cdiv(Tq, qm), B * H)](

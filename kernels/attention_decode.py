@@ -18,13 +18,14 @@ used G * Tq times), so the two fixes are about bytes and parallelism:
     normalised by its own sum and its base-2 log-sum-exp; a combine kernel merges them
     with weights exp2(lse_s - lse), which is exact (softmax is associative this way).
 """
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import INTERPRET, LOG2E, _dot_dtype, _strides, _visible
+from kernels.attention import INTERPRET, LOG2E, _dot_dtype, _dot_precision, _strides, _visible
 
 
 @triton.jit
@@ -33,6 +34,7 @@ def _decode_partial(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     Hkv, Tq, q_offset, window, qk_scale, num_splits,
     GROUP: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and D >= 16)  # tl.dot minimum
@@ -70,7 +72,7 @@ def _decode_partial(
         col_ok = offs_n < s_hi
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = _visible(i, offs_n, q_offset, start, window, HAS_WINDOW) & col_ok[None, :]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -78,7 +80,7 @@ def _decode_partial(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PREC)
         m_i = m_new
     empty = l_i == 0.0  # this chunk holds no key of the row: weight exp2(-inf) = 0 below
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -122,12 +124,17 @@ def _decode_combine(
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):  # a device query per decode step per layer would cost a host round trip
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _default_splits(B, Hkv, visible, block_n, device):
     # Enough programs to fill the GPU about twice, but at least 4 key blocks per split so
     # the combine stays cheap. Under the interpreter fewer programs are simply faster.
     if INTERPRET or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(2 * sms, B * Hkv), triton.cdiv(visible, 4 * block_n)))
 
 
@@ -146,8 +153,8 @@ def decode_attention(q, k, v, starts, window, q_offset, num_splits=None, block_n
     _decode_partial[(S, B * Hkv)](
         q, k, v, o_part, lse_part, starts, *_strides(q), *_strides(k), *_strides(v),
         Hkv, Tq, q_offset, window or 0, LOG2E / math.sqrt(D), S,
-        HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype), BLOCK_M=BM, BLOCK_N=BN,
-        num_warps=4, **common,
+        HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype), PREC=_dot_precision(q.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=4, **common,
     )
     o = torch.empty_like(q)
     _decode_combine[(B * Hkv,)](o_part, lse_part, o, *_strides(o), Hkv, Tq, S, BLOCK_M=BM, **common)

@@ -133,6 +133,7 @@ class _TorchLinearLogprobs(torch.autograd.Function):
         gh = hidden.float() * g if need_w else None  # (N, C)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         buf = hidden.new_empty(min(rows, N), weight.shape[0], dtype=torch.float32)  # one chunk
+        logits = p = None
         for n0 in range(0, N, rows):
             n1 = min(n0 + rows, N)
             logits = torch.mm(hidden[n0:n1].float(), w32.T, out=buf[: n1 - n0])
@@ -284,8 +285,10 @@ def _bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, N, V, C, st
                     dh = tl.dot(d, w.to(tl.float32), input_precision="ieee")
                 else:
                     dh = tl.dot(d, w)  # (BLOCK_N, BLOCK_C) fp32
+                # relaxed: only the sums matter, not ordering against other memory (the
+                # default acq_rel adds a fence per atomic)
                 tl.atomic_add(dh_ptr + offs_n[:, None] * C + offs_c[None, :], dh,
-                              mask=mask_n[:, None] & mask_c[None, :])
+                              mask=mask_n[:, None] & mask_c[None, :], sem="relaxed")
             if NEED_DW:
                 h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_c[None, :] * stride_hc,
                             mask=mask_n[:, None] & mask_c[None, :], other=0.0)
@@ -294,7 +297,7 @@ def _bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, N, V, C, st
                 else:
                     dw = tl.dot(tl.trans(d), h)  # (BLOCK_V, BLOCK_C) fp32
                 tl.atomic_add(dw_ptr + offs_v[:, None] * C + offs_c[None, :], dw,
-                              mask=mask_v[:, None] & mask_c[None, :])
+                              mask=mask_v[:, None] & mask_c[None, :], sem="relaxed")
 
 
 class _TritonLinearLogprobs(torch.autograd.Function):
@@ -305,7 +308,7 @@ class _TritonLinearLogprobs(torch.autograd.Function):
         dot_fp32 = _INTERPRETING or hidden.dtype == torch.float32
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         out = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        grid = (triton.cdiv(N, blocks["BLOCK_N"]),)
+        grid = (max(1, triton.cdiv(N, blocks["BLOCK_N"])),)  # N == 0 (nothing scored): one idle program
         _fwd_kernel[grid](
             hidden, weight, targets, lse, out, N, V, C, hidden.stride(0), hidden.stride(1),
             weight.stride(0), weight.stride(1), targets.stride(0), ignore_index,
@@ -328,7 +331,7 @@ class _TritonLinearLogprobs(torch.autograd.Function):
         dw32 = torch.zeros(V, C, dtype=torch.float32, device=weight.device) if need_w else None
         # dhidden accumulates in an fp32 buffer of at most _BWD_TOKENS_PER_LAUNCH rows,
         # cast into the output after each launch; dweight accumulates in fp32 throughout.
-        chunk = min(N, _BWD_TOKENS_PER_LAUNCH)
+        chunk = max(1, min(N, _BWD_TOKENS_PER_LAUNCH))  # N == 0: no launch, zero gradients
         dh32 = torch.empty(chunk, C, dtype=torch.float32, device=hidden.device) if need_h else None
         for n0 in range(0, N, chunk):
             n1 = min(n0 + chunk, N)

@@ -215,3 +215,13 @@ def test_gradient_for_one_input_only(device, impl):
     w = weight.clone().requires_grad_()
     (linear_logprobs(hidden, w, targets, impl=impl) * grad.float()).sum().backward()
     assert_close_scaled(w.grad, ref_dw, 1e-4, "d weight alone")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_tokens(device, impl):
+    """A micro-batch can have no scored token (N = 0): empty output, zero weight gradient."""
+    hidden, weight, targets, grad = make_inputs(5, 48, 1000, torch.float32, device)
+    out, dh, dw = run(hidden[:0], weight, targets[:0], grad[:0], impl)
+    assert out.shape == (0,) and dh.shape == (0, 48)
+    assert dw.shape == weight.shape and not dw.any()
