@@ -27,9 +27,19 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.logprob import linear_logprobs, linear_logprobs_naive  # noqa: E402
+from kernels.logprob import linear_logprobs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def naive_full_logits(hidden, weight, targets, ignore_index=-100):
+    """The naive path as issue 6 describes it: logits (N, V) from a GEMM in the input dtype
+    (bf16 on a GPU, where a bf16 GEMM is far faster than an fp32 one), upcast to fp32, then
+    log_softmax and a gather. For fp32 inputs it is linear_logprobs_naive exactly."""
+    logits = (hidden @ weight.T).float()  # (N, V)
+    valid = targets != ignore_index
+    logp = logits.log_softmax(-1).gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]
+    return torch.where(valid, logp, 0.0)
 
 
 def liger_logprobs():
@@ -128,7 +138,7 @@ def main():
     fused_name = "fused (triton)" if device.type == "cuda" else "fused (torch chunks)"
     candidates = {fused_name: linear_logprobs}
     if not args.skip_naive:
-        candidates["naive (full logits)"] = linear_logprobs_naive
+        candidates["naive (full logits)"] = naive_full_logits
     liger = liger_logprobs()
     if liger is None:
         print("note: liger_kernel is not importable; Liger's fused linear CE is skipped")
