@@ -242,3 +242,28 @@ def test_recipe_path_on_a_hugging_face_folder(tmp_path, tied):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "model")
     assert hf.config.tie_word_embeddings == tied
     assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight) == tied
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])
+def test_clip_grad_norm_matches_torch(scale):
+    """train.clip_grad_norm (float64 sum, the same for any sharding) against torch's clip:
+    the same norm and gradients when clipping, untouched gradients when not."""
+    sys.path.insert(0, ROOT)
+    from train import clip_grad_norm
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (3,), (11, 2, 4)]
+    ours = [torch.zeros(s, requires_grad=True) for s in shapes]
+    ref = [torch.zeros(s, requires_grad=True) for s in shapes]
+    for a, b, s in zip(ours, ref, shapes):
+        a.grad = torch.randn(s, generator=gen) * scale
+        b.grad = a.grad.clone()
+    before = [p.grad.clone() for p in ours]
+    n_ours = clip_grad_norm(ours, 1.0)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert abs(n_ours.item() - n_ref.item()) <= 1e-6 * n_ref.item()
+    for a, b, g in zip(ours, ref, before):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+        if n_ref.item() < 1.0:
+            assert torch.equal(a.grad, g)  # below the limit the gradients are not touched
+        else:
+            assert not torch.equal(a.grad, g)
