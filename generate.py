@@ -86,12 +86,13 @@ def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     x = torch.minimum(u[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))  # (B, 1)
     blk = torch.searchsorted(block_cdf, x, right=True)  # (B, 1)
     before = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)  # (B, 1) mass before it
-    idx = blk * S + torch.arange(S, device=probs.device)  # (B, S) token ids of the block
+    ar = torch.arange(S, device=probs.device)
+    idx = blk * S + ar  # (B, S) token ids of the block
     inner = torch.where(idx < V, probs.gather(1, idx.clamp(max=V - 1)), 0.0).double()  # (B, S)
     cdf = before + inner.cumsum(-1)  # (B, S); a token whose cdf rises past x has probability > 0
     j = torch.searchsorted(cdf, x, right=True)[:, 0]  # (B,) in [0, S]
     # Rounding can leave the block's last cdf <= x (j == S): take its last token with probability > 0.
-    last = torch.where(inner > 0, torch.arange(S, device=probs.device), -1).amax(-1)  # (B,)
+    last = torch.where(inner > 0, ar, -1).amax(-1)  # (B,)
     return blk[:, 0] * S + torch.where(j < S, j, last)
 
 

@@ -38,7 +38,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def linear_logprobs_naive(hidden, weight, targets, *, ignore_index=-100):
-    """The reference: full fp32 logits. For readers, tests and the benchmark only."""
+    """The reference: full fp32 logits. For readers and tests only (bench/logprob.py's naive
+    baseline does its GEMM in the input dtype, as a real naive path on a GPU would)."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for tests
     logits = hidden.to(dtype) @ weight.to(dtype).T  # (N, V)
     valid = targets != ignore_index
