@@ -69,15 +69,22 @@ def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     logits = logits.float()  # no copy when already float32
     if temperature != 1.0:
         logits = logits / temperature
-    probs = filter_logits(logits, top_k, top_p).softmax(-1)  # (B, V) float32
+    return inverse_cdf(filter_logits(logits, top_k, top_p).softmax(-1), u)
+
+
+def inverse_cdf(probs, u):
+    """probs (B, V) float32 (rows sum to 1 up to rounding), u (B,) in [0, 1) -> (B,) the first
+    token whose cumulative mass exceeds u * total. Never a token of probability 0."""
     # One float64 cumsum over the whole vocabulary would allocate and scan two fresh (B, V)
-    # float64 buffers per step (page faults included, ~0.8 ms at 8 x 32000 on one core, as long
-    # as a decode step's attention). Instead: float64 sums of blocks of _DRAW_BLOCK tokens, find
-    # the block, then scan inside it. The same inverse CDF up to float64 rounding.
+    # float64 buffers per step (~0.8 ms at 8 x 32000 on one core, as long as a decode step's
+    # attention). Instead: sums of blocks of _DRAW_BLOCK tokens, find the block, then scan
+    # inside it in float64. The block sums are float32 (a float64 sum would first copy probs
+    # to float64, the costliest op of the draw): the same inverse CDF up to their rounding, so
+    # a uniform within ~1e-6 of the total mass of a CDF boundary may pick the token beside it.
     B, V = probs.shape
     S = _DRAW_BLOCK
     full = V // S * S
-    sums = [probs[:, :full].reshape(B, -1, S).sum(-1, dtype=torch.float64)] if full else []
+    sums = [probs[:, :full].reshape(B, -1, S).sum(-1).double()] if full else []
     if full < V:
         sums.append(probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
     block_cdf = torch.cat(sums, 1).cumsum(-1)  # (B, NB), non-decreasing; empty blocks add exactly 0
@@ -125,11 +132,17 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
     steps = 0
+    plain = not greedy and temperature == 1.0 and not top_k and top_p == 1.0
     for t in range(max_new_tokens):
-        nxt = logits.argmax(-1) if greedy else draw(logits, u[:, t], temperature, top_k, top_p)  # (B,)
-        tokens[:, t] = nxt
         # The stored log-prob is log p_t, untempered and unfiltered: what SPIN's loss needs.
-        logps[:, t] = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
+        if plain:  # sampling from p_t itself: one softmax serves the draw and the log-prob
+            probs = logits.softmax(-1)  # (B, V)
+            nxt = inverse_cdf(probs, u[:, t])  # (B,)
+            logps[:, t] = probs.gather(-1, nxt[:, None])[:, 0].log()  # > 0: never a token of p 0
+        else:  # the drawn token may have an untempered probability that underflows float32
+            nxt = logits.argmax(-1) if greedy else draw(logits, u[:, t], temperature, top_k, top_p)  # (B,)
+            logps[:, t] = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
+        tokens[:, t] = nxt
         steps = t + 1
         if progress is not None:
             progress(tokens=int(B - finished.sum()) if eos_id is not None else B)

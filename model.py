@@ -153,22 +153,34 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # Normalise in fp32, cast back before the weight (the order transformers uses, which
         # matters for bf16 parity).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one fused op (eight ops written out).
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+def linear(x, w):
+    """F.linear(x, w), except for a CPU decode step (at most 64 rows, fp32, no autograd), which
+    goes to oneDNN's kernel directly (bench/RESULTS_generate_cpu.md)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+            and x.numel() <= 64 * x.shape[-1]:
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
 
 
 def rotary(positions, head_dim, theta, dtype):
-    """cos, sin (B, 1, T, D) for the rotate-half layout (first half / second half of D pair up)."""
+    """cos, sin (B, 1, T, D) for the rotate-half layout (first half / second half of D pair up).
+    sin comes back with its first half negated, for apply_rotary."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = positions.float()[:, :, None] * inv_freq  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[..., :head_dim // 2].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    # x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1): the sign lives in sin
+    # (negated once per forward, exact in IEEE), so per layer a roll replaces chunk, neg and cat.
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):
@@ -184,9 +196,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, starts, cache, layer, attn_impl):
         B, T, _ = x.shape
         H, Hkv, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        q = linear(x, self.q_proj.weight).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = linear(x, self.k_proj.weight).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = linear(x, self.v_proj.weight).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q_offset = 0
         if cache is not None:
@@ -198,7 +210,7 @@ class Attention(nn.Module):
             v = cache.v[layer][:, :, :q_offset + T]
         y = attention(q, k, v, starts=starts, window=self.cfg.sliding_window, q_offset=q_offset,
                       impl=attn_impl)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        return linear(y.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -209,7 +221,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):  # SwiGLU (Shazeer 2020)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)
 
 
 class Block(nn.Module):
@@ -284,15 +296,7 @@ class Mistral(nn.Module):
             if logits_to_keep is not None:
                 x = x[:, -logits_to_keep:]
             h = self.model.norm(x)  # (B, k, C)
-            if h.device.type == "cpu" and h.shape[0] * h.shape[1] <= 64 and not torch.is_grad_enabled():
-                # A decode step on CPU: MKL runs (V, C) @ (C, rows) ~1.4x faster than F.linear's
-                # (rows, C) @ (V, C)^T for a few rows (bench/RESULTS_generate_cpu.md). The values
-                # agree to float32 rounding, not bitwise (the summation order differs).
-                W = self.lm_head.weight
-                # contiguous: the sampler's softmax and logsumexp along V are ~4x slower on the
-                # transposed view than the copy costs.
-                return (W @ h.reshape(-1, h.shape[-1]).T).T.contiguous().reshape(*h.shape[:2], W.shape[0])
-            return self.lm_head(h)
+            return linear(h, self.lm_head.weight)
         x = self.model.norm(x)
         # Only scored positions go through the LM head: in a SPIN batch the prompt and padding
         # are a third or more of the tokens, and the head is the costliest layer of a small model.

@@ -58,6 +58,8 @@ def attention_torch(q, k, v, starts=None, window=None, q_offset=0):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     mask = visibility(Tq, Tk, starts, window, q_offset, q.device)  # (B|1, 1, Tq, Tk)
+    if Tq == 1 and not torch.is_grad_enabled():
+        return _decode_torch(q, k, v, mask)
     # A padding query (qi < starts[b]) sees no key. SDPA's handling of an all-False row
     # differs between backends (NaN or 0, and NaN gradients), so let such rows see every
     # key, then zero their output with where(): the where also blocks their gradient.
@@ -65,6 +67,21 @@ def attention_torch(q, k, v, starts=None, window=None, q_offset=0):
     mask = mask | empty
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != k.shape[1])
     return torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
+
+
+def _decode_torch(q, k, v, mask):
+    """One query per row (a decode step) written out: the (B, H, 1, Tk) scores are small, and on
+    CPU two batched matmuls and a softmax cost a third of SDPA's kernel at these sizes
+    (bench/RESULTS_generate_cpu.md). Grouped-query heads share K/V by a view, never a copy."""
+    B, H, _, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    s = (q.reshape(B, Hkv, G, D) * D ** -0.5) @ k.transpose(2, 3)  # (B, Hkv, G, Tk)
+    # mask (B|1, 1, 1, Tk) broadcasts over kv heads and their G query heads; a row with no
+    # visible key (a padding query) gets all -inf, softmax NaN, and is zeroed by the where.
+    p = s.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
+    o = (p @ v).reshape(B, H, 1, D)
+    return torch.where(mask.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device))
 
 
 # --------------------------------------------------------------------------------------

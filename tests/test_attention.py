@@ -185,6 +185,28 @@ def test_decode_matches_reference(case, splits, dtype, device):
         assert (o[1, :, :pad] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("window", [None, 7])
+def test_torch_decode_step_matches_reference(G, window, dtype):
+    """The torch path's one-query branch (no autograd: generation) against the float64 rule:
+    ragged rows, a row that is all padding (its one query precedes its start), GQA ratios."""
+    B, Hkv, D, q_offset = 3, 2, 32, 40
+    g = torch.Generator().manual_seed(G)
+    raw = [torch.randn(B, h, t, D, generator=g).to(dtype)
+           for h, t in ((Hkv * G, 1), (Hkv, q_offset + 1), (Hkv, q_offset + 1))]
+    q, k, v = (nan_view(x) for x in raw)
+    st = torch.tensor([0, 33, q_offset + 1])  # row 2 sees no key
+    with torch.no_grad():
+        o = attention(q, k, v, starts=st, window=window, q_offset=q_offset, impl="torch")
+        with torch.enable_grad():  # the SDPA branch, for comparison
+            o_sdpa = attention(q, k, v, starts=st, window=window, q_offset=q_offset, impl="torch")
+    ref = reference(*raw, st, window, q_offset)
+    assert o.dtype == dtype and not o.isnan().any()
+    assert rel_err(o, ref) < tol(dtype, "cpu") and rel_err(o_sdpa, ref) < tol(dtype, "cpu")
+    assert (o[2] == 0).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_routes_small_tq_without_grad_to_decode(device, monkeypatch):
     import kernels.attention_decode as dec

@@ -143,7 +143,7 @@ def reference_draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
        top_p=st.floats(0.05, 1.0), scale=st.floats(0.1, 30.0), zero_block=st.booleans())
 def test_blocked_draw_equals_one_scan(V, seed, top_k, top_p, scale, zero_block):
     """draw scans a block of 512 tokens after locating it; it must pick what one float64 scan
-    picks (up to a uniform within rounding of a CDF boundary), never a token of probability 0,
+    picks (up to a uniform within 1e-6 of a CDF boundary), never a token of probability 0,
     across block edges, with empty blocks (all -inf) and with a vocabulary not a multiple of 512."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(6, V, generator=g) * scale
@@ -158,7 +158,7 @@ def test_blocked_draw_equals_one_scan(V, seed, top_k, top_p, scale, zero_block):
     probs = filter_logits(logits, top_k, top_p).softmax(-1)
     for b in range(6):
         assert probs[b, got[b]] > 0, (b, got[b].item())
-        near = (cdf[b] - x[b]).abs().min() <= 1e-12 * cdf[b, -1]
+        near = (cdf[b] - x[b]).abs().min() <= 1e-6 * cdf[b, -1]  # float32 block sums (see draw)
         assert got[b] == want[b] or near, (b, got[b].item(), want[b].item())
 
 
