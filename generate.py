@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from data.pairs import collate_prompts, left_pad
-from model import KVCache
+from model import KVCache, cpu_decode_weights
 
 # ----------------------------------------------------------------------------------------------
 # Sampling
@@ -180,14 +180,15 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        got = _sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
-                            eos_id, temperature, top_k, top_p, greedy, seed, progress)
-        for i, g in zip(idx, got):
-            out[i] = g
-        if progress is not None:
-            progress(prompts=len(idx))
+    with cpu_decode_weights(model, rows=min(batch_size, len(prompts))):  # a no-op off CPU
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            got = _sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
+                                eos_id, temperature, top_k, top_p, greedy, seed, progress)
+            for i, g in zip(idx, got):
+                out[i] = g
+            if progress is not None:
+                progress(prompts=len(idx))
     return out
 
 

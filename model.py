@@ -8,6 +8,7 @@ residual] -> RMSNorm -> LM head. Module attribute names equal the Hugging Face k
 The model is stateless: a KVCache object is passed into forward, never stored on the module.
 Batches are left-padded (see DESIGN.md): `attention_mask` is zeros then ones per row.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -157,13 +158,48 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Linear layers, and the CPU decode fast path
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+_PACKED = {}  # id(weight) -> (weight, oneDNN copy), filled only inside cpu_decode_weights
+PACK_BUDGET_BYTES = 1 << 30
+DECODE_ROWS = 64  # up to this many rows a CPU product is a "decode step" (MKL wins above)
+
+
 def linear(x, w):
     """F.linear(x, w), except for a CPU decode step (at most 64 rows, fp32, no autograd), which
-    goes to oneDNN's kernel directly (bench/RESULTS_generate_cpu.md)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
-            and x.numel() <= 64 * x.shape[-1]:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    calls oneDNN's kernel directly, on the packed copy of w when cpu_decode_weights made one:
+    MKL's and oneDNN's general paths reorder the weight on every call, which for a few rows
+    costs more than the product itself (bench/RESULTS_generate_cpu.md)."""
+    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+            and x.numel() <= DECODE_ROWS * x.shape[-1]:
+        packed = _PACKED.get(id(w))
+        return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], None, "none", [], "")
     return F.linear(x, w)
+
+
+@contextlib.contextmanager
+def cpu_decode_weights(model, rows):
+    """Within the block, linear() reads oneDNN copies of the model's fp32 CPU weights, packed
+    once for `rows` rows (the same products up to float32 summation order). The weights must not
+    change inside the block. The copies cost the weights' memory again, so models with more than
+    PACK_BUDGET_BYTES of linear weights (and GPU or half-precision models, or more than
+    DECODE_ROWS rows, which never take the oneDNN path) run unpacked."""
+    ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    ok = _ONEDNN and ws and rows <= DECODE_ROWS and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in ws) \
+        and sum(w.numel() * 4 for w in ws) <= PACK_BUDGET_BYTES
+    mine = []
+    try:
+        if ok:
+            for w in ws:
+                if id(w) not in _PACKED:  # a tied or nested use keeps the outer copy
+                    _PACKED[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
+                    mine.append(id(w))
+        yield
+    finally:
+        for i in mine:
+            _PACKED.pop(i, None)
 
 
 def rotary(positions, head_dim, theta, dtype):

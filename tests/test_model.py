@@ -1,11 +1,14 @@
 """model.py against transformers' MistralForCausalLM on tiny random checkpoints made here."""
+import contextlib
 import json
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import KVCache, Mistral, ModelConfig
+import model as M
+from model import KVCache, Mistral, ModelConfig, cpu_decode_weights
 
 transformers = pytest.importorskip("transformers")
 from hf_tiny import random_hf_mistral  # noqa: E402
@@ -111,7 +114,11 @@ def test_right_padding_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_cached_decode_equals_full_forward(tmp_path, window):
+@pytest.mark.parametrize("mode", ["autograd", "no_grad", "packed"])
+def test_cached_decode_equals_full_forward(tmp_path, window, mode):
+    """Without autograd a CPU decode step takes the fast paths (oneDNN linears, on packed weights
+    inside cpu_decode_weights; one-query attention without SDPA): all must equal the plain
+    full forward, which runs with autograd on (F.linear, SDPA)."""
     _, folder = make_hf(tmp_path, sliding_window=window)
     model = Mistral.from_pretrained(folder)
     ids = torch.randint(0, VOCAB, (2, 12))
@@ -120,15 +127,50 @@ def test_cached_decode_equals_full_forward(tmp_path, window):
     full = model(ids, attention_mask=mask)
     cache = KVCache.allocate(model.config, batch=2, max_len=16)
     prefix = 5
-    steps = [model(ids[:, :prefix], attention_mask=mask[:, :prefix], cache=cache)]
-    for t in range(prefix, 12):  # one token at a time
-        steps.append(model(ids[:, t:t + 1], cache=cache))
+    grad = torch.enable_grad() if mode == "autograd" else torch.no_grad()
+    packed = cpu_decode_weights(model, rows=2) if mode == "packed" else contextlib.nullcontext()
+    with grad, packed:
+        steps = [model(ids[:, :prefix], attention_mask=mask[:, :prefix], cache=cache)]
+        for t in range(prefix, 12):  # one token at a time
+            steps.append(model(ids[:, t:t + 1], cache=cache))
     cached = torch.cat(steps, dim=1)
     assert cache.length == 12
     assert (cached[0] - full[0]).abs().max().item() <= 1e-4
     assert (cached[1, 4:] - full[1, 4:]).abs().max().item() <= 1e-4
     # The cache never leaks into the model's state.
     assert not any("cache" in k for k in model.state_dict())
+
+
+@pytest.mark.skipif(not M._ONEDNN, reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
+    _, folder = make_hf(tmp_path, tie_word_embeddings=tied)
+    model = Mistral.from_pretrained(folder)
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert len(weights) == 7 * model.config.num_hidden_layers + 1
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for W in (model.model.layers[0].mlp.gate_proj.weight, model.lm_head.weight):
+            for rows in (1, 3, 8):  # packed for 8 rows, used with others too
+                x = torch.randn(rows, 1, W.shape[1], generator=g)
+                plain = M.linear(x, W)
+                with cpu_decode_weights(model, rows=8):
+                    assert set(M._PACKED) == weights
+                    packed = M.linear(x, W)
+                assert not M._PACKED
+                ref = F.linear(x.double(), W.double())
+                scale = ref.abs().max().item()
+                for y in (packed, plain):  # oneDNN's kernels differ only in summation order
+                    assert (y.double() - ref).abs().max().item() <= 1e-6 * scale
+        with pytest.raises(KeyError):  # an error inside the block still drops the copies
+            with cpu_decode_weights(model, rows=8):
+                raise KeyError
+        assert not M._PACKED
+        with cpu_decode_weights(model, rows=M.DECODE_ROWS + 1):  # never takes the oneDNN path
+            assert not M._PACKED
+        monkeypatch.setattr(M, "PACK_BUDGET_BYTES", 1000)
+        with cpu_decode_weights(model, rows=8):  # too big to copy
+            assert not M._PACKED
 
 
 def test_token_logprobs_equal_log_softmax(tmp_path):
