@@ -187,7 +187,9 @@ def cpu_decode_weights(model, rows):
     PACK_BUDGET_BYTES of linear weights (and GPU or half-precision models, or more than
     DECODE_ROWS rows, which never take the oneDNN path) run unpacked."""
     ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    ok = _ONEDNN and ws and rows <= DECODE_ROWS and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in ws) \
+    # Plain tensors only: an FSDP-sharded weight (a DTensor) is left to F.linear.
+    ok = _ONEDNN and ws and rows <= DECODE_ROWS and all(
+        type(w.detach()) is torch.Tensor and w.device.type == "cpu" and w.dtype == torch.float32 for w in ws) \
         and sum(w.numel() * 4 for w in ws) <= PACK_BUDGET_BYTES
     mine = []
     try:
