@@ -161,7 +161,23 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Linear layers, and the CPU decode fast path
 
-_ONEDNN = torch.backends.mkldnn.is_available()
+def _probe_onednn():
+    """oneDNN's private ops are in every x86 build of torch; other builds (an ARM laptop) may
+    lack them or refuse fp32. Try both forms once on a small product; use them only if they
+    work and agree with F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.no_grad():
+            w, x = torch.arange(12.0).view(3, 4) / 7, torch.ones(2, 4)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+            got = [torch.ops.mkldnn._linear_pointwise(x, v, None, "none", [], "") for v in (w, packed)]
+        return all(torch.allclose(g, F.linear(x, w)) for g in got)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+_ONEDNN = _probe_onednn()
 _PACKED = {}  # id(weight) -> (weight, oneDNN copy), filled only inside cpu_decode_weights
 PACK_BUDGET_BYTES = 1 << 30
 DECODE_ROWS = 64  # up to this many rows a CPU product is a "decode step" (MKL wins above)

@@ -141,7 +141,7 @@ def test_cached_decode_equals_full_forward(tmp_path, window, mode):
     assert not any("cache" in k for k in model.state_dict())
 
 
-@pytest.mark.skipif(not M._ONEDNN, reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not M._ONEDNN, reason="this torch build has no working oneDNN linear (model._probe_onednn)")
 @pytest.mark.parametrize("tied", [False, True])
 def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
     _, folder = make_hf(tmp_path, tie_word_embeddings=tied)
@@ -171,6 +171,11 @@ def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
         monkeypatch.setattr(M, "PACK_BUDGET_BYTES", 1000)
         with cpu_decode_weights(model, rows=8):  # too big to copy
             assert not M._PACKED
+        monkeypatch.setattr(M, "_ONEDNN", False)  # a torch build where the probe failed
+        with cpu_decode_weights(model, rows=8):
+            assert not M._PACKED
+            x = torch.randn(3, 1, W.shape[1], generator=g)
+            assert torch.equal(M.linear(x, W), F.linear(x, W))
 
 
 def test_token_logprobs_equal_log_softmax(tmp_path):
