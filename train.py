@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="HF folder with tokenizer.model; none = embedded demo")
     p.add_argument("--dtype", default=None, help="parameter dtype for compute (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: Triton kernels on GPUs, torch paths on CPUs; torch: the torch paths "
+                        "everywhere (sets SPIN_KERNELS; a run may be resumed with another value)")
     # data
     p.add_argument("--data", default=None, help="training prompts with ground truth (parquet/jsonl)")
     p.add_argument("--eval-data", default=None, help="held-out file (default: a split of --data)")
@@ -481,8 +484,9 @@ def prepare_out_dir(args, world):
             return f"{out} already holds a run; pass --resume to continue it, or another --out"
         with open(saved) as f:
             old = json.load(f)
-        # The world size may change on resume: the data order does not depend on it.
-        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        # The world size may change on resume: the data order does not depend on it. So may the
+        # kernels: a run whose Triton kernel fails on some GPU continues with --kernels torch.
+        diff = sorted(k for k in settings if old.get(k) != settings[k] and k != "kernels")
         if diff:
             return f"{saved}: --resume with different settings: " + ", ".join(
                 f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in diff)
@@ -497,6 +501,8 @@ def prepare_out_dir(args, world):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.kernels != "auto":
+        os.environ["SPIN_KERNELS"] = args.kernels  # read by kernels.resolve_impl
     rank, world, device = setup_distributed()
     out = args.out
     # Rank 0 checks the run folder; every rank learns the verdict, so none waits forever.

@@ -1,0 +1,24 @@
+"""Triton kernels, each with a plain PyTorch path beside it (attention.py, attention_decode.py,
+logprob.py).
+
+impl="auto" takes the Triton kernel for CUDA tensors and the torch path otherwise. The
+environment variable SPIN_KERNELS (auto, torch or triton) overrides "auto" everywhere, in every
+process torchrun starts: SPIN_KERNELS=torch is the way out if a kernel does not compile or
+misbehaves on some GPU (train.py and generate.py set it from --kernels).
+"""
+import os
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def resolve_impl(impl, on_cuda):
+    """impl as asked ("auto", "torch", "triton") -> "torch" or "triton"."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get("SPIN_KERNELS", "auto") or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"environment variable SPIN_KERNELS must be auto, torch or triton, got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if on_cuda else "torch"
+    return impl

@@ -9,7 +9,8 @@ included: Mistral's and transformers' rule). A query with no visible key (a padd
 qi < starts[b]) outputs exactly 0 and passes no gradient. See DESIGN.md "Attention semantics".
 
 impl: "torch" (the reference, any device), "triton" (CUDA, or the interpreter on CPU),
-"auto" (triton when q is on CUDA, else torch).
+"auto" (triton when q is on CUDA, else torch; the environment variable SPIN_KERNELS overrides
+"auto", see kernels/__init__.py).
 
 ## Motivation
 
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels import resolve_impl
 
 # --------------------------------------------------------------------------------------
 # The reference: SDPA with an explicit boolean mask (the CPU path and the test oracle's twin)
@@ -453,12 +456,8 @@ def _check(q, k, v, starts, window, q_offset):
 
 def attention(q, k, v, *, starts=None, window=None, q_offset=0, impl="auto"):
     _check(q, k, v, starts, window, q_offset)
-    if impl == "auto":
-        impl = "triton" if q.is_cuda else "torch"
-    if impl == "torch":
+    if resolve_impl(impl, q.is_cuda) == "torch":
         return attention_torch(q, k, v, starts, window, q_offset)
-    if impl == "triton":
-        return attention_triton(q, k, v, starts, window, q_offset)
-    raise ValueError(f"impl must be 'torch', 'triton' or 'auto', got {impl!r}")
+    return attention_triton(q, k, v, starts, window, q_offset)
 
 

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import resolve_impl
+
 # The torch path holds one fp32 (rows, V) logits chunk, rows = TORCH_TILE_ELEMENTS // V
 # (at least one), and on CPU takes its (log-)softmax in place (two chunks elsewhere).
 # 8M elements = 32 MB: big chunks keep the GEMMs efficient and the op count low (on a
@@ -363,13 +365,10 @@ def linear_logprobs(hidden, weight, targets, *, ignore_index=-100, impl="auto"):
 
     hidden (N, C), weight (V, C) in fp32/fp16/bf16 (same dtype), targets (N,) int64.
     Differentiable in hidden and weight; gradients come back in the input dtype.
-    impl: "torch", "triton", or "auto" (triton on CUDA, torch otherwise).
+    impl: "torch", "triton", or "auto" (triton on CUDA, torch otherwise; SPIN_KERNELS overrides).
     """
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    impl = resolve_impl(impl, hidden.is_cuda)
     _check_inputs(hidden, weight, targets, ignore_index)
-    if impl == "auto":
-        impl = "triton" if hidden.is_cuda else "torch"
     if impl == "torch":
         return _TorchLinearLogprobs.apply(
             hidden, weight, targets, ignore_index, _torch_rows(weight.shape[0])

@@ -233,3 +233,27 @@ def test_auto_is_torch_on_cpu_and_errors_are_clear():
         attention(torch.randn(1, 4, 5, 24), torch.randn(1, 2, 5, 24), torch.randn(1, 2, 5, 24), impl="triton")
     with pytest.raises(ValueError):
         attention(q, k, k, impl="cuda")
+
+
+def test_spin_kernels_env_overrides_auto(monkeypatch):
+    """SPIN_KERNELS (set by train.py/generate.py --kernels) replaces "auto" in both kernel
+    families; an explicit impl still wins, and a bad value is a clear error."""
+    import kernels.attention as A
+    from kernels import resolve_impl
+    from kernels.logprob import linear_logprobs
+
+    assert resolve_impl("auto", on_cuda=True) == "triton" and resolve_impl("auto", on_cuda=False) == "torch"
+    monkeypatch.setenv("SPIN_KERNELS", "torch")
+    assert resolve_impl("auto", on_cuda=True) == "torch" and resolve_impl("triton", on_cuda=True) == "triton"
+    monkeypatch.setenv("SPIN_KERNELS", "triton")  # on CPU: the interpreter (tests/conftest.py)
+    calls = []
+    monkeypatch.setattr(A, "attention_triton", lambda *a: calls.append("attn") or A.attention_torch(*a))
+    q = torch.randn(1, 4, 5, 16)
+    k = torch.randn(1, 2, 5, 16)
+    attention(q, k, k)
+    assert calls == ["attn"]
+    h, w, t = torch.randn(5, 16), torch.randn(40, 16), torch.randint(0, 40, (5,))
+    assert torch.allclose(linear_logprobs(h, w, t), linear_logprobs(h, w, t, impl="torch"), atol=1e-5)
+    monkeypatch.setenv("SPIN_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SPIN_KERNELS"):
+        attention(q, k, k)

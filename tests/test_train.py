@@ -267,3 +267,13 @@ def test_clip_grad_norm_matches_torch(scale):
             assert torch.equal(a.grad, g)  # below the limit the gradients are not touched
         else:
             assert not torch.equal(a.grad, g)
+
+
+def test_resume_may_change_kernels_but_not_settings(tmp_path):
+    from train import parse_args, prepare_out_dir
+
+    out = str(tmp_path / "run")
+    assert prepare_out_dir(parse_args(["--out", out]), world=1) is None
+    assert prepare_out_dir(parse_args(["--out", out, "--resume", "--kernels", "torch"]), world=1) is None
+    err = prepare_out_dir(parse_args(["--out", out, "--resume", "--seed", "1"]), world=1)
+    assert err and "seed 0 -> 1" in err
