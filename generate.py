@@ -397,11 +397,12 @@ def main(argv=None):
     # -- hardware
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
-    ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+    ap.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
                     help="auto: Triton kernels on GPUs, torch paths on CPUs (sets SPIN_KERNELS)")
     args = ap.parse_args(argv)
-    if args.kernels != "auto":
-        os.environ["SPIN_KERNELS"] = args.kernels  # read by kernels.resolve_impl
+    # The flag, else what the environment already says, is what runs and what is recorded.
+    args.kernels = args.kernels or os.environ.get("SPIN_KERNELS") or "auto"
+    os.environ["SPIN_KERNELS"] = args.kernels  # read by kernels.resolve_impl
 
     from data.readers import read_examples
     from data.tokenizer import Tokenizer

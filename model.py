@@ -187,7 +187,8 @@ def linear(x, w):
     """F.linear(x, w), except for a CPU decode step (at most 64 rows, fp32, no autograd), which
     calls oneDNN's kernel directly, on the packed copy of w when cpu_decode_weights made one:
     MKL's and oneDNN's general paths reorder the weight on every call, which for a few rows
-    costs more than the product itself (bench/RESULTS_generate_cpu.md)."""
+    costs more than the product itself (bench/RESULTS_generate_cpu.md). The modules call this
+    with their weights, so hooks on (or replacements of) the nn.Linear modules never run."""
     if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
             and x.numel() <= DECODE_ROWS * x.shape[-1]:
         packed = _PACKED.get(id(w))

@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="HF folder with tokenizer.model; none = embedded demo")
     p.add_argument("--dtype", default=None, help="parameter dtype for compute (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+    p.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on GPUs, torch paths on CPUs; torch: the torch paths "
                         "everywhere (sets SPIN_KERNELS; a run may be resumed with another value)")
     # data
@@ -501,8 +501,9 @@ def prepare_out_dir(args, world):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.kernels != "auto":
-        os.environ["SPIN_KERNELS"] = args.kernels  # read by kernels.resolve_impl
+    # The flag, else what the environment already says, is what runs and what is recorded.
+    args.kernels = args.kernels or os.environ.get("SPIN_KERNELS") or "auto"
+    os.environ["SPIN_KERNELS"] = args.kernels  # read by kernels.resolve_impl
     rank, world, device = setup_distributed()
     out = args.out
     # Rank 0 checks the run folder; every rank learns the verdict, so none waits forever.

@@ -2,9 +2,11 @@
 logprob.py).
 
 impl="auto" takes the Triton kernel for CUDA tensors and the torch path otherwise. The
-environment variable SPIN_KERNELS (auto, torch or triton) overrides "auto" everywhere, in every
-process torchrun starts: SPIN_KERNELS=torch is the way out if a kernel does not compile or
-misbehaves on some GPU (train.py and generate.py set it from --kernels).
+environment variable SPIN_KERNELS (auto, torch or triton), which every process torchrun starts
+inherits, overrides "auto": SPIN_KERNELS=torch is the way out if a kernel does not compile or
+misbehaves on some GPU (train.py and generate.py set it from --kernels). SPIN_KERNELS=triton
+applies to CUDA tensors only: on CPU, Triton runs only in its interpreter (tests ask for it
+with impl="triton").
 """
 import os
 
@@ -19,6 +21,8 @@ def resolve_impl(impl, on_cuda):
         impl = os.environ.get("SPIN_KERNELS", "auto") or "auto"
         if impl not in IMPLS:
             raise ValueError(f"environment variable SPIN_KERNELS must be auto, torch or triton, got {impl!r}")
+        if impl == "triton" and not on_cuda:
+            impl = "torch"
     if impl == "auto":
         impl = "triton" if on_cuda else "torch"
     return impl

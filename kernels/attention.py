@@ -61,7 +61,7 @@ def attention_torch(q, k, v, starts=None, window=None, q_offset=0):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     mask = visibility(Tq, Tk, starts, window, q_offset, q.device)  # (B|1, 1, Tq, Tk)
-    if Tq == 1 and not torch.is_grad_enabled():
+    if Tq == 1 and q.dtype == torch.float32 and not torch.is_grad_enabled():
         return _decode_torch(q, k, v, mask)
     # A padding query (qi < starts[b]) sees no key. SDPA's handling of an all-False row
     # differs between backends (NaN or 0, and NaN gradients), so let such rows see every
@@ -73,16 +73,18 @@ def attention_torch(q, k, v, starts=None, window=None, q_offset=0):
 
 
 def _decode_torch(q, k, v, mask):
-    """One query per row (a decode step) written out: the (B, H, 1, Tk) scores are small, and on
-    CPU two batched matmuls and a softmax cost a third of SDPA's kernel at these sizes
-    (bench/RESULTS_generate_cpu.md). Grouped-query heads share K/V by a view, never a copy."""
+    """One fp32 query per row (a decode step) written out: the (B, H, 1, Tk) scores are small,
+    and on CPU two batched matmuls and a softmax cost a third of SDPA's kernel at these sizes
+    (bench/RESULTS_generate_cpu.md). Grouped-query heads share K/V by a view, never a copy.
+    fp32 only: in bf16/fp16 the scores would be rounded before the softmax (SDPA keeps them
+    in fp32), which costs ~10x the error on peaked attention."""
     B, H, _, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = H // Hkv
     s = (q.reshape(B, Hkv, G, D) * D ** -0.5) @ k.transpose(2, 3)  # (B, Hkv, G, Tk)
     # mask (B|1, 1, 1, Tk) broadcasts over kv heads and their G query heads; a row with no
     # visible key (a padding query) gets all -inf, softmax NaN, and is zeroed by the where.
-    p = s.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
     o = (p @ v).reshape(B, H, 1, D)
     return torch.where(mask.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device))
 

@@ -189,6 +189,7 @@ def test_decode_matches_reference(case, splits, dtype, device):
 @pytest.mark.parametrize("G", [1, 4, 8])
 @pytest.mark.parametrize("window", [None, 7])
 def test_torch_decode_step_matches_reference(G, window, dtype):
+    # bf16 takes SDPA (the one-query branch is fp32 only); both must meet the reference.
     """The torch path's one-query branch (no autograd: generation) against the float64 rule:
     ragged rows, a row that is all padding (its one query precedes its start), GQA ratios."""
     B, Hkv, D, q_offset = 3, 2, 32, 40
@@ -236,24 +237,31 @@ def test_auto_is_torch_on_cpu_and_errors_are_clear():
 
 
 def test_spin_kernels_env_overrides_auto(monkeypatch):
-    """SPIN_KERNELS (set by train.py/generate.py --kernels) replaces "auto" in both kernel
-    families; an explicit impl still wins, and a bad value is a clear error."""
+    """SPIN_KERNELS (set by train.py/generate.py --kernels) replaces "auto": "torch" everywhere,
+    "triton" for CUDA tensors (on CPU tensors Triton runs only in the interpreter). An explicit
+    impl still wins; a bad value is a clear error; both kernel families ask resolve_impl."""
     import kernels.attention as A
+    import kernels.logprob as L
     from kernels import resolve_impl
-    from kernels.logprob import linear_logprobs
 
     assert resolve_impl("auto", on_cuda=True) == "triton" and resolve_impl("auto", on_cuda=False) == "torch"
     monkeypatch.setenv("SPIN_KERNELS", "torch")
     assert resolve_impl("auto", on_cuda=True) == "torch" and resolve_impl("triton", on_cuda=True) == "triton"
-    monkeypatch.setenv("SPIN_KERNELS", "triton")  # on CPU: the interpreter (tests/conftest.py)
-    calls = []
-    monkeypatch.setattr(A, "attention_triton", lambda *a: calls.append("attn") or A.attention_torch(*a))
-    q = torch.randn(1, 4, 5, 16)
-    k = torch.randn(1, 2, 5, 16)
-    attention(q, k, k)
-    assert calls == ["attn"]
-    h, w, t = torch.randn(5, 16), torch.randn(40, 16), torch.randint(0, 40, (5,))
-    assert torch.allclose(linear_logprobs(h, w, t), linear_logprobs(h, w, t, impl="torch"), atol=1e-5)
+    monkeypatch.setenv("SPIN_KERNELS", "triton")
+    assert resolve_impl("auto", on_cuda=True) == "triton" and resolve_impl("auto", on_cuda=False) == "torch"
+    assert resolve_impl("torch", on_cuda=True) == "torch"
     monkeypatch.setenv("SPIN_KERNELS", "fast")
     with pytest.raises(ValueError, match="SPIN_KERNELS"):
-        attention(q, k, k)
+        resolve_impl("auto", on_cuda=True)
+    # The plumbing: both entry points route by what resolve_impl answers.
+    asked, calls = [], []
+    fake = lambda impl, on_cuda: asked.append(impl) or "triton"  # noqa: E731
+    monkeypatch.setattr(A, "resolve_impl", fake)
+    monkeypatch.setattr(L, "resolve_impl", fake)
+    monkeypatch.setattr(A, "attention_triton", lambda *a: calls.append("attn") or A.attention_torch(*a))
+    real = L._TritonLinearLogprobs.apply
+    monkeypatch.setattr(L._TritonLinearLogprobs, "apply", lambda *a: calls.append("logprob") or real(*a))
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    attention(q, k, k)
+    L.linear_logprobs(torch.randn(5, 16), torch.randn(40, 16), torch.randint(0, 40, (5,)))
+    assert asked == ["auto", "auto"] and calls == ["attn", "logprob"]
