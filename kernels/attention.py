@@ -329,14 +329,19 @@ def _dot_precision(dtype):
     return "ieee" if _dot_dtype(dtype) == tl.float32 else None
 
 
-def _blocks(D, Tq):
+def _blocks(D, Tq, dtype):
     """(fwd BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N), (dkdv BLOCK_M, BLOCK_N), num_warps.
 
-    Hand-picked for an H100 (not tuned there yet, see bench/RESULTS_attention_cpu.md);
-    under the interpreter, fewer and bigger blocks are faster (cost ~ programs x steps).
+    16-bit inputs: hand-picked for an H100 (not tuned there yet, see
+    bench/RESULTS_attention_cpu.md). fp32 inputs take "ieee" dots (no tensor cores), whose
+    register demand made the 16-bit blocks spill 3-28 KB per thread on sm_90; these smaller
+    ones compile without spills (python -m kernels.compile_check). Under the interpreter,
+    fewer and bigger blocks are faster (cost ~ programs x steps).
     """
     if INTERPRET:
         return (64, 64), (64, 64), (64, 64), 4
+    if dtype == torch.float32:
+        return (32, 64), (64, 16), (16, 64), 8
     if D <= 64:
         return (128, 64), (128, 32), (32, 128), 4
     return (128, 64), (64, 64), (64, 64), 8
@@ -363,7 +368,7 @@ def _check_triton(q):
 def flash_attention_fwd(q, k, v, starts, window, q_offset, blocks=None):
     B, H, Tq, D = q.shape
     Hkv = k.shape[1]
-    (BM, BN), _, _, warps = blocks or _blocks(D, Tq)
+    (BM, BN), _, _, warps = blocks or _blocks(D, Tq, q.dtype)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(Tq, BM), B * H)
@@ -379,7 +384,7 @@ def flash_attention_fwd(q, k, v, starts, window, q_offset, blocks=None):
 def flash_attention_bwd(do, q, k, v, o, lse, starts, window, q_offset, blocks=None):
     B, H, Tq, D = q.shape
     Hkv = k.shape[1]
-    (fm, _), (qm, qn), (km, kn), warps = blocks or _blocks(D, Tq)
+    (fm, _), (qm, qn), (km, kn), warps = blocks or _blocks(D, Tq, q.dtype)
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(Tq, fm), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, D=D, BLOCK_M=fm)

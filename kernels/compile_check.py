@@ -138,7 +138,9 @@ def check(arch=90, verbose=True):
             try:
                 thunk()
             except Exception as e:  # a compile error: report it and go on to the next case
-                rows.append((label, "-", 0, 0, 0, 0, 0, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+                where, why = (lines[0], lines[-1]) if lines else ("", "")
+                rows.append((label, "-", 0, 0, 0, 0, 0, f"{type(e).__name__} {where} {why}"[:300]))
                 continue
             seen = set()
             for name, k in compiled:
