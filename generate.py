@@ -116,9 +116,37 @@ def _uniforms(seed, keys, n):
     return torch.stack(rows)
 
 
+def _graphed_step(model, cache, B):
+    """One decode step captured in a CUDA graph: nxt (B,) -> logits (B, V) float32, replayed
+    from static buffers. An eager step of a 32-layer model launches ~1000 kernels from Python,
+    which at batch 1 can take longer than the GPU needs to read the weights; a replay is one
+    launch. The cache switches to static shapes (KVCache.make_static) so that no kernel
+    argument depends on the length. The returned logits buffer is overwritten by the next call."""
+    device = cache.k[0].device
+    cache.make_static()
+    tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # the static input
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, allocator)
+        for _ in range(2):
+            model(tok, cache=cache)
+            cache.pos.sub_(1)  # undo the advance; the slot it wrote is rewritten by the real step
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # records the step, cache writes and pos advance included
+        out = model(tok, cache=cache)[:, -1].float()
+
+    def step(nxt):
+        tok.copy_(nxt[:, None])
+        graph.replay()
+        return out
+
+    return step
+
+
 @torch.inference_mode()
 def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_k, top_p, greedy,
-                  seed, progress):
+                  seed, progress, cuda_graph=False):
     device = model.lm_head.weight.device
     B = len(prompts)
     b = collate_prompts(prompts, pad_id=0)  # the pad id is never attended nor scored
@@ -131,6 +159,10 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
+    if cuda_graph and max_new_tokens > 1:
+        step = _graphed_step(model, cache, B)
+    else:
+        step = lambda nxt: model(nxt[:, None], cache=cache)[:, -1].float()  # noqa: E731
     steps = 0
     plain = not greedy and temperature == 1.0 and not top_k and top_p == 1.0
     for t in range(max_new_tokens):
@@ -155,17 +187,20 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
         if t + 1 < max_new_tokens:
             # Finished rows keep decoding in lock step (their tokens are discarded): left padding
             # keeps one shared cache length, so no row is removed mid-batch.
-            logits = model(nxt[:, None], cache=cache)[:, -1].float()
+            logits = step(nxt)  # (B, V)
     tokens, logps, lengths = tokens[:, :steps].tolist(), logps[:, :steps].tolist(), lengths.tolist()
     return [Sample(tokens[b][:lengths[b]], logps[b][:lengths[b]], bool(finished[b])) for b in range(B)]
 
 
 def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
-           greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None):
+           greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None, cuda_graph=False):
     """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
     prompt, in input order. eos_id=None never stops early. prompt_ids: the key of each prompt's
     random stream (default: its index in `prompts`); pass global ids when sharding, so that
-    prompt i gets the same sample whichever rank or batch it lands in."""
+    prompt i gets the same sample whichever rank or batch it lands in. cuda_graph: replay each
+    decode step from a CUDA graph (_graphed_step; CUDA only, attention on the torch path)."""
+    if cuda_graph and model.lm_head.weight.device.type != "cuda":
+        raise ValueError("cuda_graph=True needs a model on a CUDA device")
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
     if top_k < 0 or not 0 < top_p <= 1:
@@ -184,7 +219,7 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             got = _sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
-                                eos_id, temperature, top_k, top_p, greedy, seed, progress)
+                                eos_id, temperature, top_k, top_p, greedy, seed, progress, cuda_graph)
             for i, g in zip(idx, got):
                 out[i] = g
             if progress is not None:

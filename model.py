@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import attention
+from kernels.attention import attention, attention_torch
 from kernels.logprob import linear_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -126,6 +126,7 @@ class KVCache:
     v: list
     starts: torch.Tensor  # (B,) left-padding length of each row, set by the first forward
     length: int = 0  # number of filled slots (shared by all rows: left padding keeps them aligned)
+    pos: torch.Tensor | None = None  # static mode only (make_static): the filled length, 0-dim
 
     @classmethod
     def allocate(cls, config, batch, max_len, device=None, dtype=torch.float32):
@@ -140,6 +141,14 @@ class KVCache:
     @property
     def capacity(self):
         return self.k[0].shape[2]
+
+    def make_static(self):
+        """Switch to static shapes, for CUDA-graph replay (generate.sample(cuda_graph=True)):
+        from now on the filled length lives in `pos`, a device tensor each forward advances in
+        place, and every forward attends over all slots with the unfilled ones masked, so no
+        shape and no kernel argument depends on the length. `length` stops counting; the
+        caller keeps pos + new tokens within the capacity (nothing checks it on the device)."""
+        self.pos = torch.tensor(self.length, device=self.k[0].device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +264,15 @@ class Attention(nn.Module):
         k = linear(x, self.k_proj.weight).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = linear(x, self.v_proj.weight).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None and cache.pos is not None:
+            # Static shapes (KVCache.make_static): write at the device-side position, attend over
+            # every slot; slots past the queries are invisible by the causal rule. Always the
+            # torch path: the Triton decode kernel takes the length as a launch argument.
+            idx = cache.pos + torch.arange(T, device=x.device)  # (T,)
+            cache.k[layer].index_copy_(2, idx, k)
+            cache.v[layer].index_copy_(2, idx, v)
+            y = attention_torch(q, cache.k[layer], cache.v[layer], starts, self.cfg.sliding_window, cache.pos)
+            return linear(y.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight)
         q_offset = 0
         if cache is not None:
             # Write this chunk after the filled slots, then attend over everything so far.
@@ -323,29 +341,32 @@ class Mistral(nn.Module):
         """
         B, T = input_ids.shape
         cfg = self.config
-        q_offset = 0 if cache is None else cache.length
-        if cache is not None and q_offset + T > cache.capacity:
+        static = cache is not None and cache.pos is not None  # no host value of the length
+        q_offset = 0 if cache is None else cache.pos if static else cache.length  # int, or 0-dim tensor
+        if cache is not None and not static and q_offset + T > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} slots; {q_offset} used + {T} new")
         if attention_mask is not None:
-            if cache is not None and q_offset > 0:
+            if cache is not None and (static or q_offset > 0):
                 raise ValueError("attention_mask is only accepted on the first (prefill) call with a cache")
             starts = left_padding(attention_mask)
         elif cache is not None:
             starts = cache.starts
         else:
             starts = None
-        if cache is not None and q_offset == 0:
+        if cache is not None and not static and q_offset == 0:
             cache.starts = starts if starts is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
             starts = cache.starts
         if positions is None:
-            positions = torch.arange(q_offset, q_offset + T, device=input_ids.device).expand(B, T)
+            positions = (q_offset + torch.arange(T, device=input_ids.device)).expand(B, T)
             if starts is not None:
                 positions = (positions - starts[:, None]).clamp(min=0)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, starts, cache, i, attn_impl)
-        if cache is not None:
+        if static:
+            cache.pos.add_(T)
+        elif cache is not None:
             cache.length += T
         if targets is None:
             if logits_to_keep is not None:

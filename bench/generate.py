@@ -12,9 +12,11 @@ at >= 70% of the HBM roofline, i.e. tokens/s >= 0.7 * bandwidth / weight bytes
 (7.24e9 params * 2 B = 14.5 GB; H100 SXM 3.35 TB/s -> roofline ~231 tok/s, goal ~162 tok/s):
 
     python bench/generate.py --device cuda --dtype bfloat16 --shape 7b --batch 1 \
-        --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf
+        --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf --cuda-graph both
 
-(--shape 7b builds the model with random weights on the device; --no-hf skips the baseline.)
+(--shape 7b builds the model with random weights on the device; --no-hf skips the baseline;
+--cuda-graph both times the eager decode and the CUDA-graph replay of generate._graphed_step,
+which has never run on a GPU, in the same run.)
 Record the card, command and figures in bench/RESULTS.md.
 """
 import argparse
@@ -56,6 +58,8 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
+                    help="replay decode steps from a CUDA graph (generate._graphed_step); both: time each")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,10 +85,12 @@ def main():
     prompts = ids.tolist()
     n_tokens = args.batch * args.new_tokens
 
-    def run_ours(seed):
-        out = sample(ours, prompts, max_new_tokens=args.new_tokens, eos_id=None, temperature=1.0,
-                     seed=seed, batch_size=args.batch)
-        assert all(len(o.tokens) == args.new_tokens for o in out)
+    def ours_with(cuda_graph):
+        def run(seed):
+            out = sample(ours, prompts, max_new_tokens=args.new_tokens, eos_id=None, temperature=1.0,
+                         seed=seed, batch_size=args.batch, cuda_graph=cuda_graph)
+            assert all(len(o.tokens) == args.new_tokens for o in out)
+        return run
 
     def run_hf(seed):
         torch.manual_seed(seed)
@@ -94,7 +100,10 @@ def main():
                               min_new_tokens=args.new_tokens, pad_token_id=0)
         assert out.shape[1] == args.prompt_len + args.new_tokens
 
-    runs = {"ours": run_ours} if hf is None else {"ours": run_ours, "transformers": run_hf}
+    names = {"off": ["ours"], "on": ["ours+graph"], "both": ["ours", "ours+graph"]}[args.cuda_graph]
+    runs = {k: ours_with(k == "ours+graph") for k in names}
+    if hf is not None:
+        runs["transformers"] = run_hf
     times = {k: [] for k in runs}
     for name, fn in runs.items():  # warm-up
         fn(0)
@@ -110,13 +119,17 @@ def main():
         print(f"{k:>12}: median {med[k] * 1e3:8.1f} ms  {n_tokens / med[k]:9.1f} tok/s  "
               f"(runs: {', '.join(f'{t * 1e3:.0f}' for t in times[k])} ms)")
     if hf is not None:
-        print(f"ratio ours / transformers: {med['transformers'] / med['ours']:.2f}x (target >= 3x on CPU)")
+        for k in runs:
+            if k != "transformers":
+                print(f"ratio {k} / transformers: {med['transformers'] / med[k]:.2f}x (target >= 3x on CPU)")
     if device.type == "cuda":
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
         bw = float(os.environ.get("HBM_BYTES_PER_S", 3.35e12))  # H100 SXM; set for other cards
         roof = bw / weight_bytes * args.batch
-        print(f"roofline (weights {weight_bytes / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s): {roof:.1f} tok/s; "
-              f"ours at {n_tokens / med['ours'] / roof:.0%} (includes the prefill)")
+        print(f"roofline (weights {weight_bytes / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s): {roof:.1f} tok/s")
+        for k in runs:
+            if k != "transformers":
+                print(f"  {k} at {n_tokens / med[k] / roof:.0%} of it (the prefill included)")
 
 
 if __name__ == "__main__":

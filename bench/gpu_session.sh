@@ -26,7 +26,8 @@ step() {  # step NAME SECONDS CMD...: the command's output goes to $OUT/NAME.log
 }
 if [ "$part" = tests ] || [ "$part" = all ]; then
   # No -x: one failure must not hide the others.
-  step tests 400 $py -m pytest -q -k cuda tests/test_logprob.py tests/test_attention.py tests/test_model.py
+  step tests 400 $py -m pytest -q -k cuda tests/test_logprob.py tests/test_attention.py tests/test_model.py \
+      tests/test_generate.py
 fi
 if [ "$part" = bench ] || [ "$part" = all ]; then
   step logprob 90 $py bench/logprob.py --device cuda --dtype bf16 --C 4096 --V 32000 --N 8192
@@ -34,7 +35,7 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
   step attention 150 $py bench/attention.py --impl triton --seqlens 1024 4096 16384 --reps 3 \
       --out "$out/attention.json"
   step generate 90 $py bench/generate.py --device cuda --dtype bfloat16 --shape 7b --batch 1 \
-      --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf
+      --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf --cuda-graph both
   step train 60 $py bench/train.py --device cuda --dtype bf16 --batch 8 --steps 20
   # train.py's GPU path (cpu:gloo,cuda:nccl, bf16 compute, Triton kernels) has never run.
   # Its run folder stays outside $OUT; only the metrics come back.

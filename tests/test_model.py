@@ -114,11 +114,12 @@ def test_right_padding_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("mode", ["autograd", "no_grad", "packed"])
+@pytest.mark.parametrize("mode", ["autograd", "no_grad", "packed", "static", "static_autograd"])
 def test_cached_decode_equals_full_forward(tmp_path, window, mode):
     """Without autograd a CPU decode step takes the fast paths (oneDNN linears, on packed weights
-    inside cpu_decode_weights; one-query attention without SDPA): all must equal the plain
-    full forward, which runs with autograd on (F.linear, SDPA)."""
+    inside cpu_decode_weights; one-query attention without SDPA); after make_static the cache
+    length lives on the device and every slot is attended (the CUDA-graph path). All must
+    equal the plain full forward, which runs with autograd on (F.linear, SDPA)."""
     _, folder = make_hf(tmp_path, sliding_window=window)
     model = Mistral.from_pretrained(folder)
     ids = torch.randint(0, VOCAB, (2, 12))
@@ -127,14 +128,16 @@ def test_cached_decode_equals_full_forward(tmp_path, window, mode):
     full = model(ids, attention_mask=mask)
     cache = KVCache.allocate(model.config, batch=2, max_len=16)
     prefix = 5
-    grad = torch.enable_grad() if mode == "autograd" else torch.no_grad()
+    grad = torch.enable_grad() if mode.endswith("autograd") else torch.no_grad()
     packed = cpu_decode_weights(model, rows=2) if mode == "packed" else contextlib.nullcontext()
     with grad, packed:
         steps = [model(ids[:, :prefix], attention_mask=mask[:, :prefix], cache=cache)]
+        if mode.startswith("static"):
+            cache.make_static()
         for t in range(prefix, 12):  # one token at a time
             steps.append(model(ids[:, t:t + 1], cache=cache))
     cached = torch.cat(steps, dim=1)
-    assert cache.length == 12
+    assert (cache.pos.item() if mode.startswith("static") else cache.length) == 12
     assert (cached[0] - full[0]).abs().max().item() <= 1e-4
     assert (cached[1, 4:] - full[1, 4:]).abs().max().item() <= 1e-4
     # The cache never leaks into the model's state.
