@@ -19,6 +19,7 @@ How this departs from the official SPIN generation (uclaml/SPIN, spin/batch_deco
 4. Part files are written as the run goes; a rerun skips the parts that exist.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -116,28 +117,38 @@ def _uniforms(seed, keys, n):
     return torch.stack(rows)
 
 
-def _graphed_step(model, cache, B):
+def _graphed_step(model, cache, B, graphed=True):
     """One decode step captured in a CUDA graph: nxt (B,) -> logits (B, V) float32, replayed
     from static buffers. An eager step of a 32-layer model launches ~1000 kernels from Python,
     which at batch 1 can take longer than the GPU needs to read the weights; a replay is one
     launch. The cache switches to static shapes (KVCache.make_static) so that no kernel
-    argument depends on the length. The returned logits buffer is overwritten by the next call."""
+    argument depends on the length. The returned logits buffer is overwritten by the next call.
+    graphed=False runs the same static-cache steps eagerly, warm-up included (tests, any device)."""
     device = cache.k[0].device
+    room = cache.capacity - cache.length  # checked on the host: on the device an overrun is fatal
     cache.make_static()
     tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # the static input
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS handles, allocator)
-        for _ in range(2):
+    side = torch.cuda.Stream(device) if graphed else None
+    if graphed:
+        side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side) if graphed else contextlib.nullcontext():
+        for _ in range(2):  # warm-up outside the graph (cuBLAS handles, allocator)
             model(tok, cache=cache)
             cache.pos.sub_(1)  # undo the advance; the slot it wrote is rewritten by the real step
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # records the step, cache writes and pos advance included
-        out = model(tok, cache=cache)[:, -1].float()
+    if graphed:
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the step, cache writes and pos advance included
+            out = model(tok, cache=cache)[:, -1].float()
 
     def step(nxt):
+        nonlocal room
+        if room < 1:
+            raise ValueError(f"static KV cache of {cache.capacity} slots is full")
+        room -= 1
         tok.copy_(nxt[:, None])
+        if not graphed:
+            return model(tok, cache=cache)[:, -1].float()
         graph.replay()
         return out
 

@@ -16,7 +16,11 @@ at >= 70% of the HBM roofline, i.e. tokens/s >= 0.7 * bandwidth / weight bytes
 
 (--shape 7b builds the model with random weights on the device; --no-hf skips the baseline;
 --cuda-graph both times the eager decode and the CUDA-graph replay of generate._graphed_step,
-which has never run on a GPU, in the same run.)
+which has never run on a GPU, in the same run. The two differ in attention too: eager decode
+uses the Triton decode kernel, the graph the torch path over every cache slot (for bf16 with
+GQA most likely SDPA's math backend: K/V repeated per head, 2 x 32 x 384 slots per token, small
+next to the 14.5 GB of weights). A graph run's time includes its capture: two eager warm-up
+steps and the recording, about 1% of 256 tokens.)
 Record the card, command and figures in bench/RESULTS.md.
 """
 import argparse
@@ -114,6 +118,7 @@ def main():
             fn(r + 1)
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            print(f"  {name} repeat {r + 1}: {times[name][-1] * 1e3:.1f} ms", flush=True)  # kept if killed
     med = {k: statistics.median(v) for k, v in times.items()}
     for k in runs:
         print(f"{k:>12}: median {med[k] * 1e3:8.1f} ms  {n_tokens / med[k]:9.1f} tok/s  "

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from generate import _graphed_step as _real_graphed_step
 from generate import draw, filter_logits, generate_dataset, main, merge_parts, sample, score
 from model import Mistral
 
@@ -174,19 +175,59 @@ def test_sampling_end_to_end_stays_in_allowed_set(ckpt, kw):
             assert maybe[tok]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0)])
-def test_cuda_graph_decode_equals_eager(ckpt, kw):
-    """A decode step replayed from a CUDA graph (static cache, torch attention) gives the eager
-    path's tokens and log-probs; the window (6) is shorter than the sequences."""
-    import copy
-    model = copy.deepcopy(ckpt[1]).cuda()
+def _static_vs_eager(model, kw, graphed, monkeypatch):
+    """sample() with decode steps from _graphed_step (graphed or its eager twin) against plain
+    eager decode: tokens and log-probs. Batches of 3 and 1 (the last), window 6 < lengths."""
+    import functools
+
+    import generate
+
     prompts = prompts_of([6, 13, 2, 9])
     eager = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3, **kw)
-    graph = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3, cuda_graph=True, **kw)
-    for a, b in zip(eager, graph):
+    monkeypatch.setattr(generate, "_graphed_step", functools.partial(generate._graphed_step, graphed=graphed))
+    static = [None] * len(prompts)
+    for s0 in (0, 3):
+        idx = list(range(s0, min(s0 + 3, len(prompts))))
+        got = generate._sample_batch(model, [prompts[i] for i in idx], idx, 12, None, kw.get("temperature", 1.0),
+                                     0, 1.0, kw.get("greedy", False), 5, None, cuda_graph=True)
+        for i, g in zip(idx, got):
+            static[i] = g
+    for a, b in zip(eager, static):
         assert a.tokens == b.tokens
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
+
+
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0)])
+def test_static_cache_decode_equals_eager(ckpt, kw, monkeypatch):
+    """The CUDA-graph path's steps without the graph (make_static, warm-up and its undo, steps
+    at a device-side position) on CPU."""
+    _static_vs_eager(ckpt[1], kw, False, monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0)])
+def test_cuda_graph_decode_equals_eager(ckpt, kw, dtype, monkeypatch):
+    """Replayed from a CUDA graph (static cache, torch attention: SDPA in bf16) against the same
+    steps run eagerly, then against plain eager decode (Triton decode kernel) in fp32."""
+    import copy
+    import functools
+
+    import generate
+
+    model = copy.deepcopy(ckpt[1]).to("cuda", dtype)
+    prompts = prompts_of([6, 13, 2, 9])
+    runs = {}
+    for graphed in (False, True):
+        monkeypatch.setattr(generate, "_graphed_step", functools.partial(_real_graphed_step, graphed=graphed))
+        runs[graphed] = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3,
+                               cuda_graph=True, **kw)
+    for a, b in zip(runs[False], runs[True]):
+        assert a.tokens == b.tokens
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-3
+    if dtype == torch.float32:
+        monkeypatch.undo()
+        _static_vs_eager(model, kw, True, monkeypatch)
 
 
 def test_cuda_graph_needs_cuda(ckpt):
