@@ -10,6 +10,12 @@ with impl="triton").
 """
 import os
 
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:  # Triton ships for Linux only; elsewhere kernels/no_triton.py stands in
+    HAS_TRITON = False
+
 IMPLS = ("auto", "torch", "triton")
 
 
@@ -24,5 +30,5 @@ def resolve_impl(impl, on_cuda):
         if impl == "triton" and not on_cuda:
             impl = "torch"
     if impl == "auto":
-        impl = "triton" if on_cuda else "torch"
+        impl = "triton" if on_cuda and HAS_TRITON else "torch"
     return impl

@@ -25,8 +25,11 @@ Two fused paths with the same semantics:
 import os
 
 import torch
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton wheel for this platform: the torch paths still run
+    from kernels.no_triton import tl, triton
 
 from kernels import resolve_impl
 

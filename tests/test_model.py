@@ -338,3 +338,36 @@ def test_logits_to_keep(tmp_path):
     model = Mistral.from_pretrained(folder)
     ids = torch.randint(0, VOCAB, (2, 9))
     assert torch.allclose(model(ids, logits_to_keep=3), model(ids)[:, -3:], atol=1e-6)
+
+
+def test_cpu_paths_run_without_triton():
+    """Triton has no macOS or Windows wheels: with it unimportable the model still imports,
+    trains and scores on the torch paths, "auto" never picks Triton, and asking for a kernel
+    says why it cannot run (kernels/no_triton.py)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None\n"
+        "sys.modules['triton.language'] = None\n"
+        "import torch\n"
+        "from kernels import HAS_TRITON, resolve_impl\n"
+        "from kernels.attention import attention\n"
+        "from model import TINY, Mistral\n"
+        "assert not HAS_TRITON and resolve_impl('auto', on_cuda=True) == 'torch'\n"
+        "m = Mistral(TINY)\n"
+        "ids = torch.randint(0, TINY.vocab_size, (2, 9))\n"
+        "m(ids).float().sum().backward()\n"
+        "assert torch.isfinite(m.token_logprobs(ids, ids)).all()\n"
+        "q = torch.randn(1, 4, 5, 16)\n"
+        "try:\n"
+        "    attention(q, q[:, :2], q[:, :2], impl='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
