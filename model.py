@@ -199,7 +199,7 @@ def linear(x, w):
     costs more than the product itself (bench/RESULTS_generate_cpu.md). The modules call this
     with their weights, so hooks on (or replacements of) the nn.Linear modules never run."""
     if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
-            and x.numel() <= DECODE_ROWS * x.shape[-1]:
+            and x.numel() <= DECODE_ROWS * x.shape[-1] and torch.backends.mkldnn.enabled:
         packed = _PACKED.get(id(w))
         return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], None, "none", [], "")
     return F.linear(x, w)
