@@ -61,7 +61,7 @@ def evaluate(model_dir, eval_synth, tok, args, device, dtype, beta, has_task):
                                        it.real_ids == it.generated_ids, 1.0], dtype=torch.float64)
         if has_task:  # greedy decoding of the new model, scored by the task's exact match
             outs = generate.sample(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
-                                   greedy=True, batch_size=args.gen_batch_size)
+                                   greedy=True, batch_size=args.gen_batch_size, vocab_limit=tok.vocab_size)
             for (ex, _), o in zip(mine, outs):
                 stats[6] += task.score(ex.prompt, tok.decode([x for x in o.tokens if x != tok.eos_id]))
     del model

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -157,7 +156,7 @@ def _graphed_step(model, cache, B, graphed=True):
 
 @torch.inference_mode()
 def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_k, top_p, greedy,
-                  seed, progress, cuda_graph=False):
+                  seed, progress, cuda_graph=False, vocab_limit=None):
     device = model.lm_head.weight.device
     B = len(prompts)
     b = collate_prompts(prompts, pad_id=0)  # the pad id is never attended nor scored
@@ -175,7 +174,11 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
     else:
         step = lambda nxt: model(nxt[:, None], cache=cache)[:, -1].float()  # noqa: E731
     steps = 0
-    plain = not greedy and temperature == 1.0 and not top_k and top_p == 1.0
+    V = logits.shape[-1]
+    # Ids at or past vocab_limit (a model vocabulary padded beyond its tokenizer's) are never
+    # drawn; the stored log-probs stay those of the full distribution, as training computes them.
+    beyond = torch.arange(V, device=device) >= vocab_limit if vocab_limit is not None and vocab_limit < V else None
+    plain = not greedy and temperature == 1.0 and not top_k and top_p == 1.0 and beyond is None
     for t in range(max_new_tokens):
         # The stored log-prob is log p_t, untempered and unfiltered: what SPIN's loss needs.
         if plain:  # sampling from p_t itself: one softmax serves the draw and the log-prob
@@ -183,7 +186,8 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
             nxt = inverse_cdf(probs, u[:, t])  # (B,)
             logps[:, t] = probs.gather(-1, nxt[:, None])[:, 0].log()  # > 0: never a token of p 0
         else:  # the drawn token may have an untempered probability that underflows float32
-            nxt = logits.argmax(-1) if greedy else draw(logits, u[:, t], temperature, top_k, top_p)  # (B,)
+            pick = logits if beyond is None else logits.masked_fill(beyond, float("-inf"))
+            nxt = pick.argmax(-1) if greedy else draw(pick, u[:, t], temperature, top_k, top_p)  # (B,)
             logps[:, t] = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
         tokens[:, t] = nxt
         steps = t + 1
@@ -204,12 +208,14 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
 
 
 def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
-           greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None, cuda_graph=False):
+           greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None, cuda_graph=False,
+           vocab_limit=None):
     """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
     prompt, in input order. eos_id=None never stops early. prompt_ids: the key of each prompt's
     random stream (default: its index in `prompts`); pass global ids when sharding, so that
     prompt i gets the same sample whichever rank or batch it lands in. cuda_graph: replay each
-    decode step from a CUDA graph (_graphed_step; CUDA only, attention on the torch path)."""
+    decode step from a CUDA graph (_graphed_step; CUDA only, attention on the torch path).
+    vocab_limit: never draw ids >= this (the tokenizer's size, when the model's is padded)."""
     if cuda_graph and model.lm_head.weight.device.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
     if not greedy and not temperature > 0:
@@ -230,7 +236,8 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             got = _sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
-                                eos_id, temperature, top_k, top_p, greedy, seed, progress, cuda_graph)
+                                eos_id, temperature, top_k, top_p, greedy, seed, progress, cuda_graph,
+                                vocab_limit)
             for i, g in zip(idx, got):
                 out[i] = g
             if progress is not None:
@@ -290,9 +297,25 @@ class Progress:
 # settings is refused rather than mixing samples from two configurations.
 
 
+def check_vocab(tok, model_vocab, source):
+    """A tokenizer with more pieces than the model has embeddings would feed it ids it cannot
+    look up: refuse now, naming both. The other way round (a padded model vocabulary) is fine:
+    sampling never draws the ids past the tokenizer (vocab_limit)."""
+    if tok.vocab_size > model_vocab:
+        raise ValueError(f"{source}: the tokenizer has {tok.vocab_size} pieces but the model's vocab_size "
+                         f"is {model_vocab}: ids from {model_vocab} up have no embedding (wrong tokenizer.model?)")
+
+
+def _tmp_name(path):
+    """A unique hidden sibling of path. Opened with open(), so the file gets the umask's mode
+    (mkstemp would make it owner-only, and os.replace would keep that)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+
+
 def _atomic_json(path, obj):
-    fd, tmp = tempfile.mkstemp(prefix=".settings.", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
@@ -313,10 +336,9 @@ def merge_parts(out_path, n_parts, settings):
     if table.num_rows != settings["examples"]:
         raise RuntimeError(f"{_parts_dir(out_path)}: parts hold {table.num_rows} rows, expected {settings['examples']}")
     table = table.replace_schema_metadata({"spin_generate": json.dumps(settings, sort_keys=True)})
-    folder = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out_path) + ".", dir=folder)
+    tmp = _tmp_name(out_path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             pq.write_table(table, f)
         os.replace(tmp, out_path)
     finally:
@@ -381,7 +403,8 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
         full = [tok.encode(render_prompt(examples[i].prompt)) for i in idx]
         # Generation sees the prompt training would keep next to a max_new_tokens response.
         prompts = [truncate(ids, [[0] * max_new_tokens], max_length, max_prompt_length)[0] for ids in full]
-        got = sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id, temperature=temperature,
+        got = sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id, vocab_limit=tok.vocab_size,
+                     temperature=temperature,
                      top_k=top_k, top_p=top_p, greedy=greedy, seed=seed, batch_size=batch_size,
                      progress=bar, prompt_ids=[(iteration, i) for i in idx])
         # Training scores re-tokenised text (the ids data/pairs.py will build), so score those.
@@ -428,6 +451,8 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help=".parquet or .jsonl (spin, messages or prompt/response layout)")
     ap.add_argument("--out", required=True, help="output .parquet; parts go to OUT.parts/")
     ap.add_argument("--num-prompts", type=int, default=None, help="use the first N examples")
+    ap.add_argument("--on-bad-row", choices=["raise", "skip"], default="raise",
+                    help="a malformed row stops the run (raise, as train.py) or is skipped and counted")
     ap.add_argument("--part-size", type=int, default=256)
     # -- sampling
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -446,6 +471,8 @@ def main(argv=None):
     ap.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
                     help="auto: Triton kernels on GPUs, torch paths on CPUs (sets SPIN_KERNELS)")
     args = ap.parse_args(argv)
+    if not args.out.endswith(".parquet"):
+        ap.error(f"--out {args.out}: the output is Parquet, so its name must end in .parquet")
     # The flag, else what the environment already says, is what runs and what is recorded.
     args.kernels = args.kernels or os.environ.get("SPIN_KERNELS") or "auto"
     os.environ["SPIN_KERNELS"] = args.kernels  # read by kernels.resolve_impl
@@ -467,11 +494,12 @@ def main(argv=None):
     if rank == 0:
         print("generate settings:", json.dumps(settings, indent=1))
     tok = Tokenizer(settings["tokenizer"])
-    examples, report = read_examples(args.data, on_error="skip")
+    examples, report = read_examples(args.data, on_error=args.on_bad_row)
     if report.skipped:
         print(report.summary(), file=sys.stderr)
     examples = examples[:args.num_prompts] if args.num_prompts else examples
     model = Mistral.from_pretrained(args.model, dtype=args.dtype, device=device)
+    check_vocab(tok, model.config.vocab_size, f"{args.model} with {settings['tokenizer']}")
     summary = generate_dataset(
         model, tok, examples, args.out, iteration=args.iteration, seed=args.seed, rank=rank,
         world_size=world_size, part_size=args.part_size, max_new_tokens=args.max_new_tokens,

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -530,7 +529,9 @@ def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra
     shards.append(current)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    # Unique hidden siblings made by mkdir, so they get the umask's mode (mkdtemp's are owner-only).
+    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    os.mkdir(tmp)
     try:
         cfg = config.to_hf()
         cfg["dtype"] = cfg["torch_dtype"] = dtype_name
@@ -549,8 +550,13 @@ def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         for name, src in (extra_files or {}).items():
             shutil.copy(src, os.path.join(tmp, name))
+        mask = os.umask(0)  # read the umask (there is no getter); safetensors writes owner-only files
+        os.umask(mask)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            old = os.path.join(parent, f".old-{os.getpid()}-{os.urandom(4).hex()}")
+            os.mkdir(old)
             os.rename(path, os.path.join(old, "x"))
             os.rename(tmp, path)
             shutil.rmtree(old)

@@ -75,7 +75,14 @@ def plot(rows, path):
 
 
 if __name__ == "__main__":  # python report.py runs/<run>/metrics.jsonl
-    rows = [json.loads(l) for l in open(sys.argv[1])]
+    import argparse
+    ap = argparse.ArgumentParser(description="Print a run's table from its metrics.jsonl (the last record of "
+                                             "each evaluation wins, as after a resume).")
+    ap.add_argument("metrics", help="runs/<run>/metrics.jsonl")
+    path = ap.parse_args().metrics
+    if not os.path.isfile(path):
+        ap.error(f"{path}: no such file (expected runs/<run>/metrics.jsonl)")
+    rows = [json.loads(line) for line in open(path) if line.strip()]
     evals = [r for r in rows if r.get("type") == "eval"]
     timing = next((r for r in reversed(rows) if r.get("type") == "timing"), None)
     if timing:

@@ -41,7 +41,7 @@ def main():
         for k, f in ways.items():  # interleaved
             flush.sum()
             t = time.perf_counter()
-            y = f()
+            f()
             if r >= 3:
                 times[k].append(time.perf_counter() - t)
     print(f"({args.rows} x {args.inp}) @ ({args.inp} x {args.out}) fp32, {torch.get_num_threads()} threads, "

@@ -22,7 +22,6 @@ the count and the first reasons, for callers to print.
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,14 +111,20 @@ def _raw_rows(path):
             raise DataError(f"{path}: corrupt or unreadable Parquet file ({e})") from None
         yield from enumerate(rows, start=1)
         return
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that row's error, not a crash
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield line_no, f"invalid JSON ({e.msg} at column {e.colno})"
+                msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "Invalid control character at"
+                yield line_no, f"invalid JSON ({msg} at column {e.colno})"
                 continue
             yield line_no, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
 
@@ -255,11 +260,13 @@ def write_examples(path, examples, layout):
     rows = [_to_row(ex, layout) for ex in examples]
     keys = list(dict.fromkeys(k for r in rows for k in r))  # union, first-seen order
     rows = [{k: r.get(k) for k in keys} for r in rows]
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
+    # A unique hidden sibling, made by open() so it gets the umask's mode (mkstemp's would be
+    # owner-only, and the rename keeps it).
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             if fmt == "parquet":
                 import pyarrow as pa
                 import pyarrow.parquet as pq

@@ -23,7 +23,6 @@ different algorithm). No BOS is added: callers add `bos_id` where they want it.
 import heapq
 import os
 import re
-import tempfile
 
 import sentencepiece as spm
 
@@ -169,8 +168,7 @@ def train_tokenizer(texts, out_dir, vocab_size=512):
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("train_tokenizer: no non-empty texts")
-    fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".model", dir=out_dir)
-    os.close(fd)
+    tmp = os.path.join(out_dir, f".tokenizer.{os.getpid()}-{os.urandom(4).hex()}.model")  # umask's mode
     try:
         with open(tmp, "wb") as f:
             spm.SentencePieceTrainer.train(

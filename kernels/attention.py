@@ -82,7 +82,7 @@ def _decode_torch(q, k, v, mask):
     fp32 only: in bf16/fp16 the scores would be rounded before the softmax (SDPA keeps them
     in fp32), which costs ~10x the error on peaked attention."""
     B, H, _, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = H // Hkv
     s = (q.reshape(B, Hkv, G, D) * D ** -0.5) @ k.transpose(2, 3)  # (B, Hkv, G, Tk)
     # mask (B|1, 1, 1, Tk) broadcasts over kv heads and their G query heads; a row with no

@@ -147,6 +147,18 @@ def test_bad_row_names_file_row_field(tmp_path, bad_row, field):
     assert "row 3" in report.reasons[0] and "skipped" in report.summary()
 
 
+def test_non_utf8_and_control_characters_name_the_row(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = (json.dumps(GOOD) + "\n").encode()
+    path.write_bytes(good + good + '{"prompt": "caf\u00e9", "response": "x"}\n'.encode("latin-1") + good
+                     + b'{"prompt": "a\x01", "response": "b"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl: row 3: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_examples(path)
+    examples, report = read_examples(path, on_error="skip")
+    assert len(examples) == 3 and report.skipped == 2
+    assert "row 5: invalid JSON (Invalid control character at column" in report.reasons[1]
+
+
 def test_spin_prompt_mismatch_and_field_names(tmp_path):
     row = {"real": [user("p"), asst("r")], "generated": [user("OTHER"), asst("g")]}
     with pytest.raises(DataError, match=r"row 1: field 'generated'"):

@@ -230,6 +230,30 @@ def test_cuda_graph_decode_equals_eager(ckpt, kw, dtype, monkeypatch):
         _static_vs_eager(model, kw, True, monkeypatch)
 
 
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0), dict(temperature=0.7, top_k=30)])
+def test_vocab_limit_never_draws_past_the_tokenizer(ckpt, kw):
+    """A model vocabulary padded past its tokenizer's: ids >= vocab_limit are never drawn (the
+    tokenizer could not decode them), and the stored log-probs are still the full model's."""
+    _, model = ckpt
+    prompts = prompts_of([6, 13, 2])
+    outs = sample(model, prompts, max_new_tokens=20, eos_id=None, seed=2, vocab_limit=40, **kw)
+    assert all(max(o.tokens) < 40 for o in outs)
+    free = sample(model, prompts, max_new_tokens=20, eos_id=None, seed=2, **kw)
+    assert any(max(o.tokens) >= 40 for o in free)  # the limit did something
+    for p, o in zip(prompts, outs):
+        ref = full_logprobs(model, p, o.tokens)
+        assert (torch.tensor(o.logprobs, dtype=torch.float64) - ref).abs().max().item() <= 1e-4
+
+
+def test_tokenizer_larger_than_the_model_is_refused():
+    from types import SimpleNamespace
+
+    from generate import check_vocab
+    check_vocab(SimpleNamespace(vocab_size=32000), 32768, "m")  # a padded model vocabulary is fine
+    with pytest.raises(ValueError, match="32000 pieces but the model's vocab_size is 1000"):
+        check_vocab(SimpleNamespace(vocab_size=32000), 1000, "m")
+
+
 def test_cuda_graph_needs_cuda(ckpt):
     with pytest.raises(ValueError, match="CUDA"):
         sample(ckpt[1], prompts_of([3]), max_new_tokens=2, eos_id=None, cuda_graph=True)
@@ -365,3 +389,12 @@ def test_cli_and_bad_input(world, tmp_path):
     bad.write_text(json.dumps({"question": "x"}) + "\n")
     with pytest.raises(DataError, match="layout"):
         main(["--model", folder, "--data", str(bad), "--out", str(tmp_path / "z.parquet")])
+    broken = tmp_path / "broken.jsonl"  # one malformed row: stops by default, skipped and counted on request
+    broken.write_text(data.read_text().splitlines()[0] + "\n{not json\n" + data.read_text().splitlines()[1] + "\n")
+    with pytest.raises(DataError, match="broken.jsonl: row 2: invalid JSON"):
+        main(["--model", folder, "--data", str(broken), "--out", str(tmp_path / "w.parquet")])
+    summary = main(["--model", folder, "--data", str(broken), "--out", str(tmp_path / "w.parquet"),
+                    "--on-bad-row", "skip", "--max-new-tokens", "2"])
+    assert summary["prompts"] == 2 and summary["skipped_rows"] == 1
+    with pytest.raises(SystemExit):  # the output is Parquet
+        main(["--model", folder, "--data", str(data), "--out", str(tmp_path / "o.jsonl")])

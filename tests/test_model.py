@@ -220,6 +220,24 @@ def test_save_is_atomic_replace(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "export"]
 
 
+def test_exports_get_the_umask_mode(tmp_path):
+    """Exports and data files are written under temporary names and renamed; they must still
+    get the usual modes (others on a shared cluster read them), not mkstemp's owner-only."""
+    from data.readers import Example, write_examples
+
+    _, folder = make_hf(tmp_path)
+    old = os.umask(0o022)
+    try:
+        out = os.path.join(tmp_path, "export")
+        Mistral.from_pretrained(folder).save_pretrained(out)
+        data = write_examples(os.path.join(tmp_path, "d.parquet"), [Example([{"role": "user", "content": "p"}], "r", "g")], "spin")
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o644
+    assert os.stat(data).st_mode & 0o777 == 0o644
+
+
 def test_meta_build_has_no_stray_buffers():
     with torch.device("meta"):
         m = Mistral(ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
