@@ -599,6 +599,9 @@ def main(argv=None):
     for t in range(args.iterations):
         folder = os.path.join(out, f"iter{t}")
         beta, lr = per_iteration(args.beta, t, "beta"), per_iteration(args.lr, t, "lr")
+        lists = [len(str(v).split(",")) for v in (args.beta, args.lr)]
+        repeat = any(1 < n <= t for n in lists)  # a list shorter than --iterations repeats its last value
+        log(f"[iter{t}] beta {beta:g}, lr {lr:g}" + (" (the last value of a shorter --beta/--lr list)" if repeat else ""))
         synth = os.path.join(folder, "synthetic.parquet")
         eval_synth = os.path.join(folder, "eval_synthetic.parquet")
         stage("generate", lambda: run_generation(opponent, train_ex, synth, tok, args, device, t, args.seed + t))

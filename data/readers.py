@@ -162,6 +162,13 @@ def _string(row, name):
     return value
 
 
+def _answer(text, field):
+    """The ground truth must say something: an empty answer would teach the model to stop at once."""
+    if not text.strip():
+        raise DataError(f"field '{field}': the ground-truth answer is empty")
+    return text
+
+
 def _split_conversation(messages):
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last], messages[last]["content"]
@@ -174,7 +181,7 @@ def _convert(row, layout):
         if generated[:-1] != real[:-1]:
             raise DataError("field 'generated': its prompt turns differ from those of 'real'")
         extras = {k: v for k, v in row.items() if k not in ("real", "generated")}
-        return Example(real[:-1], real[-1]["content"], generated[-1]["content"], extras)
+        return Example(real[:-1], _answer(real[-1]["content"], "real"), generated[-1]["content"], extras)
     if layout == "messages":
         value = _get(row, "messages")
         if isinstance(value, list) and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in value):
@@ -183,9 +190,9 @@ def _convert(row, layout):
             value = value[:-1]  # a trailing unanswered user turn carries no target
         msgs = _messages({"messages": value}, "messages", prompt=False)
         prompt, response = _split_conversation(msgs)
-        return Example(prompt, response, None, {k: v for k, v in row.items() if k != "messages"})
+        return Example(prompt, _answer(response, "messages"), None, {k: v for k, v in row.items() if k != "messages"})
     prompt = [{"role": "user", "content": _string(row, "prompt")}]
-    response = _string(row, "response")
+    response = _answer(_string(row, "response"), "response")
     generated = _string(row, "generated") if row.get("generated") is not None else None
     extras = {k: v for k, v in row.items() if k not in ("prompt", "response", "generated")}
     return Example(prompt, response, generated, extras)

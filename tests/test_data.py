@@ -53,7 +53,7 @@ def system(c):
 
 SPIN_EXAMPLES = [
     Example([user("Hi " + U)], "Hello " + U, "Hey", {"ref_real_logps": -1.5, "ref_generated_logps": -2.25}),
-    Example([system(""), user("q\nwith lines")], "", "  spaced  ", {"ref_real_logps": -3.0, "ref_generated_logps": 0.0}),
+    Example([system(""), user("q\nwith lines")], "a", "", {"ref_real_logps": -3.0, "ref_generated_logps": 0.0}),
     Example(
         [system("be brief"), user("a"), asst("b"), user("c")], "d </s> e", "f", {"ref_real_logps": -1.0, "ref_generated_logps": -4.0}
     ),
@@ -62,7 +62,7 @@ MESSAGES_EXAMPLES = [
     Example([user(U)], "answer " + U, None, {"prompt": U, "prompt_id": "x1"}),
     Example([system(""), user("q"), asst("r"), user("s")], "t", None, {"prompt": "q", "prompt_id": "x2"}),
 ]
-PR_EXAMPLES = [Example([user(U)], "r " + U, None, {"id": 1}), Example([user("")], "", None, {"id": 2})]
+PR_EXAMPLES = [Example([user(U)], "r " + U, None, {"id": 1}), Example([user("")], "  spaced  ", None, {"id": 2})]
 PR_GEN_EXAMPLES = [Example([user("p")], "r", "g", {})]
 
 
@@ -133,6 +133,7 @@ GOOD = {"messages": [user("q"), asst("a")]}
         ({"messages": [user("q")]}, "no assistant turn"),
         ({"other": 1}, "missing"),
         ("{not json", "invalid JSON"),
+        ({"messages": [user("q"), asst("  ")]}, "ground-truth answer is empty"),
         ("[1, 2]", "JSON object"),
     ],
 )
