@@ -486,7 +486,10 @@ def prepare_out_dir(args, world):
     saved = os.path.join(out, "config.json")
     if args.resume and not os.path.exists(saved):
         return f"--resume: {saved} does not exist, so there is no run to continue"
-    if os.path.exists(saved):
+    # A run that stopped before any stage wrote anything (e.g. on bad data) holds only its
+    # config.json: starting again there loses nothing, so it needs no --resume.
+    empty = os.path.isdir(out) and set(os.listdir(out)) <= {"config.json"}
+    if os.path.exists(saved) and not (empty and not args.resume):
         if not args.resume:
             return f"{out} already holds a run; pass --resume to continue it, or another --out"
         with open(saved) as f:
