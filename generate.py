@@ -471,7 +471,7 @@ def main(argv=None):
     ap.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
                     help="auto: Triton kernels on GPUs, torch paths on CPUs (sets SPIN_KERNELS)")
     args = ap.parse_args(argv)
-    if not args.out.endswith(".parquet"):
+    if not args.out.lower().endswith(".parquet"):
         ap.error(f"--out {args.out}: the output is Parquet, so its name must end in .parquet")
     # The flag, else what the environment already says, is what runs and what is recorded.
     args.kernels = args.kernels or os.environ.get("SPIN_KERNELS") or "auto"
@@ -479,7 +479,7 @@ def main(argv=None):
 
     from data.readers import read_examples
     from data.tokenizer import Tokenizer
-    from model import Mistral
+    from model import Mistral, ModelConfig
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -498,8 +498,8 @@ def main(argv=None):
     if report.skipped:
         print(report.summary(), file=sys.stderr)
     examples = examples[:args.num_prompts] if args.num_prompts else examples
+    check_vocab(tok, ModelConfig.from_hf(args.model).vocab_size, f"{args.model} with {settings['tokenizer']}")
     model = Mistral.from_pretrained(args.model, dtype=args.dtype, device=device)
-    check_vocab(tok, model.config.vocab_size, f"{args.model} with {settings['tokenizer']}")
     summary = generate_dataset(
         model, tok, examples, args.out, iteration=args.iteration, seed=args.seed, rank=rank,
         world_size=world_size, part_size=args.part_size, max_new_tokens=args.max_new_tokens,

@@ -508,6 +508,21 @@ def load_checkpoint(path, model, dtype, device=None):
     return state
 
 
+def _umask():
+    """The process umask. Linux shows it in /proc; elsewhere set-and-restore, which for an
+    instant applies 022 to files other threads create."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra_files=None):
     """Write a HF folder (config.json + safetensors, sharded with an index above max_shard_bytes,
     plus extra_files {name: source path}, e.g. the tokenizer). Written into a temporary folder
@@ -550,8 +565,7 @@ def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         for name, src in (extra_files or {}).items():
             shutil.copy(src, os.path.join(tmp, name))
-        mask = os.umask(0)  # read the umask (there is no getter); safetensors writes owner-only files
-        os.umask(mask)
+        mask = _umask()  # safetensors writes owner-only files: give them the usual mode
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         if os.path.exists(path):

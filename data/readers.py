@@ -112,21 +112,22 @@ def _raw_rows(path):
         yield from enumerate(rows, start=1)
         return
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that row's error, not a crash
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield line_no, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "Invalid control character at"
-                yield line_no, f"invalid JSON ({msg} at column {e.colno})"
-                continue
-            yield line_no, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+        lines = f.read().splitlines()  # \n, \r\n or \r, as text mode's universal newlines
+    for line_no, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield line_no, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "Invalid control character at"
+            yield line_no, f"invalid JSON ({msg} at column {e.colno})"
+            continue
+        yield line_no, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
 
 
 def detect_layout(columns):
@@ -162,13 +163,6 @@ def _string(row, name):
     return value
 
 
-def _answer(text, field):
-    """The ground truth must say something: an empty answer would teach the model to stop at once."""
-    if not text.strip():
-        raise DataError(f"field '{field}': the ground-truth answer is empty")
-    return text
-
-
 def _split_conversation(messages):
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last], messages[last]["content"]
@@ -181,7 +175,7 @@ def _convert(row, layout):
         if generated[:-1] != real[:-1]:
             raise DataError("field 'generated': its prompt turns differ from those of 'real'")
         extras = {k: v for k, v in row.items() if k not in ("real", "generated")}
-        return Example(real[:-1], _answer(real[-1]["content"], "real"), generated[-1]["content"], extras)
+        return Example(real[:-1], real[-1]["content"], generated[-1]["content"], extras)
     if layout == "messages":
         value = _get(row, "messages")
         if isinstance(value, list) and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in value):
@@ -190,9 +184,9 @@ def _convert(row, layout):
             value = value[:-1]  # a trailing unanswered user turn carries no target
         msgs = _messages({"messages": value}, "messages", prompt=False)
         prompt, response = _split_conversation(msgs)
-        return Example(prompt, _answer(response, "messages"), None, {k: v for k, v in row.items() if k != "messages"})
+        return Example(prompt, response, None, {k: v for k, v in row.items() if k != "messages"})
     prompt = [{"role": "user", "content": _string(row, "prompt")}]
-    response = _answer(_string(row, "response"), "response")
+    response = _string(row, "response")
     generated = _string(row, "generated") if row.get("generated") is not None else None
     extras = {k: v for k, v in row.items() if k not in ("prompt", "response", "generated")}
     return Example(prompt, response, generated, extras)

@@ -53,7 +53,7 @@ def system(c):
 
 SPIN_EXAMPLES = [
     Example([user("Hi " + U)], "Hello " + U, "Hey", {"ref_real_logps": -1.5, "ref_generated_logps": -2.25}),
-    Example([system(""), user("q\nwith lines")], "a", "", {"ref_real_logps": -3.0, "ref_generated_logps": 0.0}),
+    Example([system(""), user("q\nwith lines")], "", "  spaced  ", {"ref_real_logps": -3.0, "ref_generated_logps": 0.0}),
     Example(
         [system("be brief"), user("a"), asst("b"), user("c")], "d </s> e", "f", {"ref_real_logps": -1.0, "ref_generated_logps": -4.0}
     ),
@@ -62,7 +62,7 @@ MESSAGES_EXAMPLES = [
     Example([user(U)], "answer " + U, None, {"prompt": U, "prompt_id": "x1"}),
     Example([system(""), user("q"), asst("r"), user("s")], "t", None, {"prompt": "q", "prompt_id": "x2"}),
 ]
-PR_EXAMPLES = [Example([user(U)], "r " + U, None, {"id": 1}), Example([user("")], "  spaced  ", None, {"id": 2})]
+PR_EXAMPLES = [Example([user(U)], "r " + U, None, {"id": 1}), Example([user("")], "", None, {"id": 2})]
 PR_GEN_EXAMPLES = [Example([user("p")], "r", "g", {})]
 
 
@@ -133,7 +133,6 @@ GOOD = {"messages": [user("q"), asst("a")]}
         ({"messages": [user("q")]}, "no assistant turn"),
         ({"other": 1}, "missing"),
         ("{not json", "invalid JSON"),
-        ({"messages": [user("q"), asst("  ")]}, "ground-truth answer is empty"),
         ("[1, 2]", "JSON object"),
     ],
 )
@@ -158,6 +157,9 @@ def test_non_utf8_and_control_characters_name_the_row(tmp_path):
     examples, report = read_examples(path, on_error="skip")
     assert len(examples) == 3 and report.skipped == 2
     assert "row 5: invalid JSON (Invalid control character at column" in report.reasons[1]
+    old_mac = tmp_path / "cr.jsonl"  # bare \r line ends split rows too, as text mode does
+    old_mac.write_bytes(good.replace(b"\n", b"\r") * 2)
+    assert len(read_examples(old_mac)[0]) == 2
 
 
 def test_spin_prompt_mismatch_and_field_names(tmp_path):

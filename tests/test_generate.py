@@ -184,7 +184,9 @@ def _static_vs_eager(model, kw, graphed, monkeypatch):
 
     prompts = prompts_of([6, 13, 2, 9])
     eager = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3, **kw)
-    monkeypatch.setattr(generate, "_graphed_step", functools.partial(generate._graphed_step, graphed=graphed))
+    calls = []
+    real = functools.partial(generate._graphed_step, graphed=graphed)
+    monkeypatch.setattr(generate, "_graphed_step", lambda *a: calls.append(1) or real(*a))
     static = [None] * len(prompts)
     for s0 in (0, 3):
         idx = list(range(s0, min(s0 + 3, len(prompts))))
@@ -192,6 +194,7 @@ def _static_vs_eager(model, kw, graphed, monkeypatch):
                                      0, 1.0, kw.get("greedy", False), 5, None, cuda_graph=True)
         for i, g in zip(idx, got):
             static[i] = g
+    assert len(calls) == 2  # both batches decoded through _graphed_step
     for a, b in zip(eager, static):
         assert a.tokens == b.tokens
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4

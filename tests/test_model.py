@@ -175,6 +175,10 @@ def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
         monkeypatch.setattr(M, "PACK_BUDGET_BYTES", 1000)
         with cpu_decode_weights(model, rows=8):  # too big to copy
             assert not M._PACKED
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # the user switched oneDNN off
+        x = torch.randn(3, 1, W.shape[1], generator=g)
+        assert torch.equal(M.linear(x, W), F.linear(x, W))
+        monkeypatch.undo()
         monkeypatch.setattr(M, "_ONEDNN", False)  # a torch build where the probe failed
         with cpu_decode_weights(model, rows=8):
             assert not M._PACKED
@@ -387,5 +391,6 @@ def test_cpu_paths_run_without_triton():
         "print('ok')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, TRITON_INTERPRET="1")  # so the CPU tensors get past the CUDA check to the launch
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
