@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from data.pairs import collate_prompts, left_pad
+from data.readers import tmp_sibling
 from model import KVCache, cpu_decode_weights
 
 # ----------------------------------------------------------------------------------------------
@@ -306,15 +307,8 @@ def check_vocab(tok, model_vocab, source):
                          f"is {model_vocab}: ids from {model_vocab} up have no embedding (wrong tokenizer.model?)")
 
 
-def _tmp_name(path):
-    """A unique hidden sibling of path. Opened with open(), so the file gets the umask's mode
-    (mkstemp would make it owner-only, and os.replace would keep that)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-
-
 def _atomic_json(path, obj):
-    tmp = _tmp_name(path)
+    tmp = tmp_sibling(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
@@ -336,7 +330,7 @@ def merge_parts(out_path, n_parts, settings):
     if table.num_rows != settings["examples"]:
         raise RuntimeError(f"{_parts_dir(out_path)}: parts hold {table.num_rows} rows, expected {settings['examples']}")
     table = table.replace_schema_metadata({"spin_generate": json.dumps(settings, sort_keys=True)})
-    tmp = _tmp_name(out_path)
+    tmp = tmp_sibling(out_path)
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f)

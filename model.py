@@ -160,9 +160,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32, cast back before the weight (the order transformers uses, which
-        # matters for bf16 parity).
-        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one fused op (eight ops written out).
+        # Normalise in fp32 (F.rms_norm: x * rsqrt(mean(x^2) + eps), one fused op), cast back
+        # before the weight: the order transformers uses, which matters for bf16 parity.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
@@ -271,17 +270,17 @@ class Attention(nn.Module):
             cache.k[layer].index_copy_(2, idx, k)
             cache.v[layer].index_copy_(2, idx, v)
             y = attention_torch(q, cache.k[layer], cache.v[layer], starts, self.cfg.sliding_window, cache.pos)
-            return linear(y.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight)
-        q_offset = 0
-        if cache is not None:
-            # Write this chunk after the filled slots, then attend over everything so far.
-            q_offset = cache.length
-            cache.k[layer][:, :, q_offset:q_offset + T] = k
-            cache.v[layer][:, :, q_offset:q_offset + T] = v
-            k = cache.k[layer][:, :, :q_offset + T]  # (B, Hkv, S, D)
-            v = cache.v[layer][:, :, :q_offset + T]
-        y = attention(q, k, v, starts=starts, window=self.cfg.sliding_window, q_offset=q_offset,
-                      impl=attn_impl)  # (B, H, T, D)
+        else:
+            q_offset = 0
+            if cache is not None:
+                # Write this chunk after the filled slots, then attend over everything so far.
+                q_offset = cache.length
+                cache.k[layer][:, :, q_offset:q_offset + T] = k
+                cache.v[layer][:, :, q_offset:q_offset + T] = v
+                k = cache.k[layer][:, :, :q_offset + T]  # (B, Hkv, S, D)
+                v = cache.v[layer][:, :, :q_offset + T]
+            y = attention(q, k, v, starts=starts, window=self.cfg.sliding_window, q_offset=q_offset,
+                          impl=attn_impl)  # (B, H, T, D)
         return linear(y.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight)
 
 

@@ -254,6 +254,14 @@ def _to_row(ex, layout):
     return row
 
 
+def tmp_sibling(path):
+    """A unique hidden name beside path, for a write that os.replace then makes atomic. The
+    caller creates it with open(), so it gets the umask's mode (mkstemp's would be owner-only,
+    and the rename would keep that)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+
+
 def write_examples(path, examples, layout):
     """Write Examples in a layout; .parquet or .jsonl by extension; atomic (temp + rename)."""
     path = os.fspath(path)
@@ -261,11 +269,8 @@ def write_examples(path, examples, layout):
     rows = [_to_row(ex, layout) for ex in examples]
     keys = list(dict.fromkeys(k for r in rows for k in r))  # union, first-seen order
     rows = [{k: r.get(k) for k in keys} for r in rows]
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # A unique hidden sibling, made by open() so it gets the umask's mode (mkstemp's would be
-    # owner-only, and the rename keeps it).
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = tmp_sibling(path)
     try:
         with open(tmp, "wb") as f:
             if fmt == "parquet":

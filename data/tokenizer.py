@@ -26,6 +26,8 @@ import re
 
 import sentencepiece as spm
 
+from data.readers import tmp_sibling
+
 _SPACE = "\u2581"  # '▁', SentencePiece's visible space
 
 
@@ -168,7 +170,8 @@ def train_tokenizer(texts, out_dir, vocab_size=512):
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("train_tokenizer: no non-empty texts")
-    tmp = os.path.join(out_dir, f".tokenizer.{os.getpid()}-{os.urandom(4).hex()}.model")  # umask's mode
+    path = os.path.join(out_dir, "tokenizer.model")
+    tmp = tmp_sibling(path)
     try:
         with open(tmp, "wb") as f:
             spm.SentencePieceTrainer.train(
@@ -192,7 +195,6 @@ def train_tokenizer(texts, out_dir, vocab_size=512):
                 shuffle_input_sentence=False,
                 minloglevel=2,
             )
-        path = os.path.join(out_dir, "tokenizer.model")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -10,10 +10,14 @@ with impl="triton").
 """
 import os
 
+# The kernel modules take `triton` and `tl` from here: the real package, or (it ships for Linux
+# only) stand-ins under which the kernels still import and the torch paths run.
 try:
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
     HAS_TRITON = True
-except ImportError:  # Triton ships for Linux only; elsewhere kernels/no_triton.py stands in
+except ImportError:
+    from kernels.no_triton import tl, triton  # noqa: F401
     HAS_TRITON = False
 
 IMPLS = ("auto", "torch", "triton")

@@ -34,13 +34,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton wheel for this platform: the torch paths still run
-    from kernels.no_triton import tl, triton
 
-from kernels import resolve_impl
+from kernels import resolve_impl, tl, triton
 
 # --------------------------------------------------------------------------------------
 # The reference: SDPA with an explicit boolean mask (the CPU path and the test oracle's twin)

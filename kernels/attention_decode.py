@@ -22,12 +22,8 @@ import functools
 import math
 
 import torch
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton wheel for this platform: the torch paths still run
-    from kernels.no_triton import tl, triton
 
+from kernels import tl, triton
 from kernels.attention import INTERPRET, LOG2E, _dot_dtype, _dot_precision, _strides, _visible
 
 

@@ -25,13 +25,8 @@ Two fused paths with the same semantics:
 import os
 
 import torch
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton wheel for this platform: the torch paths still run
-    from kernels.no_triton import tl, triton
 
-from kernels import resolve_impl
+from kernels import resolve_impl, tl, triton
 
 # The torch path holds one fp32 (rows, V) logits chunk, rows = TORCH_TILE_ELEMENTS // V
 # (at least one), and on CPU takes its (log-)softmax in place (two chunks elsewhere).
