@@ -1,9 +1,10 @@
 """Self-play generation for SPIN: sample y' ~ p_t(.|x) for every prompt, and score the opponent
 log-probs log p_t(y|x), log p_t(y'|x) once, here, so training never holds a reference model.
 
-    sample(model, prompts, ...)      -> [Sample(tokens, logprobs, finished)]   KV-cached decode
+    sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   KV-cached decode
     score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
     generate_dataset(model, tok, examples, out_path, ...)   sharded, resumable, Parquet out
+    rescore(model_dir, in_path, out_path, ...)   an older iteration's pairs under the current p_t
 
 Launch (one process, or one per GPU):
     python generate.py --model DIR --data train.parquet --out iter0/synthetic.parquet
@@ -27,11 +28,19 @@ import sys
 import time
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from data.pairs import collate_prompts, left_pad
-from data.readers import tmp_sibling
-from model import KVCache, cpu_decode_weights
+import parallel
+from checkpoint import atomic_file, write_json
+from data.pairs import OPPONENT_COLUMNS, collate_prompts, left_pad, tokenize_example, tokenized_pairs, truncate
+from data.readers import DataError, Example, read_examples, write_examples
+from data.template import render_prompt
+from data.tokenizer import Tokenizer
+from kernels import use_kernels
+from kernels.cpu_linear import cpu_decode_weights
+from model import KVCache, Mistral, ModelConfig
 
 # ----------------------------------------------------------------------------------------------
 # Sampling
@@ -40,8 +49,11 @@ from model import KVCache, cpu_decode_weights
 @dataclass
 class Sample:
     tokens: list  # generated ids, ending with EOS if the row stopped there
-    logprobs: list  # log p_t(token) under the untempered, unfiltered model distribution
     finished: bool  # stopped at EOS (False: ran out of max_new_tokens)
+    # With sample(logprobs=True): log p_t(token) of each drawn token under the untempered,
+    # unfiltered model distribution (what SPIN's loss uses); else None. SPIN itself scores the
+    # re-tokenised text instead (generate_dataset), so only tests and callers who ask pay for it.
+    logprobs: list | None = None
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -117,7 +129,7 @@ def _uniforms(seed, keys, n):
     return torch.stack(rows)
 
 
-def _graphed_step(model, cache, B, graphed=True):
+def graphed_step(model, cache, B, graphed=True):
     """One decode step captured in a CUDA graph: nxt (B,) -> logits (B, V) float32, replayed
     from static buffers. An eager step of a 32-layer model launches ~1000 kernels from Python,
     which at batch 1 can take longer than the GPU needs to read the weights; a replay is one
@@ -156,8 +168,9 @@ def _graphed_step(model, cache, B, graphed=True):
 
 
 @torch.inference_mode()
-def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_k, top_p, greedy,
-                  seed, progress, cuda_graph=False, vocab_limit=None):
+def sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_k, top_p, greedy,
+                 seed, progress, cuda_graph=False, vocab_limit=None, logprobs=False):
+    """One left-padded batch of sample(): prefill, then one decode step per new token."""
     device = model.lm_head.weight.device
     B = len(prompts)
     b = collate_prompts(prompts, pad_id=0)  # the pad id is never attended nor scored
@@ -166,12 +179,12 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
                              dtype=model.lm_head.weight.dtype)
     u = None if greedy else _uniforms(seed, keys, max_new_tokens).to(device)  # (B, max_new)
     tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if logprobs else None
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
     if cuda_graph and max_new_tokens > 1:
-        step = _graphed_step(model, cache, B)
+        step = graphed_step(model, cache, B)
     else:
         step = lambda nxt: model(nxt[:, None], cache=cache)[:, -1].float()  # noqa: E731
     steps = 0
@@ -181,15 +194,17 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
     beyond = torch.arange(V, device=device) >= vocab_limit if vocab_limit is not None and vocab_limit < V else None
     plain = not greedy and temperature == 1.0 and not top_k and top_p == 1.0 and beyond is None
     for t in range(max_new_tokens):
-        # The stored log-prob is log p_t, untempered and unfiltered: what SPIN's loss needs.
+        # The log-prob is log p_t, untempered and unfiltered: what SPIN's loss needs.
         if plain:  # sampling from p_t itself: one softmax serves the draw and the log-prob
             probs = logits.softmax(-1)  # (B, V)
             nxt = inverse_cdf(probs, u[:, t])  # (B,)
-            logps[:, t] = probs.gather(-1, nxt[:, None])[:, 0].log()  # > 0: never a token of p 0
-        else:  # the drawn token may have an untempered probability that underflows float32
+            if logprobs:
+                logps[:, t] = probs.gather(-1, nxt[:, None])[:, 0].log()  # > 0: never a token of p 0
+        else:
             pick = logits if beyond is None else logits.masked_fill(beyond, float("-inf"))
             nxt = pick.argmax(-1) if greedy else draw(pick, u[:, t], temperature, top_k, top_p)  # (B,)
-            logps[:, t] = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
+            if logprobs:  # the drawn token's untempered probability may underflow float32
+                logps[:, t] = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
         tokens[:, t] = nxt
         steps = t + 1
         if progress is not None:
@@ -204,19 +219,22 @@ def _sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top
             # Finished rows keep decoding in lock step (their tokens are discarded): left padding
             # keeps one shared cache length, so no row is removed mid-batch.
             logits = step(nxt)  # (B, V)
-    tokens, logps, lengths = tokens[:, :steps].tolist(), logps[:, :steps].tolist(), lengths.tolist()
-    return [Sample(tokens[b][:lengths[b]], logps[b][:lengths[b]], bool(finished[b])) for b in range(B)]
+    tokens, lengths = tokens[:, :steps].tolist(), lengths.tolist()
+    logps = logps[:, :steps].tolist() if logprobs else None
+    return [Sample(tokens[b][:lengths[b]], bool(finished[b]), logps[b][:lengths[b]] if logprobs else None)
+            for b in range(B)]
 
 
 def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
            greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None, cuda_graph=False,
-           vocab_limit=None):
+           vocab_limit=None, logprobs=False):
     """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
     prompt, in input order. eos_id=None never stops early. prompt_ids: the key of each prompt's
     random stream (default: its index in `prompts`); pass global ids when sharding, so that
     prompt i gets the same sample whichever rank or batch it lands in. cuda_graph: replay each
-    decode step from a CUDA graph (_graphed_step; CUDA only, attention on the torch path).
-    vocab_limit: never draw ids >= this (the tokenizer's size, when the model's is padded)."""
+    decode step from a CUDA graph (graphed_step; CUDA only, attention on the torch path).
+    vocab_limit: never draw ids >= this (the tokenizer's size, when the model's is padded).
+    logprobs: also return each drawn token's log p_t (Sample.logprobs)."""
     if cuda_graph and model.lm_head.weight.device.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
     if not greedy and not temperature > 0:
@@ -236,9 +254,9 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     with cpu_decode_weights(model, rows=min(batch_size, len(prompts))):  # a no-op off CPU
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            got = _sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
-                                eos_id, temperature, top_k, top_p, greedy, seed, progress, cuda_graph,
-                                vocab_limit)
+            got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
+                               eos_id, temperature, top_k, top_p, greedy, seed, progress, cuda_graph,
+                               vocab_limit, logprobs)
             for i, g in zip(idx, got):
                 out[i] = g
             if progress is not None:
@@ -307,13 +325,6 @@ def check_vocab(tok, model_vocab, source):
                          f"is {model_vocab}: ids from {model_vocab} up have no embedding (wrong tokenizer.model?)")
 
 
-def _atomic_json(path, obj):
-    tmp = tmp_sibling(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _parts_dir(out_path):
     return os.fspath(out_path) + ".parts"
 
@@ -324,20 +335,12 @@ def _part_path(out_path, p, n_parts):
 
 def merge_parts(out_path, n_parts, settings):
     """Concatenate the parts in example order into out_path (atomic), settings in its metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     table = pa.concat_tables([pq.read_table(_part_path(out_path, p, n_parts)) for p in range(n_parts)])
     if table.num_rows != settings["examples"]:
         raise RuntimeError(f"{_parts_dir(out_path)}: parts hold {table.num_rows} rows, expected {settings['examples']}")
     table = table.replace_schema_metadata({"spin_generate": json.dumps(settings, sort_keys=True)})
-    tmp = tmp_sibling(out_path)
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(out_path, "wb") as f:
+        pq.write_table(table, f)
 
 
 def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, rank=0, world_size=1,
@@ -348,10 +351,6 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
     `real` and `generated` carry every prompt turn as given (system turn included when the data
     has one) followed by one assistant turn: data/readers.py reads all turns before the last
     assistant one back as the prompt. Returns a summary dict; rank 0 merges once all parts exist."""
-    from data.pairs import truncate, tokenize_example
-    from data.readers import DataError, Example, write_examples
-    from data.template import render_prompt
-
     if not examples:
         raise DataError(f"{out_path}: no examples to generate from")
     limit = model.config.max_position_embeddings
@@ -366,7 +365,6 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
     summary = dict(prompts=0, generated_tokens=0, wall_s=0.0, tokens_per_s=0.0, truncated_prompts=0,
                    skipped_rows=skipped_rows, parts_written=0, parts_skipped=0, merged=False, out=str(out_path))
     if os.path.exists(out_path):  # a finished stage is detected and skipped
-        import pyarrow.parquet as pq
         done = (pq.read_schema(out_path).metadata or {}).get(b"spin_generate")
         if done is None or json.loads(done) != settings:
             raise ValueError(f"{out_path} exists and was not made with these settings: delete it to regenerate")
@@ -384,7 +382,7 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
             raise ValueError(f"{parts} was made with other settings ({', '.join(diff)}): "
                              f"delete it or choose another --out")
     else:
-        _atomic_json(settings_file, settings)  # every rank writes the same bytes
+        write_json(settings_file, settings, indent=2, sort_keys=True)  # every rank writes the same bytes
 
     t0 = time.perf_counter()
     mine = [p for p in range(n_parts) if p % world_size == rank]
@@ -411,9 +409,9 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
         rows = []
         for j, (i, g, q, text) in enumerate(zip(idx, got, pairs, texts)):
             cut = min(len(prompts[j]), len(q.prompt_ids)) < len(full[j])  # never silent: counted, stored
-            extras = dict(ref_real_logps=logps[j], ref_generated_logps=logps[len(idx) + j],
-                          real_tokens=len(q.real_ids), generated_tokens=len(q.generated_ids),
-                          iteration=iteration, seed=seed, finished=g.finished, truncated=cut or q.truncated)
+            extras = dict(zip(OPPONENT_COLUMNS, (logps[j], logps[len(idx) + j])), real_tokens=len(q.real_ids),
+                          generated_tokens=len(q.generated_ids), iteration=iteration, seed=seed,
+                          finished=g.finished, truncated=cut or q.truncated)
             rows.append(Example(examples[i].prompt, examples[i].response, text, extras))
             summary["generated_tokens"] += len(g.tokens)
             summary["truncated_prompts"] += cut
@@ -432,6 +430,36 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
     print(f"generate rank {rank}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in summary.items()))
     return summary
+
+
+def rescore(model_dir, in_path, out_path, tok, *, device, dtype, max_length, max_prompt_length, batch_size):
+    """Write in_path's rows again with the opponent log-prob columns (data/pairs.py) computed by
+    the model in model_dir: iteration t-1's pairs mixed into iteration t (the official recipe)
+    need log-probs under p_t. Rows whose tokenisation leaves no response are dropped, as
+    training would skip them. Work is split in fixed parts (parallel.parts_of); every rank
+    must call it."""
+    if os.path.exists(out_path):
+        return
+    examples, _ = read_examples(in_path, layout="spin")
+    kept = tokenized_pairs(tok, examples, max_length=max_length, max_prompt_length=max_prompt_length)
+    rank, world = parallel.rank(), parallel.world()
+    model = Mistral.from_pretrained(model_dir, device=device, dtype=dtype)
+    got = []
+    for part in parallel.parts_of(len(kept), rank, world):
+        prompts = [kept[i][1].prompt_ids for i in part]
+        real = score(model, prompts, [kept[i][1].real_ids for i in part], batch_size=batch_size)
+        gen = score(model, prompts, [kept[i][1].generated_ids for i in part], batch_size=batch_size)
+        got += [(i, float(a), float(b)) for i, a, b in zip(part, real, gen)]
+    gathered = [got]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, got)
+    if rank == 0:
+        for part in gathered:
+            for i, a, b in part:
+                kept[i][0].extras.update(zip(OPPONENT_COLUMNS, (a, b)))
+        write_examples(out_path, [ex for ex, _ in kept], "spin")
+    parallel.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,14 +495,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.out.lower().endswith(".parquet"):
         ap.error(f"--out {args.out}: the output is Parquet, so its name must end in .parquet")
-    # The flag, else what the environment already says, is what runs and what is recorded.
-    args.kernels = args.kernels or os.environ.get("SPIN_KERNELS") or "auto"
-    os.environ["SPIN_KERNELS"] = args.kernels  # read by kernels.resolve_impl
-
-    from data.readers import read_examples
-    from data.tokenizer import Tokenizer
-    from model import Mistral, ModelConfig
-
+    args.kernels = use_kernels(args.kernels)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = torch.device("cpu")
@@ -501,7 +522,7 @@ def main(argv=None):
         batch_size=args.batch_size, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
         model_id=os.path.abspath(args.model), skipped_rows=report.skipped)
     if rank == 0 and summary["merged"]:
-        _atomic_json(os.fspath(args.out) + ".settings.json", dict(settings, summary=summary))
+        write_json(os.fspath(args.out) + ".settings.json", dict(settings, summary=summary), indent=2, sort_keys=True)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return summary

@@ -4,24 +4,24 @@ Architecture (Jiang et al. 2023, "Mistral 7B"): token embedding -> N x [RMSNorm 
 attention with rotary embeddings and a sliding window -> residual -> RMSNorm -> SwiGLU MLP ->
 residual] -> RMSNorm -> LM head. Module attribute names equal the Hugging Face keys
 (`model.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load strictly with no rename table.
+Reading and writing the files is checkpoint.py's; the kernels are kernels/'s, chosen by
+SPIN_KERNELS (kernels/__init__.py).
 
 The model is stateless: a KVCache object is passed into forward, never stored on the module.
 Batches are left-padded (see DESIGN.md): `attention_mask` is zeros then ones per row.
 """
-import contextlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import DTYPES, load_hf_state, resolve_dtype, save_hf
 from kernels.attention import attention, attention_torch
+from kernels.cpu_linear import Linear
 from kernels.logprob import linear_logprobs
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,12 +110,6 @@ class ModelConfig:
         return d
 
 
-# A tiny model for tests and the CPU demo: same code paths as a 7B, GQA ratio 2, a window.
-TINY = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                   max_position_embeddings=512, sliding_window=None)
-
-
 # ----------------------------------------------------------------------------------------------
 # KV cache: plain tensors owned by the caller, never module state.
 
@@ -166,67 +160,7 @@ class RMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear layers, and the CPU decode fast path
-
-def _probe_onednn():
-    """oneDNN's private ops are in every x86 build of torch; other builds (an ARM laptop) may
-    lack them or refuse fp32. Try both forms once on a small product; use them only if they
-    work and agree with F.linear."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        with torch.no_grad():
-            w, x = torch.arange(12.0).view(3, 4) / 7, torch.ones(2, 4)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
-            got = [torch.ops.mkldnn._linear_pointwise(x, v, None, "none", [], "") for v in (w, packed)]
-        return all(torch.allclose(g, F.linear(x, w)) for g in got)
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-
-
-_ONEDNN = _probe_onednn()
-_PACKED = {}  # id(weight) -> (weight, oneDNN copy), filled only inside cpu_decode_weights
-PACK_BUDGET_BYTES = 1 << 30
-DECODE_ROWS = 64  # up to this many rows a CPU product is a "decode step" (MKL wins above)
-
-
-def linear(x, w):
-    """F.linear(x, w), except for a CPU decode step (at most 64 rows, fp32, no autograd), which
-    calls oneDNN's kernel directly, on the packed copy of w when cpu_decode_weights made one:
-    MKL's and oneDNN's general paths reorder the weight on every call, which for a few rows
-    costs more than the product itself (bench/RESULTS_generate_cpu.md). The modules call this
-    with their weights, so hooks on (or replacements of) the nn.Linear modules never run."""
-    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
-            and x.numel() <= DECODE_ROWS * x.shape[-1] and torch.backends.mkldnn.enabled:
-        packed = _PACKED.get(id(w))
-        return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], None, "none", [], "")
-    return F.linear(x, w)
-
-
-@contextlib.contextmanager
-def cpu_decode_weights(model, rows):
-    """Within the block, linear() reads oneDNN copies of the model's fp32 CPU weights, packed
-    once for `rows` rows (the same products up to float32 summation order). The weights must not
-    change inside the block. The copies cost the weights' memory again, so models with more than
-    PACK_BUDGET_BYTES of linear weights (and GPU or half-precision models, or more than
-    DECODE_ROWS rows, which never take the oneDNN path) run unpacked."""
-    ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    # Plain tensors only: an FSDP-sharded weight (a DTensor) is left to F.linear.
-    ok = _ONEDNN and ws and rows <= DECODE_ROWS and all(
-        type(w.detach()) is torch.Tensor and w.device.type == "cpu" and w.dtype == torch.float32 for w in ws) \
-        and sum(w.numel() * 4 for w in ws) <= PACK_BUDGET_BYTES
-    mine = []
-    try:
-        if ok:
-            for w in ws:
-                if id(w) not in _PACKED:  # a tied or nested use keeps the outer copy
-                    _PACKED[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
-                    mine.append(id(w))
-        yield
-    finally:
-        for i in mine:
-            _PACKED.pop(i, None)
-
+# Rotary embeddings (Su et al. 2021, "RoFormer")
 
 def rotary(positions, head_dim, theta, dtype):
     """cos, sin (B, 1, T, D) for the rotate-half layout (first half / second half of D pair up).
@@ -250,17 +184,17 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, Hkv, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(C, H * D, bias=False)
-        self.k_proj = nn.Linear(C, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(C, Hkv * D, bias=False)
-        self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.q_proj = Linear(C, H * D)
+        self.k_proj = Linear(C, Hkv * D)
+        self.v_proj = Linear(C, Hkv * D)
+        self.o_proj = Linear(H * D, C)
 
-    def forward(self, x, cos, sin, starts, cache, layer, attn_impl):
+    def forward(self, x, cos, sin, starts, cache, layer):
         B, T, _ = x.shape
         H, Hkv, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q = linear(x, self.q_proj.weight).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = linear(x, self.k_proj.weight).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = linear(x, self.v_proj.weight).view(B, T, Hkv, D).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None and cache.pos is not None:
             # Static shapes (KVCache.make_static): write at the device-side position, attend over
@@ -279,20 +213,19 @@ class Attention(nn.Module):
                 cache.v[layer][:, :, q_offset:q_offset + T] = v
                 k = cache.k[layer][:, :, :q_offset + T]  # (B, Hkv, S, D)
                 v = cache.v[layer][:, :, :q_offset + T]
-            y = attention(q, k, v, starts=starts, window=self.cfg.sliding_window, q_offset=q_offset,
-                          impl=attn_impl)  # (B, H, T, D)
-        return linear(y.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight)
+            y = attention(q, k, v, starts=starts, window=self.cfg.sliding_window, q_offset=q_offset)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x):  # SwiGLU (Shazeer 2020)
-        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -303,8 +236,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, starts, cache, layer, attn_impl):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, starts, cache, layer, attn_impl)
+    def forward(self, x, cos, sin, starts, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, starts, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -321,12 +254,12 @@ class Mistral(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, positions=None, cache=None, targets=None,
-                attn_impl="auto", logprob_impl="auto", logits_to_keep=None):
+                logits_to_keep=None):
         """input_ids (B, T) -> logits (B, T, V); or, given targets (B, T), per-token log-probs
         (B, T) fp32 where entry t is log p(targets[:, t] | input_ids[:, :t+1]) and targets == -100
         gives 0. The log-prob path goes through the fused kernel and never builds the logits;
@@ -361,7 +294,7 @@ class Mistral(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, starts, cache, i, attn_impl)
+            x = block(x, cos, sin, starts, cache, i)
         if static:
             cache.pos.add_(T)
         elif cache is not None:
@@ -370,20 +303,20 @@ class Mistral(nn.Module):
             if logits_to_keep is not None:
                 x = x[:, -logits_to_keep:]
             h = self.model.norm(x)  # (B, k, C)
-            return linear(h, self.lm_head.weight)
+            return self.lm_head(h)
         x = self.model.norm(x)
         # Only scored positions go through the LM head: in a SPIN batch the prompt and padding
         # are a third or more of the tokens, and the head is the costliest layer of a small model.
         flat = targets.reshape(B * T)
         keep = (flat != -100).nonzero().squeeze(1)  # (N,)
         h = x.reshape(B * T, cfg.hidden_size).index_select(0, keep)  # (N, C)
-        lp = linear_logprobs(h, self.lm_head.weight, flat.index_select(0, keep), impl=logprob_impl)
+        lp = linear_logprobs(h, self.lm_head.weight, flat.index_select(0, keep))
         out = torch.zeros(B, T, dtype=lp.dtype, device=lp.device)
         out.view(B * T).index_copy_(0, keep, lp)
         return out  # (B, T); a fresh tensor, not a view, as FSDP's pre-backward hook needs
 
-    def token_logprobs(self, input_ids, targets, attention_mask=None, **kw):
-        return self(input_ids, attention_mask=attention_mask, targets=targets, **kw)
+    def token_logprobs(self, input_ids, targets, attention_mask=None):
+        return self(input_ids, attention_mask=attention_mask, targets=targets)
 
     # ------------------------------------------------------------------------------------------
     # Hugging Face folders
@@ -397,14 +330,16 @@ class Mistral(nn.Module):
         dtype = resolve_dtype(dtype or config.dtype, source=f"{path}/config.json")
         with torch.device("meta"):
             model = cls(config)
-        state = load_checkpoint(path, model, dtype=dtype, device=device)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state = load_hf_state(path, expected, dtype, device, tied=config.tie_word_embeddings)
         model.load_state_dict(state, strict=True, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes=2 * 1024**3, extra_files=None):
-        save_checkpoint(self.state_dict(), self.config, path, max_shard_bytes, extra_files)
+        save_hf(self.state_dict(), self.config.to_hf(), path, max_shard_bytes, extra_files,
+                tied=self.config.tie_word_embeddings)
 
 
 def left_padding(attention_mask):
@@ -416,165 +351,3 @@ def left_padding(attention_mask):
     if not torch.equal(m.bool(), expected):
         raise ValueError("attention_mask must be left-padded (zeros then ones in every row)")
     return starts
-
-
-def resolve_dtype(dtype, source="dtype"):
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"{source}: dtype {dtype} is not supported ({', '.join(DTYPES)})")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"{source}: dtype '{dtype}' is not supported ({', '.join(DTYPES)})")
-    return DTYPES[dtype]
-
-
-# ----------------------------------------------------------------------------------------------
-# Safetensors I/O (never pickle)
-
-def checkpoint_files(path):
-    """The safetensors files of a folder, and a map tensor name -> file."""
-    from safetensors import safe_open
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        with open(index) as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"{index} names shard '{name}', which does not exist in {path}")
-    elif os.path.isfile(single):
-        files = ["model.safetensors"]
-    else:
-        pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(path) else []
-        hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
-    names = {}
-    for name in files:
-        file = os.path.join(path, name)
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    names[key] = file
-        except Exception as e:  # safetensors raises its own error type for truncated headers
-            raise ValueError(f"{file}: cannot read safetensors file ({e})") from None
-    return names
-
-
-def load_checkpoint(path, model, dtype, device=None):
-    """Read every tensor of a HF folder into `dtype` on `device`, after checking that the names
-    and shapes are exactly the model's. Returns a state dict for load_state_dict(assign=True)."""
-    from safetensors import safe_open
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    names = checkpoint_files(path)
-    missing = sorted(set(expected) - set(names))
-    unexpected = sorted(set(names) - set(expected))
-    misshaped = []
-    by_file = {}
-    for key, file in names.items():
-        by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for key in keys:
-                if key in expected:
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != expected[key]:
-                        misshaped.append(f"{key}: file {shape}, model {expected[key]}")
-    if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(v)}): {', '.join(v[:20])}{' ...' if len(v) > 20 else ''}"
-                 for label, v in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if v]
-        raise ValueError(f"{path}: checkpoint does not match the config; " + "; ".join(parts))
-    state = {}
-    for file, keys in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in keys:
-                    t = f.get_tensor(key)
-                    if not t.is_floating_point():
-                        raise ValueError(f"{file}: tensor '{key}' has unsupported dtype {t.dtype}")
-                    state[key] = t.to(device=device, dtype=dtype)
-        except ValueError:
-            raise
-        except Exception as e:
-            raise ValueError(f"{file}: cannot read tensors ({e})") from None
-    if model.config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
-
-
-def _umask():
-    """The process umask. Linux shows it in /proc; elsewhere set-and-restore, which for an
-    instant applies 022 to files other threads create."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def save_checkpoint(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra_files=None):
-    """Write a HF folder (config.json + safetensors, sharded with an index above max_shard_bytes,
-    plus extra_files {name: source path}, e.g. the tokenizer). Written into a temporary folder
-    that is renamed into place, so a crash never leaves a folder that looks complete but is not."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # stored once, as transformers does
-    dtypes = {t.dtype for t in tensors.values()}
-    dtype_name = next((n for n, d in DTYPES.items() if d in dtypes), config.dtype)
-    shards, current, size = [], {}, 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = t
-        size += nbytes
-    shards.append(current)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    # Unique hidden siblings made by mkdir, so they get the umask's mode (mkdtemp's are owner-only).
-    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    os.mkdir(tmp)
-    try:
-        cfg = config.to_hf()
-        cfg["dtype"] = cfg["torch_dtype"] = dtype_name
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        for name, src in (extra_files or {}).items():
-            shutil.copy(src, os.path.join(tmp, name))
-        mask = _umask()  # safetensors writes owner-only files: give them the usual mode
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
-        if os.path.exists(path):
-            old = os.path.join(parent, f".old-{os.getpid()}-{os.urandom(4).hex()}")
-            os.mkdir(old)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -1,8 +1,11 @@
 """The end-of-run report: a table of held-out metrics per iteration, SPIN beside continued SFT,
 and a plot of the same curves. Input: the `eval` rows train.py writes to metrics.jsonl."""
+import argparse
 import json
 import os
 import sys
+
+from checkpoint import atomic_file
 
 COLUMNS = [  # (key, header, format)
     ("exact_match", "exact match", "{:.1%}"),
@@ -67,15 +70,13 @@ def plot(rows, path):
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 if __name__ == "__main__":  # python report.py runs/<run>/metrics.jsonl
-    import argparse
     ap = argparse.ArgumentParser(description="Print a run's table from its metrics.jsonl (the last record of "
                                              "each evaluation wins, as after a resume).")
     ap.add_argument("metrics", help="runs/<run>/metrics.jsonl")

@@ -49,8 +49,8 @@ def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_gen
     # (with gradient), "ref" the opponent p_t (precomputed, no gradient needed), "real" the
     # ground-truth answer y, "generated" the opponent's own answer y'.
     # Returns (loss, metrics): loss is the mean over the batch (reduction="none" gives the
-    # (B,) per-pair losses); metrics are detached 0-d float tensors, not python floats, so
-    # train.py can all-reduce them across ranks before logging.
+    # (B,) per-pair losses and per-pair metrics); metrics are detached float tensors, not
+    # python floats, so callers can reduce them across ranks before logging.
     named = {"policy_real_logps": policy_real_logps, "policy_generated_logps": policy_generated_logps,
              "ref_real_logps": ref_real_logps, "ref_generated_logps": ref_generated_logps}
     if alpha != 0.0 or base_real_logps is not None or base_generated_logps is not None:
@@ -94,12 +94,11 @@ def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_gen
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'hinge'")
 
-    if reduction == "mean":
-        loss = losses.mean()
-    elif reduction == "none":
-        loss = losses
-    else:
+    if reduction not in ("mean", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
+    # reduction="none": the (B,) per-pair losses and per-pair metrics (evaluation sums them in
+    # its own order); "mean": their batch means.
+    reduce = (lambda x: x.mean()) if reduction == "mean" else (lambda x: x)
 
     # The names the official SPIN/DPO trainers log, so their curves compare directly.
     # Computed in at least float32 (bf16 means are coarse), never below the input dtype.
@@ -107,14 +106,14 @@ def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_gen
     real_rewards = beta * det(real_logratios)
     generated_rewards = beta * det(generated_logratios)
     metrics = {
-        "rewards/real": real_rewards.mean(),
-        "rewards/generated": generated_rewards.mean(),
-        "rewards/margins": (real_rewards - generated_rewards).mean(),
-        "rewards/accuracies": (real_rewards > generated_rewards).float().mean(),
-        "logps/real": det(policy_real_logps).mean(),
-        "logps/generated": det(policy_generated_logps).mean(),
+        "rewards/real": reduce(real_rewards),
+        "rewards/generated": reduce(generated_rewards),
+        "rewards/margins": reduce(real_rewards - generated_rewards),
+        "rewards/accuracies": reduce((real_rewards > generated_rewards).float()),
+        "logps/real": reduce(det(policy_real_logps)),
+        "logps/generated": reduce(det(policy_generated_logps)),
     }
-    return loss, metrics
+    return reduce(losses), metrics
 
 
 def beta_for_iteration(schedule, t):

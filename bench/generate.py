@@ -15,7 +15,7 @@ at >= 70% of the HBM roofline, i.e. tokens/s >= 0.7 * bandwidth / weight bytes
         --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf --cuda-graph both
 
 (--shape 7b builds the model with random weights on the device; --no-hf skips the baseline;
---cuda-graph both times the eager decode and the CUDA-graph replay of generate._graphed_step,
+--cuda-graph both times the eager decode and the CUDA-graph replay of generate.graphed_step,
 which has never run on a GPU, in the same run. The two differ in attention too: eager decode
 uses the Triton decode kernel, the graph the torch path over every cache slot (for bf16 with
 GQA most likely SDPA's math backend: K/V repeated per head, 2 x 32 x 384 slots per token, small
@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
-                    help="replay decode steps from a CUDA graph (generate._graphed_step); both: time each")
+                    help="replay decode steps from a CUDA graph (generate.graphed_step); both: time each")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

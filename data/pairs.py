@@ -40,13 +40,20 @@ class TruncationError(ValueError):
     pass
 
 
+# The opponent log-prob contract, one set of names end to end: generation (generate.py) stores
+# log p_t(y|x) and log p_t(y'|x), summed over exactly the response ids below, as columns of
+# these names; Pair carries them under the same names; collate_pairs emits them as batch keys;
+# spin_loss takes them as arguments of the same names.
+OPPONENT_COLUMNS = ("ref_real_logps", "ref_generated_logps")
+
+
 @dataclass
 class Pair:
     prompt_ids: list
     real_ids: list
     generated_ids: list | None = None
-    ref_real_logp: float | None = None
-    ref_generated_logp: float | None = None
+    ref_real_logps: float | None = None  # log p_t(real response | prompt), a sum over real_ids
+    ref_generated_logps: float | None = None  # the same for generated_ids
     truncated: bool = False
 
 
@@ -91,18 +98,9 @@ def tokenize_example(tok, ex, *, max_length=1024, max_prompt_length=512, officia
         responses.append(response_ids(tok, ex.generated, official_suffix=official_suffix))
     prompt, responses, cut = truncate(prompt, responses, max_length, max_prompt_length)
 
-    def logp(name):
-        v = ex.extras.get(name)
-        return None if v is None else float(v)
-
-    return Pair(
-        prompt_ids=prompt,
-        real_ids=responses[0],
-        generated_ids=responses[1] if len(responses) > 1 else None,
-        ref_real_logp=logp("ref_real_logps"),
-        ref_generated_logp=logp("ref_generated_logps"),
-        truncated=cut,
-    )
+    stored = {name: None if ex.extras.get(name) is None else float(ex.extras[name]) for name in OPPONENT_COLUMNS}
+    return Pair(prompt_ids=prompt, real_ids=responses[0],
+                generated_ids=responses[1] if len(responses) > 1 else None, truncated=cut, **stored)
 
 
 def tokenize_examples(tok, examples, *, max_length=1024, max_prompt_length=512, official_suffix=False, on_empty="raise"):
@@ -126,6 +124,18 @@ def tokenize_examples(tok, examples, *, max_length=1024, max_prompt_length=512, 
         report.truncated += p.truncated
         pairs.append(p)
     return pairs, report
+
+
+def tokenized_pairs(tok, examples, *, max_length=1024, max_prompt_length=512):
+    """[(example, Pair)] for the examples whose tokenisation leaves a response (the rule training
+    applies with on_empty="skip"), so examples and pairs stay aligned."""
+    out = []
+    for ex in examples:
+        try:
+            out.append((ex, tokenize_example(tok, ex, max_length=max_length, max_prompt_length=max_prompt_length)))
+        except TruncationError:
+            pass
+    return out
 
 
 # -- collate: left padding, targets = next token on response positions -----------------
@@ -164,8 +174,8 @@ def collate_pairs(items, pad_id):
     n_prompt = [len(it.prompt_ids) for it in items] * 2
     input_ids, attention_mask, targets = left_pad(seqs, n_prompt, pad_id)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
-    for name, attr in (("ref_real_logps", "ref_real_logp"), ("ref_generated_logps", "ref_generated_logp")):
-        values = [getattr(it, attr) for it in items]
+    for name in OPPONENT_COLUMNS:
+        values = [getattr(it, name) for it in items]
         if all(v is not None for v in values):
             batch[name] = torch.tensor(values, dtype=torch.float32)
         elif any(v is not None for v in values):

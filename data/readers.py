@@ -25,7 +25,10 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from checkpoint import atomic_file
 from data.template import TemplateError, validate_messages
 
 LAYOUTS = ("spin", "messages", "prompt_response")
@@ -77,8 +80,6 @@ REQUIRED = {"spin": ("real", "generated"), "messages": ("messages",), "prompt_re
 
 
 def _parquet_columns_check(path, layout):
-    import pyarrow.parquet as pq
-
     try:
         names = pq.read_schema(path).names
     except Exception as e:
@@ -103,8 +104,6 @@ def _raw_rows(path):
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: empty file")
     if _file_format(path) == "parquet":
-        import pyarrow.parquet as pq
-
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError on corrupt files
@@ -254,14 +253,6 @@ def _to_row(ex, layout):
     return row
 
 
-def tmp_sibling(path):
-    """A unique hidden name beside path, for a write that os.replace then makes atomic. The
-    caller creates it with open(), so it gets the umask's mode (mkstemp's would be owner-only,
-    and the rename would keep that)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-
-
 def write_examples(path, examples, layout):
     """Write Examples in a layout; .parquet or .jsonl by extension; atomic (temp + rename)."""
     path = os.fspath(path)
@@ -269,26 +260,16 @@ def write_examples(path, examples, layout):
     rows = [_to_row(ex, layout) for ex in examples]
     keys = list(dict.fromkeys(k for r in rows for k in r))  # union, first-seen order
     rows = [{k: r.get(k) for k in keys} for r in rows]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            if fmt == "parquet":
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-
-                pq.write_table(pa.Table.from_pylist(rows), f)
-            else:
-                for r in rows:
-                    f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, "wb") as f:
+        if fmt == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), f)
+        else:
+            for r in rows:
+                f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
     return path
 
 
-# -- sampling, held-out split, mixing iterations ----------------------------------------
+# -- sampling and the held-out split ----------------------------------------------------
 
 
 def sample_examples(examples, n, seed):
@@ -311,22 +292,25 @@ def split_heldout(examples, n_heldout, seed):
     return train, heldout
 
 
-STALE_COLUMNS = ("ref_real_logps", "ref_generated_logps")
-
-
-def mix_iterations(current, previous=None, *, layout="spin", on_error="raise"):
-    """Training data of SPIN iteration t: the synthetic data of iteration t followed by
-    that of iteration t-1 (the official recipe). `current`/`previous` are file paths.
-
-    The opponent log-probs stored with the previous file were computed by p_{t-1}, but the
-    loss at iteration t is taken against p_t, so they are dropped from those rows: the
-    caller must rescore them with the current opponent. Returns (examples, [reports])."""
-    examples, report = read_examples(current, layout=layout, on_error=on_error)
-    reports = [report]
-    if previous is not None:
-        prev, prev_report = read_examples(previous, layout=layout, on_error=on_error)
-        reports.append(prev_report)
-        for ex in prev:
-            extras = {k: v for k, v in ex.extras.items() if k not in STALE_COLUMNS}
-            examples.append(Example(ex.prompt, ex.response, ex.generated, extras))
-    return examples, reports
+def load_splits(train_path, eval_path=None, *, num_prompts=None, eval_prompts=500, seed=0, on_error="raise",
+                log=print):
+    """(train examples, held-out examples) for a run: read and validated, sampled by seed, and the
+    held-out prompts either from eval_path or split from the training sample (at most a tenth).
+    SPIN-layout files carry an old `generated` answer: it is dropped, p_t answers anew."""
+    train, rep = read_examples(train_path, on_error=on_error)
+    log(f"data: {rep.summary()}")
+    train = sample_examples(train, num_prompts, seed)
+    if eval_path:
+        held, rep = read_examples(eval_path, on_error=on_error)
+        log(f"eval data: {rep.summary()}")
+        held = sample_examples(held, eval_prompts, seed + 1)
+        log(f"using {len(train)} training prompts (--num-prompts {num_prompts}) and {len(held)} held-out "
+            f"prompts from {eval_path} (--eval-prompts {eval_prompts})")
+    else:
+        n_held = min(eval_prompts, len(train) // 10)
+        train, held = split_heldout(train, n_held, seed + 1)
+        log(f"using {len(train)} training prompts and {len(held)} held-out prompts split from them "
+            f"(--eval-prompts {eval_prompts}, capped at a tenth of the {len(train) + len(held)} prompts "
+            f"sampled; pass --eval-data for a separate held-out file)")
+    strip = lambda exs: [Example(e.prompt, e.response) for e in exs]  # noqa: E731
+    return strip(train), strip(held)

@@ -26,7 +26,7 @@ import re
 
 import sentencepiece as spm
 
-from data.readers import tmp_sibling
+from checkpoint import atomic_file
 
 _SPACE = "\u2581"  # '▁', SentencePiece's visible space
 
@@ -171,32 +171,26 @@ def train_tokenizer(texts, out_dir, vocab_size=512):
     if not texts:
         raise ValueError("train_tokenizer: no non-empty texts")
     path = os.path.join(out_dir, "tokenizer.model")
-    tmp = tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(texts),
-                model_writer=f,
-                model_type="bpe",
-                vocab_size=vocab_size,
-                hard_vocab_limit=False,
-                byte_fallback=True,
-                character_coverage=1.0,
-                unk_id=0,
-                bos_id=1,
-                eos_id=2,
-                pad_id=-1,
-                normalization_rule_name="identity",
-                add_dummy_prefix=True,
-                remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True,
-                split_digits=True,
-                num_threads=1,
-                shuffle_input_sentence=False,
-                minloglevel=2,
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=f,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            num_threads=1,
+            shuffle_input_sentence=False,
+            minloglevel=2,
+        )
     return path

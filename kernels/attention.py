@@ -30,12 +30,13 @@ With a causal mask and a window W only O(T*W) score blocks are visible, and the 
 below visit only those, so time falls with the window.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from kernels import resolve_impl, tl, triton
+from kernels import (INTERPRET, LOG2E, TL_DTYPES, dot_dtype, dot_precision, resolve_impl, strides, tl, triton,
+                     visible)
+from kernels.attention_decode import decode_attention
 
 # --------------------------------------------------------------------------------------
 # The reference: SDPA with an explicit boolean mask (the CPU path and the test oracle's twin)
@@ -105,15 +106,6 @@ def _decode_torch(q, k, v, mask):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW: tl.constexpr):
-    qi = q_offset + offs_m  # absolute index of each query on the key axis
-    vis = (offs_n[None, :] <= qi[:, None]) & (offs_n[None, :] >= start)
-    if HAS_WINDOW:
-        vis = vis & (offs_n[None, :] > qi[:, None] - window)
-    return vis  # (BLOCK_M, BLOCK_N)
-
-
-@triton.jit
 def _key_band(m_lo, m_hi, q_offset, start, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Key blocks [lo, hi) that queries m_lo..m_hi-1 (call-relative) can see."""
     lo = start
@@ -159,7 +151,7 @@ def _attn_fwd(
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base 2
-        s = tl.where(_visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW), s, float("-inf"))
+        s = tl.where(visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -231,7 +223,7 @@ def _attn_bwd_dq(
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        vis = _visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW)
+        vis = visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW)
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)  # recomputed probabilities
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -293,7 +285,7 @@ def _attn_bwd_dkdv(
             delta = tl.load(DELTA + row + offs_m, mask=row_ok, other=0.0)
             # Transposed tiles (BLOCK_N, BLOCK_M). Rows past Tq are causally "visible" (their
             # qi >= Tk); their dO loads as 0 so they add nothing, but row_ok says so outright.
-            vis = tl.trans(_visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW) & row_ok[:, None])
+            vis = tl.trans(visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW) & row_ok[:, None])
             sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
             pT = tl.where(vis, tl.exp2(sT - lse[None, :]), 0.0)
             dv += tl.dot(pT.to(DOT), do, input_precision=PREC)
@@ -308,24 +300,6 @@ def _attn_bwd_dkdv(
 # --------------------------------------------------------------------------------------
 # Wrappers and the autograd Function
 # --------------------------------------------------------------------------------------
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-LOG2E = 1.4426950408889634
-
-
-def _dot_dtype(dtype):
-    if INTERPRET and dtype == torch.bfloat16:
-        return tl.float32
-    return _TL[dtype]
-
-
-def _dot_precision(dtype):
-    """input_precision of every tl.dot: "ieee" for fp32 operands, because Triton's default on
-    NVIDIA GPUs is tf32 (10-bit mantissa), which puts fp32 attention ~5e-4 away from the torch
-    path; None (the default) for bf16/fp16 operands, where it does not apply."""
-    return "ieee" if _dot_dtype(dtype) == tl.float32 else None
-
 
 def _blocks(D, Tq, dtype):
     """(fwd BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N), (dkdv BLOCK_M, BLOCK_N), num_warps.
@@ -345,11 +319,6 @@ def _blocks(D, Tq, dtype):
     return (128, 64), (64, 64), (64, 64), 8
 
 
-def _strides(x):
-    assert x.stride(-1) == 1, "the head dim must be contiguous"
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
 def _starts_tensor(starts, B, device):
     if starts is None:
         return torch.zeros(B, dtype=torch.int32, device=device)
@@ -358,9 +327,12 @@ def _starts_tensor(starts, B, device):
 
 def _check_triton(q):
     D = q.shape[-1]
-    assert D >= 16 and D & (D - 1) == 0, f"Triton attention needs a power-of-two head dim >= 16, got {D}"
-    assert q.dtype in _TL, f"unsupported dtype {q.dtype}"
-    assert q.is_cuda or INTERPRET, "Triton attention needs CUDA tensors or TRITON_INTERPRET=1"
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"Triton attention needs a power-of-two head dim >= 16, got {D} (use impl='torch')")
+    if q.dtype not in TL_DTYPES:
+        raise ValueError(f"Triton attention: unsupported dtype {q.dtype}")
+    if not (q.is_cuda or INTERPRET):
+        raise ValueError("Triton attention needs CUDA tensors or TRITON_INTERPRET=1")
 
 
 def flash_attention_fwd(q, k, v, starts, window, q_offset, blocks=None):
@@ -371,10 +343,10 @@ def flash_attention_fwd(q, k, v, starts, window, q_offset, blocks=None):
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(Tq, BM), B * H)
     _attn_fwd[grid](
-        q, k, v, o, lse, starts, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        q, k, v, o, lse, starts, *strides(q), *strides(k), *strides(v), *strides(o),
         H, Tq, q_offset, window or 0, LOG2E / math.sqrt(D),
-        GROUP=H // Hkv, D=D, HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype),
-        PREC=_dot_precision(q.dtype), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=3,
+        GROUP=H // Hkv, D=D, HAS_WINDOW=window is not None, DOT=dot_dtype(q.dtype),
+        PREC=dot_precision(q.dtype), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=3,
     )
     return o, lse
 
@@ -385,19 +357,19 @@ def flash_attention_bwd(do, q, k, v, o, lse, starts, window, q_offset, blocks=No
     (fm, _), (qm, qn), (km, kn), warps = blocks or _blocks(D, Tq, q.dtype)
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(Tq, fm), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, Tq, D=D, BLOCK_M=fm)
+        o, do, delta, *strides(o), *strides(do), H, Tq, D=D, BLOCK_M=fm)
     dq = torch.empty_like(q)
     dk = torch.empty(B, Hkv, k.shape[2], D, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
-    common = dict(GROUP=H // Hkv, D=D, HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype),
-                  PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=2)
+    common = dict(GROUP=H // Hkv, D=D, HAS_WINDOW=window is not None, DOT=dot_dtype(q.dtype),
+                  PREC=dot_precision(q.dtype), num_warps=warps, num_stages=2)
     scalars = (H, Tq, q_offset, window or 0, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
-    ins = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    ins = (*strides(q), *strides(k), *strides(v), *strides(do))
     _attn_bwd_dq[(triton.cdiv(Tq, qm), B * H)](
-        q, k, v, do, dq, lse, delta, starts, *ins, *_strides(dq), *scalars,
+        q, k, v, do, dq, lse, delta, starts, *ins, *strides(dq), *scalars,
         BLOCK_M=qm, BLOCK_N=qn, **common)
     _attn_bwd_dkdv[(triton.cdiv(k.shape[2], kn), B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, starts, *ins, *_strides(dk), *scalars,
+        q, k, v, do, dk, dv, lse, delta, starts, *ins, *strides(dk), *scalars,
         BLOCK_M=km, BLOCK_N=kn, **common)
     return dq, dk, dv
 
@@ -427,7 +399,6 @@ def attention_triton(q, k, v, starts=None, window=None, q_offset=0, blocks=None,
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[2] <= DECODE_MAX_TQ and not needs_grad:
         # Generation: a few new queries against a long cache, split across programs.
-        from kernels.attention_decode import decode_attention
         return decode_attention(q, k, v, starts_t, window, q_offset, num_splits=decode_splits)
     return FlashAttention.apply(q, k, v, starts_t, window, q_offset, blocks)
 
@@ -441,22 +412,26 @@ DECODE_MAX_TQ = 16
 
 
 def _check(q, k, v, starts, window, q_offset):
-    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, T, D)"
+    if not q.dim() == k.dim() == v.dim() == 4:
+        raise ValueError("attention: q, k, v must be (B, H, T, D)")
     B, H, Tq, D = q.shape
     Bk, Hkv, Tk, Dk = k.shape
-    assert v.shape == k.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
-    assert Bk == B and Dk == D, f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B or D"
-    assert H % Hkv == 0, f"H={H} is not a multiple of Hkv={Hkv}"
-    assert q.dtype == k.dtype == v.dtype, f"dtypes differ: {q.dtype} {k.dtype} {v.dtype}"
-    assert q_offset >= 0, f"q_offset={q_offset} < 0"
-    assert Tk == q_offset + Tq, (
-        f"k/v have Tk={Tk} keys but q_offset + Tq = {q_offset} + {Tq}: pass the cache "
-        f"sliced to exactly the keys up to the last query"
-    )
-    assert window is None or window >= 1, f"window={window} must be >= 1 or None"
-    if starts is not None:
-        assert starts.shape == (B,), f"starts must be (B,), got {tuple(starts.shape)}"
-        assert not starts.is_floating_point(), "starts must be an integer tensor"
+    problems = [
+        (v.shape != k.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"),
+        (Bk != B or Dk != D, f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B or D"),
+        (H % Hkv != 0, f"H={H} is not a multiple of Hkv={Hkv}"),
+        (not q.dtype == k.dtype == v.dtype, f"dtypes differ: {q.dtype} {k.dtype} {v.dtype}"),
+        (q_offset < 0, f"q_offset={q_offset} < 0"),
+        (Tk != q_offset + Tq, f"k/v have Tk={Tk} keys but q_offset + Tq = {q_offset} + {Tq}: pass the "
+                              "cache sliced to exactly the keys up to the last query"),
+        (window is not None and window < 1, f"window={window} must be >= 1 or None"),
+        (starts is not None and tuple(starts.shape) != (B,), f"starts must be (B,), got "
+                                                             f"{None if starts is None else tuple(starts.shape)}"),
+        (starts is not None and starts.is_floating_point(), "starts must be an integer tensor"),
+    ]
+    for bad, msg in problems:
+        if bad:
+            raise ValueError(f"attention: {msg}")
 
 
 def attention(q, k, v, *, starts=None, window=None, q_offset=0, impl="auto"):

@@ -23,8 +23,7 @@ import math
 
 import torch
 
-from kernels import tl, triton
-from kernels.attention import INTERPRET, LOG2E, _dot_dtype, _dot_precision, _strides, _visible
+from kernels import INTERPRET, LOG2E, dot_dtype, dot_precision, strides, tl, triton, visible
 
 
 @triton.jit
@@ -72,7 +71,7 @@ def _decode_partial(
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        vis = _visible(i, offs_n, q_offset, start, window, HAS_WINDOW) & col_ok[None, :]
+        vis = visible(i, offs_n, q_offset, start, window, HAS_WINDOW) & col_ok[None, :]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -150,11 +149,11 @@ def decode_attention(q, k, v, starts, window, q_offset, num_splits=None, block_n
     lse_part = torch.empty(B * Hkv, S, BM, dtype=torch.float32, device=q.device)
     common = dict(GROUP=G, D=D)
     _decode_partial[(S, B * Hkv)](
-        q, k, v, o_part, lse_part, starts, *_strides(q), *_strides(k), *_strides(v),
+        q, k, v, o_part, lse_part, starts, *strides(q), *strides(k), *strides(v),
         Hkv, Tq, q_offset, window or 0, LOG2E / math.sqrt(D), S,
-        HAS_WINDOW=window is not None, DOT=_dot_dtype(q.dtype), PREC=_dot_precision(q.dtype),
+        HAS_WINDOW=window is not None, DOT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
         BLOCK_M=BM, BLOCK_N=BN, num_warps=4, **common,
     )
     o = torch.empty_like(q)
-    _decode_combine[(B * Hkv,)](o_part, lse_part, o, *_strides(o), Hkv, Tq, S, BLOCK_M=BM, **common)
+    _decode_combine[(B * Hkv,)](o_part, lse_part, o, *strides(o), Hkv, Tq, S, BLOCK_M=BM, **common)
     return o

@@ -56,7 +56,7 @@ def _cases():
     and the constexprs matter to the compiler."""
     from kernels.attention import flash_attention_bwd, flash_attention_fwd
     from kernels.attention_decode import decode_attention
-    from kernels.logprob import _triton_blocks, _TritonLinearLogprobs
+    from kernels.logprob import triton_blocks, TritonLinearLogprobs
 
     def attn(B, H, Hkv, T, D, dtype, window):
         def run():
@@ -79,7 +79,7 @@ def _cases():
             h = torch.randn(70, 256).to(dtype).requires_grad_()
             w = torch.randn(1000, 256).to(dtype).requires_grad_()
             t = torch.randint(0, 1000, (70,))
-            _TritonLinearLogprobs.apply(h, w, t, -100, _triton_blocks()).sum().backward()
+            TritonLinearLogprobs.apply(h, w, t, -100, triton_blocks()).sum().backward()
         return run
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32

@@ -22,11 +22,10 @@ Two fused paths with the same semantics:
   impl="triton" (below) never writes a logits tile to memory at all.
 """
 
-import os
 
 import torch
 
-from kernels import resolve_impl, tl, triton
+from kernels import INTERPRET, resolve_impl, tl, triton
 
 # The torch path holds one fp32 (rows, V) logits chunk, rows = TORCH_TILE_ELEMENTS // V
 # (at least one), and on CPU takes its (log-)softmax in place (two chunks elsewhere).
@@ -186,16 +185,14 @@ def _torch_rows(V):
 # backward GEMMs do); the accumulation stays fp32. In the interpreter bf16 arithmetic is
 # wrong, so there everything is cast to fp32 at load (DOT_FP32).
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
 # Tokens per backward launch: bounds the fp32 dhidden buffer to this many rows of C.
 _BWD_TOKENS_PER_LAUNCH = 8192
 
 
-def _triton_blocks():
+def triton_blocks():
     # GPU values are a first guess for H100 and are untuned (no GPU was available when this
     # was written). Interpreting, cost grows with programs x loop trips, so use big tiles.
-    if _INTERPRETING:
+    if INTERPRET:
         return dict(BLOCK_N=64, BLOCK_V=4096, BLOCK_C=64, num_warps=4)
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_C=64, num_warps=8)
 
@@ -301,12 +298,12 @@ def _bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, N, V, C, st
                               mask=mask_v[:, None] & mask_c[None, :], sem="relaxed")
 
 
-class _TritonLinearLogprobs(torch.autograd.Function):
+class TritonLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, blocks):
         N, C = hidden.shape
         V = weight.shape[0]
-        dot_fp32 = _INTERPRETING or hidden.dtype == torch.float32
+        dot_fp32 = INTERPRET or hidden.dtype == torch.float32
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         out = torch.empty(N, dtype=torch.float32, device=hidden.device)
         grid = (max(1, triton.cdiv(N, blocks["BLOCK_N"])),)  # N == 0 (nothing scored): one idle program
@@ -371,6 +368,6 @@ def linear_logprobs(hidden, weight, targets, *, ignore_index=-100, impl="auto"):
         return _TorchLinearLogprobs.apply(
             hidden, weight, targets, ignore_index, _torch_rows(weight.shape[0])
         )
-    if not hidden.is_cuda and not _INTERPRETING:
+    if not hidden.is_cuda and not INTERPRET:
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
-    return _TritonLinearLogprobs.apply(hidden, weight, targets, ignore_index, _triton_blocks())
+    return TritonLinearLogprobs.apply(hidden, weight, targets, ignore_index, triton_blocks())

@@ -210,11 +210,11 @@ def test_torch_decode_step_matches_reference(G, window, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_routes_small_tq_without_grad_to_decode(device, monkeypatch):
-    import kernels.attention_decode as dec
+    import kernels.attention as A
 
     calls = []
-    real = dec.decode_attention
-    monkeypatch.setattr(dec, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = A.decode_attention
+    monkeypatch.setattr(A, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q = torch.randn(1, 4, 2, 16, device=device)
     k = torch.randn(1, 2, 40, 16, device=device)
     with torch.no_grad():
@@ -226,11 +226,11 @@ def test_auto_is_torch_on_cpu_and_errors_are_clear():
     q = torch.randn(1, 4, 5, 16)
     k = torch.randn(1, 2, 5, 16)
     assert torch.equal(attention(q, k, k), attention(q, k, k, impl="torch"))
-    with pytest.raises(AssertionError, match="q_offset"):
+    with pytest.raises(ValueError, match="q_offset"):
         attention(q, k, k, q_offset=2)  # Tk must equal q_offset + Tq
-    with pytest.raises(AssertionError, match="multiple"):
+    with pytest.raises(ValueError, match="multiple"):
         attention(torch.randn(1, 3, 5, 16), k, k)
-    with pytest.raises(AssertionError, match="power-of-two"):
+    with pytest.raises(ValueError, match="power-of-two"):
         attention(torch.randn(1, 4, 5, 24), torch.randn(1, 2, 5, 24), torch.randn(1, 2, 5, 24), impl="triton")
     with pytest.raises(ValueError):
         attention(q, k, k, impl="cuda")
@@ -238,11 +238,14 @@ def test_auto_is_torch_on_cpu_and_errors_are_clear():
 
 def test_spin_kernels_env_overrides_auto(monkeypatch):
     """SPIN_KERNELS (set by train.py/generate.py --kernels) replaces "auto": "torch" everywhere,
-    "triton" for CUDA tensors (on CPU tensors Triton runs only in the interpreter). An explicit
+    "triton" for CUDA tensors, and for CPU tensors only under the interpreter. An explicit
     impl still wins; a bad value is a clear error; both kernel families ask resolve_impl."""
+    import kernels
     import kernels.attention as A
     import kernels.logprob as L
     from kernels import resolve_impl
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # a CPU run outside the tests
 
     assert resolve_impl("auto", on_cuda=True) == "triton" and resolve_impl("auto", on_cuda=False) == "torch"
     monkeypatch.setenv("SPIN_KERNELS", "torch")
@@ -250,6 +253,8 @@ def test_spin_kernels_env_overrides_auto(monkeypatch):
     monkeypatch.setenv("SPIN_KERNELS", "triton")
     assert resolve_impl("auto", on_cuda=True) == "triton" and resolve_impl("auto", on_cuda=False) == "torch"
     assert resolve_impl("torch", on_cuda=True) == "torch"
+    monkeypatch.setattr(kernels, "INTERPRET", True)  # the tests' way to run kernels on CPU tensors
+    assert resolve_impl("auto", on_cuda=False) == "triton"
     monkeypatch.setenv("SPIN_KERNELS", "fast")
     with pytest.raises(ValueError, match="SPIN_KERNELS"):
         resolve_impl("auto", on_cuda=True)
@@ -259,8 +264,8 @@ def test_spin_kernels_env_overrides_auto(monkeypatch):
     monkeypatch.setattr(A, "resolve_impl", fake)
     monkeypatch.setattr(L, "resolve_impl", fake)
     monkeypatch.setattr(A, "attention_triton", lambda *a: calls.append("attn") or A.attention_torch(*a))
-    real = L._TritonLinearLogprobs.apply
-    monkeypatch.setattr(L._TritonLinearLogprobs, "apply", lambda *a: calls.append("logprob") or real(*a))
+    real = L.TritonLinearLogprobs.apply
+    monkeypatch.setattr(L.TritonLinearLogprobs, "apply", lambda *a: calls.append("logprob") or real(*a))
     q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
     attention(q, k, k)
     L.linear_logprobs(torch.randn(5, 16), torch.randn(40, 16), torch.randint(0, 40, (5,)))

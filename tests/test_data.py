@@ -24,7 +24,6 @@ from data.pairs import (
 from data.readers import (
     DataError,
     Example,
-    mix_iterations,
     read_examples,
     sample_examples,
     split_heldout,
@@ -238,16 +237,6 @@ def test_sample_and_split_seeded_disjoint():
     assert (train, held) == split_heldout(examples, 20, seed=3)
 
 
-def test_mix_iterations_drops_stale_opponent_logps(tmp_path):
-    cur, prev = tmp_path / "iter1.parquet", tmp_path / "iter0.parquet"
-    write_examples(cur, SPIN_EXAMPLES[:2], "spin")
-    write_examples(prev, SPIN_EXAMPLES[2:], "spin")
-    mixed, reports = mix_iterations(cur, prev)
-    assert len(mixed) == 3 and len(reports) == 2
-    assert mixed[:2] == SPIN_EXAMPLES[:2]
-    assert "ref_real_logps" not in mixed[2].extras and mixed[2].generated == SPIN_EXAMPLES[2].generated
-
-
 # -- tokenisation against the official collator (transformers tokenizer) -----------------
 
 
@@ -346,7 +335,7 @@ def test_truncation_property(n_prompt, n_resps, max_length, max_prompt_length):
 _ids = st.lists(st.integers(3, 999), min_size=1, max_size=12)
 _pair = st.builds(
     Pair, prompt_ids=_ids, real_ids=_ids, generated_ids=_ids,
-    ref_real_logp=st.floats(-50, 0), ref_generated_logp=st.floats(-50, 0),
+    ref_real_logps=st.floats(-50, 0), ref_generated_logps=st.floats(-50, 0),
 )
 
 
@@ -373,8 +362,8 @@ def test_collate_pairs_layout(items):
         scored = tgt[b] != -100
         assert int(scored.sum()) == len(resp) and bool((mask[b][scored] == 1).all())
     assert batch["ref_real_logps"].dtype == torch.float32
-    assert batch["ref_real_logps"].tolist() == pytest.approx([it.ref_real_logp for it in items])
-    assert batch["ref_generated_logps"].tolist() == pytest.approx([it.ref_generated_logp for it in items])
+    assert batch["ref_real_logps"].tolist() == pytest.approx([it.ref_real_logps for it in items])
+    assert batch["ref_generated_logps"].tolist() == pytest.approx([it.ref_generated_logps for it in items])
 
 
 def test_collate_sft_and_prompts():

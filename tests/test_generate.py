@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generate import _graphed_step as _real_graphed_step
+from generate import graphed_step as _real_graphed_step
 from generate import draw, filter_logits, generate_dataset, main, merge_parts, sample, score
 from model import Mistral
 
@@ -64,9 +64,9 @@ def test_greedy_equals_transformers_generate(ckpt):
 def test_padded_batch_rows_equal_each_prompt_alone(ckpt):
     _, model = ckpt
     prompts = prompts_of([11, 2, 7, 5, 9])
-    batch = sample(model, prompts, max_new_tokens=10, eos_id=None, greedy=True, batch_size=5)
+    batch = sample(model, prompts, max_new_tokens=10, eos_id=None, greedy=True, batch_size=5, logprobs=True)
     for p, b in zip(prompts, batch):
-        alone = sample(model, [p], max_new_tokens=10, eos_id=None, greedy=True)[0]
+        alone = sample(model, [p], max_new_tokens=10, eos_id=None, greedy=True, logprobs=True)[0]
         assert b.tokens == alone.tokens
         assert max(abs(x - y) for x, y in zip(b.logprobs, alone.logprobs)) <= 1e-5
 
@@ -76,11 +76,14 @@ def test_padded_batch_rows_equal_each_prompt_alone(ckpt):
 def test_logprobs_are_untempered_and_equal_a_full_forward(ckpt, kw):
     _, model = ckpt
     prompts = prompts_of([6, 13, 2])
-    for p, s in zip(prompts, sample(model, prompts, max_new_tokens=9, eos_id=None, seed=3, **kw)):
+    outs = sample(model, prompts, max_new_tokens=9, eos_id=None, seed=3, logprobs=True, **kw)
+    for p, s in zip(prompts, outs):
         ref = full_logprobs(model, p, s.tokens)
         assert (torch.tensor(s.logprobs, dtype=torch.float64) - ref).abs().max().item() <= 1e-4
+    # only computed when asked, and the draws do not depend on it
+    plain = sample(model, prompts, max_new_tokens=9, eos_id=None, seed=3, **kw)
+    assert all(p.logprobs is None and p.tokens == s.tokens for p, s in zip(plain, outs))
     # and score() agrees with the per-token sum
-    outs = sample(model, prompts, max_new_tokens=9, eos_id=None, seed=3, **kw)
     for v, s in zip(score(model, prompts, [s.tokens for s in outs]), outs):
         assert abs(v - sum(s.logprobs)) <= 1e-4
 
@@ -176,25 +179,25 @@ def test_sampling_end_to_end_stays_in_allowed_set(ckpt, kw):
 
 
 def _static_vs_eager(model, kw, graphed, monkeypatch):
-    """sample() with decode steps from _graphed_step (graphed or its eager twin) against plain
+    """sample() with decode steps from graphed_step (graphed or its eager twin) against plain
     eager decode: tokens and log-probs. Batches of 3 and 1 (the last), window 6 < lengths."""
     import functools
 
     import generate
 
     prompts = prompts_of([6, 13, 2, 9])
-    eager = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3, **kw)
+    eager = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3, logprobs=True, **kw)
     calls = []
-    real = functools.partial(generate._graphed_step, graphed=graphed)
-    monkeypatch.setattr(generate, "_graphed_step", lambda *a: calls.append(1) or real(*a))
+    real = functools.partial(generate.graphed_step, graphed=graphed)
+    monkeypatch.setattr(generate, "graphed_step", lambda *a: calls.append(1) or real(*a))
     static = [None] * len(prompts)
     for s0 in (0, 3):
         idx = list(range(s0, min(s0 + 3, len(prompts))))
-        got = generate._sample_batch(model, [prompts[i] for i in idx], idx, 12, None, kw.get("temperature", 1.0),
-                                     0, 1.0, kw.get("greedy", False), 5, None, cuda_graph=True)
+        got = generate.sample_batch(model, [prompts[i] for i in idx], idx, 12, None, kw.get("temperature", 1.0),
+                                    0, 1.0, kw.get("greedy", False), 5, None, cuda_graph=True, logprobs=True)
         for i, g in zip(idx, got):
             static[i] = g
-    assert len(calls) == 2  # both batches decoded through _graphed_step
+    assert len(calls) == 2  # both batches decoded through graphed_step
     for a, b in zip(eager, static):
         assert a.tokens == b.tokens
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
@@ -222,9 +225,9 @@ def test_cuda_graph_decode_equals_eager(ckpt, kw, dtype, monkeypatch):
     prompts = prompts_of([6, 13, 2, 9])
     runs = {}
     for graphed in (False, True):
-        monkeypatch.setattr(generate, "_graphed_step", functools.partial(_real_graphed_step, graphed=graphed))
+        monkeypatch.setattr(generate, "graphed_step", functools.partial(_real_graphed_step, graphed=graphed))
         runs[graphed] = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3,
-                               cuda_graph=True, **kw)
+                               cuda_graph=True, logprobs=True, **kw)
     for a, b in zip(runs[False], runs[True]):
         assert a.tokens == b.tokens
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-3
@@ -239,7 +242,7 @@ def test_vocab_limit_never_draws_past_the_tokenizer(ckpt, kw):
     tokenizer could not decode them), and the stored log-probs are still the full model's."""
     _, model = ckpt
     prompts = prompts_of([6, 13, 2])
-    outs = sample(model, prompts, max_new_tokens=20, eos_id=None, seed=2, vocab_limit=40, **kw)
+    outs = sample(model, prompts, max_new_tokens=20, eos_id=None, seed=2, vocab_limit=40, logprobs=True, **kw)
     assert all(max(o.tokens) < 40 for o in outs)
     free = sample(model, prompts, max_new_tokens=20, eos_id=None, seed=2, **kw)
     assert any(max(o.tokens) >= 40 for o in free)  # the limit did something
@@ -319,7 +322,7 @@ def test_dataset_layout_and_opponent_logprobs(world, tmp_path):
     batch = collate_pairs(pairs, pad_id=0)
     with torch.no_grad():
         sums = model.token_logprobs(batch["input_ids"], batch["targets"], batch["attention_mask"]).sum(1)
-    stored = torch.tensor([p.ref_real_logp for p in pairs] + [p.ref_generated_logp for p in pairs])
+    stored = torch.tensor([p.ref_real_logps for p in pairs] + [p.ref_generated_logps for p in pairs])
     assert (sums - stored).abs().max().item() <= 1e-4
     assert [len(p.generated_ids) for p in pairs] == table.column("generated_tokens").to_pylist()
 

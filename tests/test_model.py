@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import model as M
-from model import KVCache, Mistral, ModelConfig, cpu_decode_weights
+from kernels.cpu_linear import cpu_decode_weights
+from model import KVCache, Mistral, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 from hf_tiny import random_hf_mistral  # noqa: E402
@@ -44,7 +43,7 @@ def test_logits_match_transformers(tmp_path, case):
     hf, folder = make_hf(tmp_path, **CASES[case])
     model = Mistral.from_pretrained(folder)
     ids = torch.randint(0, VOCAB, (2, 19))
-    ours = model(ids, attn_impl="torch").float()
+    ours = model(ids).float()
     ref = hf_logits(hf, ids)
     assert (ours - ref).abs().max().item() <= 1e-4
 
@@ -142,48 +141,6 @@ def test_cached_decode_equals_full_forward(tmp_path, window, mode):
     assert (cached[1, 4:] - full[1, 4:]).abs().max().item() <= 1e-4
     # The cache never leaks into the model's state.
     assert not any("cache" in k for k in model.state_dict())
-
-
-@pytest.mark.skipif(not M._ONEDNN, reason="this torch build has no working oneDNN linear (model._probe_onednn)")
-@pytest.mark.parametrize("tied", [False, True])
-def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
-    _, folder = make_hf(tmp_path, tie_word_embeddings=tied)
-    model = Mistral.from_pretrained(folder)
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    assert len(weights) == 7 * model.config.num_hidden_layers + 1
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for W in (model.model.layers[0].mlp.gate_proj.weight, model.lm_head.weight):
-            for rows in (1, 3, 8):  # packed for 8 rows, used with others too
-                x = torch.randn(rows, 1, W.shape[1], generator=g)
-                plain = M.linear(x, W)
-                with cpu_decode_weights(model, rows=8):
-                    assert set(M._PACKED) == weights
-                    packed = M.linear(x, W)
-                assert not M._PACKED
-                ref = F.linear(x.double(), W.double())
-                scale = ref.abs().max().item()
-                for y in (packed, plain):  # oneDNN's kernels differ only in summation order
-                    assert (y.double() - ref).abs().max().item() <= 1e-6 * scale
-        with pytest.raises(KeyError):  # an error inside the block still drops the copies
-            with cpu_decode_weights(model, rows=8):
-                raise KeyError
-        assert not M._PACKED
-        with cpu_decode_weights(model, rows=M.DECODE_ROWS + 1):  # never takes the oneDNN path
-            assert not M._PACKED
-        monkeypatch.setattr(M, "PACK_BUDGET_BYTES", 1000)
-        with cpu_decode_weights(model, rows=8):  # too big to copy
-            assert not M._PACKED
-        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # the user switched oneDNN off
-        x = torch.randn(3, 1, W.shape[1], generator=g)
-        assert torch.equal(M.linear(x, W), F.linear(x, W))
-        monkeypatch.undo()
-        monkeypatch.setattr(M, "_ONEDNN", False)  # a torch build where the probe failed
-        with cpu_decode_weights(model, rows=8):
-            assert not M._PACKED
-            x = torch.randn(3, 1, W.shape[1], generator=g)
-            assert torch.equal(M.linear(x, W), F.linear(x, W))
 
 
 def test_token_logprobs_equal_log_softmax(tmp_path):
@@ -327,7 +284,7 @@ def test_integer_tensor_refused(tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device):
+def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device, monkeypatch):
     """The model with the Triton kernels (interpreted on CPU) gives the torch path's logits,
     per-token log-probs and gradients, with left padding and a window shorter than the rows."""
     _, folder = make_hf(tmp_path, sliding_window=6, num_attention_heads=4, num_key_value_heads=1,
@@ -340,11 +297,12 @@ def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device):
     targets[:, -1] = -100
     targets[1, :7] = -100
     results = []
-    for impl in ("torch", "triton"):
+    for impl in ("torch", "triton"):  # the one channel that chooses kernels (kernels/__init__.py)
+        monkeypatch.setenv("SPIN_KERNELS", impl)
         model.zero_grad()
-        lp = model(ids, attention_mask=mask, targets=targets, attn_impl=impl, logprob_impl=impl)
+        lp = model(ids, attention_mask=mask, targets=targets)
         lp.sum().backward()
-        logits = model(ids, attention_mask=mask, attn_impl=impl).detach()
+        logits = model(ids, attention_mask=mask).detach()
         results.append((lp.detach(), logits, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (lp0, lg0, g0), (lp1, lg1, g1) = results
     assert (lp0 - lp1).abs().max().item() <= 2e-4
@@ -375,10 +333,11 @@ def test_cpu_paths_run_without_triton():
         "import torch\n"
         "from kernels import HAS_TRITON, resolve_impl\n"
         "from kernels.attention import attention\n"
-        "from model import TINY, Mistral\n"
+        "from model import Mistral, ModelConfig\n"
         "assert not HAS_TRITON and resolve_impl('auto', on_cuda=True) == 'torch'\n"
-        "m = Mistral(TINY)\n"
-        "ids = torch.randint(0, TINY.vocab_size, (2, 9))\n"
+        "m = Mistral(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+        "                        num_attention_heads=2, num_key_value_heads=1, head_dim=16))\n"
+        "ids = torch.randint(0, 64, (2, 9))\n"
         "m(ids).float().sum().backward()\n"
         "assert torch.isfinite(m.token_logprobs(ids, ids)).all()\n"
         "q = torch.randn(1, 4, 5, 16)\n"

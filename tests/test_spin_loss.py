@@ -112,7 +112,7 @@ def test_magnitude_1e4_gives_finite_loss_and_gradients(loss_type, dtype):
     loss, metrics = spin_loss(*x, beta=5.0, loss_type=loss_type, reduction="none")
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(v) for v in metrics.values())
+    assert all(torch.isfinite(v).all() for v in metrics.values())
     # Far in the tail l(u) ~ -u: the worst pair's loss is 5 * 4e4 = 2e5 (not inf).
     assert loss.max().item() == pytest.approx(2e5, rel=1e-2)
 
@@ -330,3 +330,19 @@ def test_bad_inputs_raise_clear_errors():
         spin_loss(x, x, x, x, loss_type="ipo")
     with pytest.raises(ValueError, match="reduction"):
         spin_loss(x, x, x, x, reduction="sum")
+
+
+def test_reduction_none_gives_per_pair_metrics():
+    """evaluate.py sums per-pair rewards from spin_loss itself: with reduction="none" every
+    metric is (B,), and its mean is the reduction="mean" metric."""
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(7, generator=g) * 3 for _ in range(4)]
+    per, met_none = spin_loss(*x, beta=0.7, reduction="none")
+    mean, met_mean = spin_loss(*x, beta=0.7)
+    assert per.shape == (7,) and torch.allclose(per.mean(), mean)
+    real = 0.7 * (x[0] - x[2])
+    gen = 0.7 * (x[1] - x[3])
+    assert torch.equal(met_none["rewards/margins"], real - gen)
+    assert torch.equal(met_none["rewards/accuracies"], (real > gen).float())
+    for k, v in met_none.items():
+        assert v.shape == (7,) and torch.allclose(v.mean(), met_mean[k]), k

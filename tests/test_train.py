@@ -116,8 +116,8 @@ def test_opponent_logprobs_equal_fresh_forward(single):
     real = generate.score(opponent, [i.prompt_ids for i in items], [i.real_ids for i in items])
     gen = generate.score(opponent, [i.prompt_ids for i in items], [i.generated_ids for i in items])
     for it, a, b in zip(items, real, gen):
-        assert abs(float(a) - it.ref_real_logp) < 1e-3
-        assert abs(float(b) - it.ref_generated_logp) < 1e-3
+        assert abs(float(a) - it.ref_real_logps) < 1e-3
+        assert abs(float(b) - it.ref_generated_logps) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_recipe_path_on_a_hugging_face_folder(tmp_path, tied):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     cfg = json.load(open(out / "config.json"))
-    assert cfg["beta"] == "0.1,0.1,0.1,5.0" and cfg["mix_previous"] is True and cfg["optimizer"] == "rmsprop"
+    assert cfg["beta"] == [0.1, 0.1, 0.1, 5.0] and cfg["mix_previous"] is True and cfg["optimizer"] == "rmsprop"
     assert "[iter1] beta 0.1, lr " in p.stdout  # each iteration says what it uses
     assert os.path.exists(out / "iter1" / "previous_rescored.parquet")
     steps = [r for r in records(out) if r["type"] == "step"]
@@ -271,12 +271,13 @@ def test_clip_grad_norm_matches_torch(scale):
 
 
 def test_resume_may_change_kernels_but_not_settings(tmp_path):
-    from train import parse_args, prepare_out_dir
+    from run_folder import open_run
+    from train import parse_args
 
     out = str(tmp_path / "run")
-    assert prepare_out_dir(parse_args(["--out", out]), world=1) is None
-    assert prepare_out_dir(parse_args(["--out", out, "--resume", "--kernels", "torch"]), world=1) is None
-    err = prepare_out_dir(parse_args(["--out", out, "--resume", "--seed", "1"]), world=1)
+    assert open_run(parse_args(["--out", out]), world=1) is None
+    assert open_run(parse_args(["--out", out, "--resume", "--kernels", "torch"]), world=1) is None
+    err = open_run(parse_args(["--out", out, "--resume", "--seed", "1"]), world=1)
     assert err and "seed 0 -> 1" in err
-    err = prepare_out_dir(parse_args(["--out", out, "--seed", "2"]), world=1)  # a live run looks the same
+    err = open_run(parse_args(["--out", out, "--seed", "2"]), world=1)  # a live run looks the same
     assert err and "already holds a run" in err

@@ -1,0 +1,279 @@
+"""Everything that reaches the disk as a model or a resumable state, and the one way files and
+folders are written: atomically.
+
+    atomic_file(path, mode)          a file that appears whole or not at all
+    atomic_folder(path)              the same for a folder (a Hugging Face export, say)
+    load_hf_state / save_hf          Hugging Face safetensors folders (never pickle)
+    save_ckpt / load_ckpt            torch.distributed.checkpoint of a sharded training state
+    export                           gather a sharded model on rank 0 and write a HF folder
+
+A crash (or SIGKILL) at any instant leaves either the old content or the new one, never a
+file or folder that looks complete but is not: everything is written under a hidden sibling
+name and renamed into place, and a rename is atomic on POSIX filesystems.
+"""
+import contextlib
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
+
+import parallel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, source="dtype"):
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"{source}: dtype {dtype} is not supported ({', '.join(DTYPES)})")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"{source}: dtype '{dtype}' is not supported ({', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+
+def _tmp_sibling(path):
+    """A unique hidden name beside path. Files and folders are created there with open() and
+    os.mkdir, so they get the umask's mode (mkstemp's and mkdtemp's would be owner-only, and
+    the rename would keep that)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """open(path, mode) for writing, except that the file appears at `path` only when the block
+    ends without an exception."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, obj, **kw):
+    with atomic_file(path) as f:
+        json.dump(obj, f, **kw)
+
+
+def publish_folder(tmp, path):
+    """Move the finished folder `tmp` to `path`, replacing a folder already there: the old one is
+    first moved aside, so `path` always names a complete folder or nothing."""
+    if os.path.exists(path):
+        old = _tmp_sibling(path)
+        os.mkdir(old)
+        os.rename(path, os.path.join(old, "x"))
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yields an empty temporary folder beside `path`; when the block ends without an exception
+    it becomes `path` (publish_folder), otherwise it is deleted."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp_sibling(path)
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        publish_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask():
+    """The process umask. Linux shows it in /proc; elsewhere set-and-restore, which for an
+    instant applies 022 to files other threads create."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face safetensors folders
+
+def checkpoint_files(path):
+    """The safetensors files of a folder, and a map tensor name -> file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{index} names shard '{name}', which does not exist in {path}")
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(path) else []
+        hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+    names = {}
+    for name in files:
+        file = os.path.join(path, name)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    names[key] = file
+        except Exception as e:  # safetensors raises its own error type for truncated headers
+            raise ValueError(f"{file}: cannot read safetensors file ({e})") from None
+    return names
+
+
+def load_hf_state(path, expected, dtype, device=None, tied=False):
+    """Read every tensor of a HF folder into `dtype` on `device`, after checking that the names
+    and shapes are exactly `expected` ({name: shape}). With tied embeddings the file holds no
+    lm_head.weight; it comes back as the embedding. Returns a state dict."""
+    expected = dict(expected)
+    if tied:
+        expected.pop("lm_head.weight", None)
+    names = checkpoint_files(path)
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    misshaped = []
+    by_file = {}
+    for key, file in names.items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for key in keys:
+                if key in expected:
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        misshaped.append(f"{key}: file {shape}, model {expected[key]}")
+    if missing or unexpected or misshaped:
+        parts = [f"{label} ({len(v)}): {', '.join(v[:20])}{' ...' if len(v) > 20 else ''}"
+                 for label, v in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if v]
+        raise ValueError(f"{path}: checkpoint does not match the config; " + "; ".join(parts))
+    state = {}
+    for file, keys in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in keys:
+                    t = f.get_tensor(key)
+                    if not t.is_floating_point():
+                        raise ValueError(f"{file}: tensor '{key}' has unsupported dtype {t.dtype}")
+                    state[key] = t.to(device=device, dtype=dtype)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read tensors ({e})") from None
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def save_hf(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra_files=None, tied=False):
+    """Write a HF folder: config.json (the dict `config`) + safetensors, sharded with an index
+    above max_shard_bytes, plus extra_files {name: source path}, e.g. the tokenizer."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    if tied:
+        tensors.pop("lm_head.weight", None)  # stored once, as transformers does
+    dtypes = {t.dtype for t in tensors.values()}
+    dtype_name = next((n for n, d in DTYPES.items() if d in dtypes), config.get("dtype", "float32"))
+    shards, current, size = [], {}, 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = t
+        size += nbytes
+    shards.append(current)
+    with atomic_folder(path) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dict(config, dtype=dtype_name, torch_dtype=dtype_name), f, indent=2)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        for name, src in (extra_files or {}).items():
+            shutil.copy(src, os.path.join(tmp, name))
+        mask = _umask()  # safetensors writes owner-only files: give them the usual mode
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+
+
+def export(model, config, folder, extra_files, dtype):
+    """Gather a (sharded) model's full weights on rank 0 and write a HF folder (plus the
+    tokenizer files) atomically. Every rank must call it."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    parallel.on_rank0(lambda: save_hf(
+        {k.replace("._checkpoint_wrapped_module", ""): v.to(dtype) for k, v in state.items()},
+        config.to_hf(), folder, extra_files=extra_files, tied=config.tie_word_embeddings))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable training state: torch.distributed.checkpoint into a temporary folder that rank 0
+# renames once every rank has written, so a folder named step-N is always complete.
+
+def save_ckpt(stage_dir, step, model, opt, sched):
+    ckpt = os.path.join(stage_dir, "ckpt")
+    tmp, final = os.path.join(ckpt, f".tmp-step-{step}"), os.path.join(ckpt, f"step-{step}")
+    model_sd, opt_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=tmp)
+    parallel.barrier()
+    if parallel.rank() == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, "scheduler": sched.state_dict(),
+                       "rng_cpu": torch.get_rng_state().tolist()}, f)
+        publish_folder(tmp, final)
+        done = sorted(int(d[5:]) for d in os.listdir(ckpt) if d.startswith("step-"))
+        for old in done[:-2]:  # keep the newest two
+            shutil.rmtree(os.path.join(ckpt, f"step-{old}"), ignore_errors=True)
+    parallel.barrier()
+
+
+def load_ckpt(stage_dir, model, opt, sched):
+    """Restore the newest complete checkpoint of a stage; returns its step (0 when none)."""
+    ckpt = os.path.join(stage_dir, "ckpt")
+    steps = sorted(int(d[5:]) for d in os.listdir(ckpt) if d.startswith("step-")) if os.path.isdir(ckpt) else []
+    if not steps:
+        return 0
+    path = os.path.join(ckpt, f"step-{steps[-1]}")
+    model_sd, opt_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": opt_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(torch.tensor(meta["rng_cpu"], dtype=torch.uint8))
+    parallel.log(f"  resumed from {path}")
+    return meta["step"]

@@ -1,0 +1,94 @@
+"""Linear layers for a CPU decode step: oneDNN directly, on weights packed once.
+
+    linear(x, w)                 F.linear(x, w), or oneDNN for a CPU decode-sized product
+    Linear                       nn.Linear whose forward is linear(): what the model's layers are
+    cpu_decode_weights(model, rows)   within the block, linear() reads packed weight copies
+
+## Motivation
+
+A decode step multiplies a few rows (the batch) by every weight matrix of the model. With
+fp32 weights larger than the last-level cache, the step is bound by reading the weights from
+DRAM, so the product should read each weight byte once at full bandwidth. MKL's general GEMM
+(what F.linear calls) and oneDNN's unpacked path both reorder the weight into their blocked
+layout on every call, which for 8 rows costs more than the product: the 32000 x 256 LM head
+read at ~12 GB/s where a plain `sum` of the same bytes reads ~38 GB/s. oneDNN's
+`_reorder_linear_weight` packs a weight once for a given row count; the packed copy is then
+read at near streaming speed (bench/cpu_gemm.py: 3.4x on the LM head at 2 threads;
+bench/RESULTS_generate_cpu.md). Training and large batches (more than DECODE_ROWS rows, or
+autograd) keep F.linear, which wins there.
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PACK_BUDGET_BYTES = 1 << 30  # never copy more than this much of a model's weights
+DECODE_ROWS = 64  # up to this many rows a CPU product is a "decode step" (MKL wins above)
+
+
+def _probe_onednn():
+    """oneDNN's private ops are in every x86 build of torch; other builds (an ARM laptop) may
+    lack them or refuse fp32. Try both forms once on a small product; use them only if they
+    work and agree with F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.no_grad():
+            w, x = torch.arange(12.0).view(3, 4) / 7, torch.ones(2, 4)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+            got = [torch.ops.mkldnn._linear_pointwise(x, v, None, "none", [], "") for v in (w, packed)]
+        return all(torch.allclose(g, F.linear(x, w)) for g in got)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+ONEDNN = _probe_onednn()
+PACKED = {}  # id(weight) -> (weight, oneDNN copy), filled only inside cpu_decode_weights
+
+
+def linear(x, w):
+    """F.linear(x, w), except for a CPU decode step (at most DECODE_ROWS rows, fp32, no
+    autograd), which calls oneDNN's kernel directly, on the packed copy of w when
+    cpu_decode_weights made one. Both agree to float32 summation order."""
+    if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+            and x.numel() <= DECODE_ROWS * x.shape[-1] and torch.backends.mkldnn.enabled:
+        packed = PACKED.get(id(w))
+        return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], None, "none", [], "")
+    return F.linear(x, w)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose forward takes linear()'s CPU decode path. Parameter names
+    stay `weight`, so checkpoints load unchanged; a module can still be replaced (lora.py)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return linear(x, self.weight)
+
+
+@contextlib.contextmanager
+def cpu_decode_weights(model, rows):
+    """Within the block, linear() reads oneDNN copies of the model's fp32 CPU weights, packed
+    once for `rows` rows (the same products up to float32 summation order). The weights must not
+    change inside the block. The copies cost the weights' memory again, so models with more than
+    PACK_BUDGET_BYTES of linear weights (and GPU or half-precision models, or more than
+    DECODE_ROWS rows, which never take the oneDNN path) run unpacked."""
+    ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    # Plain tensors only: an FSDP-sharded weight (a DTensor) is left to F.linear.
+    ok = ONEDNN and ws and rows <= DECODE_ROWS and all(
+        type(w.detach()) is torch.Tensor and w.device.type == "cpu" and w.dtype == torch.float32 for w in ws) \
+        and sum(w.numel() * 4 for w in ws) <= PACK_BUDGET_BYTES
+    mine = []
+    try:
+        if ok:
+            for w in ws:
+                if id(w) not in PACKED:  # a tied or nested use keeps the outer copy
+                    PACKED[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
+                    mine.append(id(w))
+        yield
+    finally:
+        for i in mine:
+            PACKED.pop(i, None)

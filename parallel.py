@@ -1,0 +1,100 @@
+"""How work and results are split over ranks: one place for the process group, rank-0-only
+work, metric reduction and the fixed parts that make 1 and N processes compute the same thing.
+
+`python train.py` is a world of one on the same code path as `torchrun --nproc_per_node=N`.
+"""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def setup():
+    """Start the process group (a one-process group outside torchrun) -> (rank, world, device)."""
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:  # a free port for the one-process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # Metrics are reduced as small CPU tensors, so a GPU run needs gloo beside nccl.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return rank, world, device
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log(*a):
+    if rank() == 0:
+        print(*a, flush=True)
+
+
+def on_rank0(fn):
+    """Run fn on rank 0 only. Every rank learns whether it failed, so none waits forever at the
+    next collective (a full disk during an export, say)."""
+    err, exc = [None], None
+    if rank() == 0:
+        try:
+            fn()
+        except Exception as e:
+            exc, err[0] = e, f"{type(e).__name__}: {e}"
+    if world() > 1:
+        dist.broadcast_object_list(err, src=0)
+    if exc is not None:
+        raise exc
+    if err[0]:
+        raise RuntimeError(f"rank 0 failed: {err[0]}")
+
+
+def reduce_sums(sums, op="sum"):
+    """{name: float} summed (or maxed) over ranks, in float64 and in a fixed key order, so every
+    rank gets the same numbers, whatever the world size."""
+    names = sorted(sums)
+    t = torch.tensor([float(sums[k]) for k in names], dtype=torch.float64)
+    if world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return dict(zip(names, t.tolist()))
+
+
+def parts_of(n, rank, world, size=256):
+    """The index ranges this rank takes: part p is [p*size, (p+1)*size), done by rank p % world.
+    Each part goes through score/sample in one call whatever the world size, so its batches,
+    and therefore its float rounding, are the same with 1 or N ranks."""
+    return [range(p, min(n, p + size)) for p in range(rank * size, n, world * size)]
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale the gradients so their global L2 norm is at most max_norm; returns the norm before.
+    Why not torch.nn.utils.clip_grad_norm_: its norm of sharded gradients sums in an order that
+    depends on the number of ranks, and one ulp of difference in the scale factor, amplified by
+    hundreds of steps, made 1 and 2 processes end in different models. Squares summed in float64
+    and rounded once to float32 give the same factor for any sharding."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+    sq = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    for g in grads:
+        sq += g.double().pow(2).sum()
+    if world() > 1:
+        dist.all_reduce(sq)
+    norm = sq.sqrt().float()  # (1,)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm[0]

@@ -1,0 +1,197 @@
+"""One training stage under FSDP2, from a Hugging Face folder to a Hugging Face folder: SPIN on
+(real, generated) pairs against stored opponent log-probs, or SFT (cross-entropy on the ground
+truth). train.py describes each stage with a `Stage` and calls `run_stage`; the `run` argument
+of these functions is train.Run (settings, device, tokenizer, run folder).
+
+Model set-up follows a fixed order (as torchtitan): build on meta -> activation checkpointing ->
+fully_shard each block -> fully_shard the root -> allocate the shards -> load the weights.
+Parameters stay fp32 (the optimiser's master copy); on GPUs compute runs in bf16 and gradients
+are reduced in fp32. The global batch at step s is a fixed function of (seed, s), so 1 and N
+processes see the same data and give the same losses.
+"""
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import parallel
+from checkpoint import export, load_ckpt, resolve_dtype, save_ckpt
+from data import pairs
+from model import Mistral, ModelConfig
+from parallel import log
+from run_folder import record
+from spin_loss import sequence_logps, spin_loss
+
+
+def build_model(folder, args, device):
+    config = ModelConfig.from_hf(folder)
+    with torch.device("meta"):
+        model = Mistral(config)
+    if args.activation_checkpointing:
+        for i, block in enumerate(model.model.layers):
+            model.model.layers[i] = checkpoint_wrapper(block)
+    # Parameters stay fp32 (the optimiser's master copy); on GPUs compute runs in bf16 and
+    # gradients are reduced in fp32.
+    compute = resolve_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    # Only rank 0 reads the files; the shards arrive by broadcast, so no rank holds two copies.
+    full = {}
+    if parallel.rank() == 0:
+        full = Mistral.from_pretrained(folder, dtype=torch.float32, device="cpu").state_dict()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model, config
+
+
+# ----------------------------------------------------------------------------------------------
+# One stage
+
+@dataclass
+class Stage:
+    kind: str  # "spin" or "sft"
+    init_dir: str  # the HF folder it starts from (for SPIN: the opponent p_t)
+    items: list  # tokenised pairs (SPIN) or sequences (SFT)
+    steps: int
+    lr: float
+    beta: float | None
+    folder: str  # checkpoints go to folder/ckpt, the export to folder/model
+    tag: str  # its name in metrics.jsonl
+    optimizer: str
+
+
+def make_optimizer(params, name, lr, steps, warmup_ratio):
+    if name == "rmsprop":  # the paper's choice; no weight decay
+        opt = torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, int(warmup_ratio * steps))  # linear warmup, then linear decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    return opt, sched
+
+
+def spin_micro_batch(model, micro, run, beta, live, n_local):
+    """Forward and backward of one SPIN micro-batch; returns its metric sums (weighted by pairs)."""
+    b = pairs.collate_pairs(micro, pad_id=run.tok.eos_id)
+    ids, mask, tgt = (b[k].to(run.device) for k in ("input_ids", "attention_mask", "targets"))
+    seq = sequence_logps(model(ids, attention_mask=mask, targets=tgt), tgt != -100)  # (2B,)
+    n = len(micro)
+    ref_real, ref_gen = (b[k].to(run.device) for k in pairs.OPPONENT_COLUMNS)
+    sums = {}
+    if live is not None:  # the opponent recomputed by a resident copy: a check of the stored values
+        with torch.no_grad():
+            ref = sequence_logps(live(ids, attention_mask=mask, targets=tgt), tgt != -100)
+        sums["live_diff"] = torch.cat([ref[:n] - ref_real, ref[n:] - ref_gen]).abs().max().item()
+        ref_real, ref_gen = ref[:n], ref[n:]
+    loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=beta, loss_type=run.args.loss_type)
+    (loss * n / n_local).backward()  # spin_loss averages over this micro-batch; FSDP over ranks
+    sums["loss"] = loss.item() * n
+    for k in ("rewards/real", "rewards/generated", "rewards/accuracies", "logps/real", "logps/generated"):
+        sums[k] = float(met[k] * n)
+    sums["n"] = n
+    return sums, int(mask.sum())
+
+
+def sft_micro_batch(model, micro, run, gt_tokens):
+    """Cross-entropy on the ground-truth responses, normalised by the response tokens of the
+    whole global batch (known to every rank), so the gradient does not depend on sharding."""
+    b = pairs.collate_sft(micro, pad_id=run.tok.eos_id)
+    ids, mask, tgt = (b[k].to(run.device) for k in ("input_ids", "attention_mask", "targets"))
+    nll = -model(ids, attention_mask=mask, targets=tgt).sum()
+    (nll * parallel.world() / gt_tokens).backward()
+    return {"loss": nll.item(), "n": (tgt != -100).sum().item()}, int(mask.sum())
+
+
+def train_stage(run, stage):
+    """The global batch at step s is a fixed function of (seed, s), so 1 and N processes see the
+    same data and give the same losses. Returns the trained (sharded) model and its config."""
+    args, rank, world = run.args, parallel.rank(), parallel.world()
+    G, mb = args.batch_size, args.micro_batch_size
+    if G % world or (G // world) % min(mb, G // world):
+        raise ValueError(f"--batch-size {G} must split evenly over {world} ranks x micro-batches of {mb}")
+    local, mb = G // world, min(mb, G // world)
+    per_epoch = len(stage.items) // G
+    if per_epoch == 0:
+        raise ValueError(f"{stage.tag}: {len(stage.items)} examples is fewer than one global batch of {G}")
+    model, config = build_model(stage.init_dir, args, run.device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, stage.optimizer, stage.lr, stage.steps, args.warmup_ratio)
+    start = load_ckpt(stage.folder, model, opt, sched)
+    live = None
+    if args.live_reference and stage.kind == "spin":
+        live = Mistral.from_pretrained(stage.init_dir, device=run.device, dtype=run.infer)
+    for step in range(start, stage.steps):
+        t0 = time.time()
+        epoch, pos = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch)
+        batch = [stage.items[i] for i in torch.randperm(len(stage.items), generator=g)[pos * G:(pos + 1) * G].tolist()]
+        mine = batch[rank * local:(rank + 1) * local]
+        gt_tokens = sum(len(it.real_ids) for it in batch)
+        sums, live_diff, ntok = {}, 0.0, 0
+        for m0 in range(0, local, mb):
+            model.set_requires_gradient_sync(m0 + mb >= local)  # reduce gradients once, at the last
+            if stage.kind == "spin":
+                got, n = spin_micro_batch(model, mine[m0:m0 + mb], run, stage.beta, live, local)
+                live_diff = max(live_diff, got.pop("live_diff", 0.0))
+            else:
+                got, n = sft_micro_batch(model, mine[m0:m0 + mb], run, gt_tokens)
+            sums = {k: sums.get(k, 0.0) + v for k, v in got.items()}
+            ntok += n
+        gnorm = parallel.clip_grad_norm(params, args.clip)
+        tot = parallel.reduce_sums(sums)
+        loss = tot["loss"] / tot["n"]
+        if not math.isfinite(loss) or not math.isfinite(gnorm.item()):
+            raise FloatingPointError(f"{stage.tag} step {step}: loss {loss}, grad norm {gnorm.item()}; "
+                                     f"stopping. The last good checkpoint in {stage.folder}/ckpt is intact.")
+        lr_used = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"type": "step", "stage": stage.tag, "step": step + 1, "steps": stage.steps, "loss": loss,
+               "lr": lr_used, "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / (time.time() - t0),
+               "peak_mem_mb": peak_memory_mb(run.device)}
+        if stage.kind == "spin":
+            rec.update({k: tot[k] / tot["n"] for k in ("rewards/real", "rewards/generated")})
+            rec["rewards/margins"] = (tot["rewards/real"] - tot["rewards/generated"]) / tot["n"]
+            rec.update({k: tot[k] / tot["n"] for k in ("rewards/accuracies", "logps/real", "logps/generated")})
+            rec["beta"] = stage.beta
+            if live is not None:
+                rec["live_reference_max_abs_diff"] = parallel.reduce_sums({"d": live_diff}, op="max")["d"]
+        record(run.out, rec)
+        if (step + 1) % args.ckpt_every == 0 and step + 1 < stage.steps:
+            save_ckpt(stage.folder, step + 1, model, opt, sched)
+        if args.kill_at == f"{stage.tag}:{step + 1}":
+            os.kill(os.getpid(), 9)
+    return model, config
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_stage(run, stage):
+    """Train and export a stage, unless its export exists (a finished stage is skipped)."""
+    model_dir = os.path.join(stage.folder, "model")
+    if not os.path.exists(model_dir):
+        os.makedirs(stage.folder, exist_ok=True)
+        log(f"[{stage.tag}] {stage.kind}: {stage.steps} steps from {stage.init_dir}")
+        model, config = train_stage(run, stage)
+        export(model, config, model_dir, run.tok_files, resolve_dtype(run.dtype_name))
+        del model
+        # The export is the stage's result; its checkpoints (weights plus optimiser state,
+        # ~16 bytes a parameter) only served a resume.
+        parallel.on_rank0(lambda: shutil.rmtree(os.path.join(stage.folder, "ckpt"), ignore_errors=True))
+    return model_dir

@@ -1,0 +1,59 @@
+"""kernels/cpu_linear.py: the oneDNN decode path, packed and unpacked, against F.linear."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.cpu_linear as cl
+from kernels.cpu_linear import cpu_decode_weights
+from model import Mistral
+
+pytest.importorskip("transformers")
+from hf_tiny import random_hf_mistral  # noqa: E402
+
+
+def make_hf(tmp_path, **kw):
+    return random_hf_mistral(os.path.join(tmp_path, "ckpt"), vocab=97, **kw)
+
+
+@pytest.mark.skipif(not cl.ONEDNN, reason="this torch build has no working oneDNN linear (kernels/cpu_linear.py)")
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
+    _, folder = make_hf(tmp_path, tie_word_embeddings=tied)
+    model = Mistral.from_pretrained(folder)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert len(weights) == 7 * model.config.num_hidden_layers + 1
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for W in (model.model.layers[0].mlp.gate_proj.weight, model.lm_head.weight):
+            for rows in (1, 3, 8):  # packed for 8 rows, used with others too
+                x = torch.randn(rows, 1, W.shape[1], generator=g)
+                plain = cl.linear(x, W)
+                with cpu_decode_weights(model, rows=8):
+                    assert set(cl.PACKED) == weights
+                    packed = cl.linear(x, W)
+                assert not cl.PACKED
+                ref = F.linear(x.double(), W.double())
+                scale = ref.abs().max().item()
+                for y in (packed, plain):  # oneDNN's kernels differ only in summation order
+                    assert (y.double() - ref).abs().max().item() <= 1e-6 * scale
+        with pytest.raises(KeyError):  # an error inside the block still drops the copies
+            with cpu_decode_weights(model, rows=8):
+                raise KeyError
+        assert not cl.PACKED
+        with cpu_decode_weights(model, rows=cl.DECODE_ROWS + 1):  # never takes the oneDNN path
+            assert not cl.PACKED
+        monkeypatch.setattr(cl, "PACK_BUDGET_BYTES", 1000)
+        with cpu_decode_weights(model, rows=8):  # too big to copy
+            assert not cl.PACKED
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # the user switched oneDNN off
+        x = torch.randn(3, 1, W.shape[1], generator=g)
+        assert torch.equal(cl.linear(x, W), F.linear(x, W))
+        monkeypatch.undo()
+        monkeypatch.setattr(cl, "ONEDNN", False)  # a torch build where the probe failed
+        with cpu_decode_weights(model, rows=8):
+            assert not cl.PACKED
+            x = torch.randn(3, 1, W.shape[1], generator=g)
+            assert torch.equal(cl.linear(x, W), F.linear(x, W))
