@@ -14,16 +14,21 @@ name and renamed into place, and a rename is atomic on POSIX filesystems.
 import contextlib
 import json
 import os
+import pickle
 import shutil
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 
 import parallel
+from errors import Diverged, InputError, MissingInput, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,10 +36,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_dtype(dtype, source="dtype"):
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ValueError(f"{source}: dtype {dtype} is not supported ({', '.join(DTYPES)})")
+            raise InputError(f"{source}: dtype {dtype} is not supported ({', '.join(DTYPES)})")
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"{source}: dtype '{dtype}' is not supported ({', '.join(DTYPES)})")
+        raise InputError(f"{source}: dtype '{dtype}' is not supported ({', '.join(DTYPES)})")
     return DTYPES[dtype]
 
 
@@ -126,17 +131,24 @@ def checkpoint_files(path):
             try:
                 weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+                raise InputError(f"{index}: not a valid safetensors index ({e!r})") from None
         files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"{index} names shard '{name}', which does not exist in {path}")
+                raise MissingInput(f"{index} names shard '{name}', which does not exist in {path}")
     elif os.path.isfile(single):
         files = ["model.safetensors"]
     else:
-        pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(path) else []
-        hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+        pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))) if os.path.isdir(path) else []
+        hint = (f" (found {', '.join(pickles)}: pickle checkpoints are never loaded, since unpickling runs code; "
+                "convert the folder once with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
+                ".save_pretrained(DIR))") if pickles else ""
+        gguf = sorted(f for f in os.listdir(path) if f.endswith(".gguf")) if os.path.isdir(path) else []
+        if gguf:  # quantized llama.cpp weights: transformers dequantizes them (tools/smollm2.py does)
+            hint = (f" (found {', '.join(gguf)}: GGUF files are not read; convert them once with transformers "
+                    "as tools/smollm2.py does: from_pretrained(DIR, gguf_file=NAME), its state dict into a fresh "
+                    "model of the same config, save_pretrained)")
+        raise MissingInput(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
     names = {}
     for name in files:
         file = os.path.join(path, name)
@@ -145,8 +157,26 @@ def checkpoint_files(path):
                 for key in f.keys():
                     names[key] = file
         except Exception as e:  # safetensors raises its own error type for truncated headers
-            raise ValueError(f"{file}: cannot read safetensors file ({e})") from None
+            raise InputError(f"{file}: cannot read safetensors file ({e})") from None
     return names
+
+
+def check_model_folder(path, flag="--model"):
+    """Say what is wrong with a model folder before anything is read from it: not there, a file,
+    no config.json, no safetensors weights (a folder of pickles). Its tokenizer is checked by the
+    tokenizer's reader."""
+    what = "a Hugging Face model folder (config.json, *.safetensors and the tokenizer files)"
+    if not os.path.exists(path):
+        raise MissingInput(f"{flag} {path}: no such folder; expected {what}")
+    if not os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a file; expected {what}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        found = ", ".join(sorted(os.listdir(path))[:8]) or "nothing"
+        raise MissingInput(f"{flag} {path}: no config.json (found {found}); expected {what}")
+    try:
+        checkpoint_files(path)
+    except UserError as e:
+        raise type(e)(f"{flag} {e}") from None
 
 
 def load_hf_state(path, expected, dtype, device=None, tied=False):
@@ -173,7 +203,7 @@ def load_hf_state(path, expected, dtype, device=None, tied=False):
     if missing or unexpected or misshaped:
         parts = [f"{label} ({len(v)}): {', '.join(v[:20])}{' ...' if len(v) > 20 else ''}"
                  for label, v in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if v]
-        raise ValueError(f"{path}: checkpoint does not match the config; " + "; ".join(parts))
+        raise InputError(f"{path}: checkpoint does not match the config; " + "; ".join(parts))
     state = {}
     for file, keys in by_file.items():
         try:
@@ -181,12 +211,12 @@ def load_hf_state(path, expected, dtype, device=None, tied=False):
                 for key in keys:
                     t = f.get_tensor(key)
                     if not t.is_floating_point():
-                        raise ValueError(f"{file}: tensor '{key}' has unsupported dtype {t.dtype}")
+                        raise InputError(f"{file}: tensor '{key}' has unsupported dtype {t.dtype}")
                     state[key] = t.to(device=device, dtype=dtype)
         except ValueError:
             raise
         except Exception as e:
-            raise ValueError(f"{file}: cannot read tensors ({e})") from None
+            raise InputError(f"{file}: cannot read tensors ({e})") from None
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
@@ -243,10 +273,53 @@ def export(model, config, folder, extra_files, dtype):
 # Resumable training state: torch.distributed.checkpoint into a temporary folder that rank 0
 # renames once every rank has written, so a folder named step-N is always complete.
 
+def last_checkpoint(stage_dir):
+    """The newest complete checkpoint folder of a stage, or None."""
+    ckpt = os.path.join(stage_dir, "ckpt")
+    steps = sorted(int(d[5:]) for d in os.listdir(ckpt) if d.startswith("step-")) if os.path.isdir(ckpt) else []
+    return os.path.join(ckpt, f"step-{steps[-1]}") if steps else None
+
+
+def _non_finite(state, prefix=""):
+    """The name of the first floating tensor of a (nested) state dict holding a NaN or an inf
+    in this rank's shard, or None."""
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
+    for k, v in items:
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            local = v.to_local() if hasattr(v, "to_local") else v
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                return name
+        elif (bad := _non_finite(v, name + ".")) is not None:
+            return bad
+    return None
+
+
+# A checkpoint holds what trains and the optimiser state. Frozen parameters (a LoRA run's base)
+# are left out: they are the stage's starting folder, which build_model loads again on resume.
+# strict=False when loading skips exactly those: every key asked for came from get_state_dict
+# with the same options, and dcp.load fails on any it does not find in the checkpoint.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def check_finite(state, stage_dir, when, consequence):
+    """Every rank checks its shards of `state` (weights, optimiser state) for NaN and inf, and all
+    learn whether any rank found one: Diverged on that rank, PeerFailed on the others."""
+    bad = _non_finite(state)
+    if bad is not None:
+        parallel.reduce_sums({"bad": 1.0})
+        raise Diverged(f"{stage_dir}: {when}: '{bad}' holds NaN or inf after the update, so {consequence}. "
+                       + resume_hint(stage_dir, last_checkpoint(stage_dir)))
+    if parallel.reduce_sums({"bad": 0.0})["bad"]:
+        raise parallel.PeerFailed("another rank found NaN or inf in its shards")
+
+
 def save_ckpt(stage_dir, step, model, opt, sched):
     ckpt = os.path.join(stage_dir, "ckpt")
     tmp, final = os.path.join(ckpt, f".tmp-step-{step}"), os.path.join(ckpt, f"step-{step}")
-    model_sd, opt_sd = get_state_dict(model, opt)
+    model_sd, opt_sd = get_state_dict(model, opt, options=TRAINED_ONLY)
+    # Never a checkpoint a resume would only repeat a divergence from.
+    check_finite({"model": model_sd, "optim": opt_sd}, stage_dir, f"step {step}", "this checkpoint was not saved")
     dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=tmp)
     parallel.barrier()
     if parallel.rank() == 0:
@@ -260,20 +333,117 @@ def save_ckpt(stage_dir, step, model, opt, sched):
     parallel.barrier()
 
 
+def resume_hint(stage_dir, last):
+    """What a diverged stage leaves behind, and how to continue."""
+    if last is None:
+        return (f"{stage_dir} has no checkpoint yet: --resume restarts this stage from its start "
+                "(with a smaller learning rate, or it will diverge again)")
+    return (f"The last good checkpoint is {last}: continue from it with --resume and a smaller "
+            "learning rate (--lr, or --sft-lr for the warm start), a larger --beta or a smaller --clip")
+
+
 def load_ckpt(stage_dir, model, opt, sched):
-    """Restore the newest complete checkpoint of a stage; returns its step (0 when none)."""
-    ckpt = os.path.join(stage_dir, "ckpt")
-    steps = sorted(int(d[5:]) for d in os.listdir(ckpt) if d.startswith("step-")) if os.path.isdir(ckpt) else []
-    if not steps:
+    """Restore the newest complete checkpoint of a stage; returns its step (0 when none). The
+    learning rate is this run's (sched as built now): a resume may change it."""
+    path = last_checkpoint(stage_dir)
+    if path is None:
         return 0
-    path = os.path.join(ckpt, f"step-{steps[-1]}")
-    model_sd, opt_sd = get_state_dict(model, opt)
+    model_sd, opt_sd = get_state_dict(model, opt, options=TRAINED_ONLY)
     state = {"model": model_sd, "optim": opt_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    reader = _CheckedReader(path, read_dcp_metadata(path))
+    try:
+        dcp.load(state, storage_reader=reader, planner=_WeightsOnlyPlanner())
+    except CheckpointException as e:  # dcp gathers every rank's failure into one BaseException
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UserError)]
+        if refused:
+            raise refused[0] from None
+        raise
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=TRAINED_ONLY)
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
+    base = list(sched.base_lrs)  # this run's --lr; the saved state would bring back the old one
     sched.load_state_dict(meta["scheduler"])
+    sched.base_lrs = base
+    for group, lr, factor in zip(opt.param_groups, base, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
     torch.set_rng_state(torch.tensor(meta["rng_cpu"], dtype=torch.uint8))
     parallel.log(f"  resumed from {path}")
     return meta["step"]
+
+
+# Resuming must never run code found in the run folder. torch.distributed.checkpoint reads its
+# `.metadata` with pickle.load and the non-tensor entries (optimiser hyper-parameters) with
+# torch.load(weights_only=False); both would execute whatever a planted file asks for. Here
+# the metadata goes through an unpickler that knows only the classes DCP metadata is made of
+# (what pickletools shows in a real `.metadata`), and the entries through weights_only=True.
+
+_DCP_METADATA_CLASSES = {
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout from its name
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _DCP_METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP metadata never holds")
+
+
+def read_dcp_metadata(path):
+    """A checkpoint's `.metadata`, refused (InputError) when it names anything a DCP metadata
+    file does not hold."""
+    file = os.path.join(path, ".metadata")
+    try:
+        with open(file, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise MissingInput(f"{file}: missing, so {path} is not a complete checkpoint; delete the folder to "
+                           "resume from the one before it") from None
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{file}: refused, {e}: not a checkpoint train.py wrote, and nothing in it was run; "
+                         f"delete {path} to resume from the checkpoint before it") from None
+    except Exception as e:  # truncated, or not a pickle at all
+        raise InputError(f"{file}: unreadable ({type(e).__name__}: {e}); delete {path} to resume from the "
+                         "checkpoint before it") from None
+
+
+class _CheckedReader(FileSystemReader):
+    """FileSystemReader that returns metadata already read by read_dcp_metadata."""
+
+    def __init__(self, path, metadata):
+        super().__init__(path)
+        self.checked_metadata = metadata
+
+    def read_metadata(self, *args, **kwargs):
+        md = self.checked_metadata
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner whose non-tensor entries go through torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item, value):
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"checkpoint entry '{fqn}': refused, it is not plain data ({first}); nothing in it "
+                             "was run. Delete the checkpoint folder to resume from the one before it") from None
+        if not self.flatten_state_dict:
+            self.state_dict[fqn] = obj
+            return
+        node, path = self.original_state_dict, self.mappings[fqn]
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = obj

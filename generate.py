@@ -19,7 +19,6 @@ How this departs from the official SPIN generation (uclaml/SPIN, spin/batch_deco
    (data/pairs.py), and stored as columns, instead of by a second model at every training step.
 4. Part files are written as the run goes; a rerun skips the parts that exist.
 """
-import argparse
 import contextlib
 import hashlib
 import json
@@ -33,11 +32,13 @@ import pyarrow.parquet as pq
 import torch
 
 import parallel
-from checkpoint import atomic_file, write_json
+from checkpoint import atomic_file, check_model_folder, write_json
 from data.pairs import OPPONENT_COLUMNS, collate_prompts, left_pad, tokenize_example, tokenized_pairs, truncate
 from data.readers import DataError, Example, read_examples, write_examples
-from data.template import render_prompt
-from data.tokenizer import Tokenizer
+from data.template import ChatFormat, PrefixError, load_chat_template
+from data.tokenizer import load_tokenizer
+from errors import (ArgumentParser, InputError, non_negative_int, positive_int, probability,
+                    run_command)
 from kernels import use_kernels
 from kernels.cpu_linear import cpu_decode_weights
 from model import KVCache, Mistral, ModelConfig
@@ -182,6 +183,7 @@ def sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_
     logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if logprobs else None
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # any of them ends a row
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
     if cuda_graph and max_new_tokens > 1:
         step = graphed_step(model, cache, B)
@@ -208,9 +210,9 @@ def sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_
         tokens[:, t] = nxt
         steps = t + 1
         if progress is not None:
-            progress(tokens=int(B - finished.sum()) if eos_id is not None else B)
-        if eos_id is not None:
-            stop = (nxt == eos_id) & ~finished
+            progress(tokens=int(B - finished.sum()) if stops is not None else B)
+        if stops is not None:
+            stop = torch.isin(nxt, stops) & ~finished
             lengths = torch.where(stop, t + 1, lengths)
             finished |= stop
             if bool(finished.all()):  # one host sync per step; the decode step dwarfs it
@@ -229,7 +231,9 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
            greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None, cuda_graph=False,
            vocab_limit=None, logprobs=False):
     """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
-    prompt, in input order. eos_id=None never stops early. prompt_ids: the key of each prompt's
+    prompt, in input order. eos_id: the id, or a list of ids, that ends a row (a chat model may
+    have several: Llama 3 stops at <|eot_id|> and <|end_of_text|>); None never stops early.
+    prompt_ids: the key of each prompt's
     random stream (default: its index in `prompts`); pass global ids when sharding, so that
     prompt i gets the same sample whichever rank or batch it lands in. cuda_graph: replay each
     decode step from a CUDA graph (graphed_step; CUDA only, attention on the torch path).
@@ -321,8 +325,8 @@ def check_vocab(tok, model_vocab, source):
     look up: refuse now, naming both. The other way round (a padded model vocabulary) is fine:
     sampling never draws the ids past the tokenizer (vocab_limit)."""
     if tok.vocab_size > model_vocab:
-        raise ValueError(f"{source}: the tokenizer has {tok.vocab_size} pieces but the model's vocab_size "
-                         f"is {model_vocab}: ids from {model_vocab} up have no embedding (wrong tokenizer.model?)")
+        raise InputError(f"{source}: the tokenizer ({tok.path}) has {tok.vocab_size} tokens but the model's "
+                         f"vocab_size is {model_vocab}: ids from {model_vocab} up have no embedding (wrong tokenizer?)")
 
 
 def _parts_dir(out_path):
@@ -343,7 +347,7 @@ def merge_parts(out_path, n_parts, settings):
         pq.write_table(table, f)
 
 
-def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, rank=0, world_size=1,
+def generate_dataset(model, fmt, examples, out_path, *, iteration=0, seed=0, rank=0, world_size=1,
                      part_size=256, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                      greedy=False, batch_size=16, max_prompt_length=512, max_length=1024,
                      model_id="", skipped_rows=0, progress=True):
@@ -355,33 +359,37 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
         raise DataError(f"{out_path}: no examples to generate from")
     limit = model.config.max_position_embeddings
     if max(max_length, max_prompt_length + max_new_tokens) > limit:
-        raise ValueError(f"max_length {max_length} or max_prompt_length {max_prompt_length} + max_new_tokens "
-                         f"{max_new_tokens} exceeds the model's {limit} positions")
+        raise InputError(f"--max-length {max_length} or --max-prompt-length {max_prompt_length} + --max-new-tokens "
+                         f"{max_new_tokens} exceeds the model's {limit} positions (max_position_embeddings)")
     data_sha = hashlib.sha256(json.dumps([[e.prompt, e.response] for e in examples]).encode()).hexdigest()
     settings = dict(examples=len(examples), data_sha256=data_sha, model=model_id, iteration=iteration,
                     seed=seed, part_size=part_size, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p, greedy=greedy, max_prompt_length=max_prompt_length,
-                    max_length=max_length)
+                    max_length=max_length, chat_format=fmt.name)
     summary = dict(prompts=0, generated_tokens=0, wall_s=0.0, tokens_per_s=0.0, truncated_prompts=0,
                    skipped_rows=skipped_rows, parts_written=0, parts_skipped=0, merged=False, out=str(out_path))
     if os.path.exists(out_path):  # a finished stage is detected and skipped
         done = (pq.read_schema(out_path).metadata or {}).get(b"spin_generate")
         if done is None or json.loads(done) != settings:
-            raise ValueError(f"{out_path} exists and was not made with these settings: delete it to regenerate")
+            raise InputError(f"{out_path} exists and was not made with these settings: delete it to regenerate")
         print(f"generate: {out_path} is complete, nothing to do")
         return dict(summary, merged=True)
     n_parts = (len(examples) + part_size - 1) // part_size
     parts = _parts_dir(out_path)
     os.makedirs(parts, exist_ok=True)
     settings_file = os.path.join(parts, "settings.json")
+    old = None
     if os.path.exists(settings_file):
         with open(settings_file) as f:
             old = json.load(f)
-        if old != settings:
-            diff = sorted(k for k in settings if old.get(k) != settings[k])
-            raise ValueError(f"{parts} was made with other settings ({', '.join(diff)}): "
-                             f"delete it or choose another --out")
-    else:
+    # The settings guard the parts made with them; a run that made none (it failed first) is
+    # replaced by this one, so a corrected rerun is not refused.
+    made = [f for f in os.listdir(parts) if f.startswith("part-")]
+    if old is not None and old != settings and made:
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        raise InputError(f"{parts} holds {len(made)} parts made with other settings ({', '.join(diff)}): "
+                         f"delete it or choose another --out")
+    if old != settings:
         write_json(settings_file, settings, indent=2, sort_keys=True)  # every rank writes the same bytes
 
     t0 = time.perf_counter()
@@ -392,18 +400,18 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
     bar = Progress(total, label=f"generate rank {rank}") if progress and total else None
     for p in todo:
         idx = list(range(p * part_size, min(len(examples), (p + 1) * part_size)))
-        full = [tok.encode(render_prompt(examples[i].prompt)) for i in idx]
+        full = [fmt.prompt_ids(examples[i].prompt) for i in idx]
         # Generation sees the prompt training would keep next to a max_new_tokens response.
         prompts = [truncate(ids, [[0] * max_new_tokens], max_length, max_prompt_length)[0] for ids in full]
-        got = sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id, vocab_limit=tok.vocab_size,
-                     temperature=temperature,
-                     top_k=top_k, top_p=top_p, greedy=greedy, seed=seed, batch_size=batch_size,
-                     progress=bar, prompt_ids=[(iteration, i) for i in idx])
+        got = sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.tok.eos_ids,
+                     vocab_limit=fmt.tok.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                     greedy=greedy, seed=seed, batch_size=batch_size, progress=bar,
+                     prompt_ids=[(iteration, i) for i in idx])
         # Training scores re-tokenised text (the ids data/pairs.py will build), so score those.
-        texts = [tok.decode([t for t in g.tokens if t != tok.eos_id], skip_special_tokens=True) for g in got]
-        pairs = [tokenize_example(tok, Example(examples[i].prompt, examples[i].response, text),
-                                  max_length=max_length, max_prompt_length=max_prompt_length)
-                 for i, text in zip(idx, texts)]
+        texts = [answer_text(fmt.tok, g.tokens) for g in got]
+        pairs = [_pair_of_sample(fmt, examples[i], text, max_length, max_prompt_length) for i, text in zip(idx, texts)]
+        texts = [text for _, text in pairs]
+        pairs = [q for q, _ in pairs]
         logps = score(model, [q.prompt_ids for q in pairs] * 2,
                       [q.real_ids for q in pairs] + [q.generated_ids for q in pairs], batch_size=batch_size)
         rows = []
@@ -432,16 +440,38 @@ def generate_dataset(model, tok, examples, out_path, *, iteration=0, seed=0, ran
     return summary
 
 
-def rescore(model_dir, in_path, out_path, tok, *, device, dtype, max_length, max_prompt_length, batch_size):
-    """Write in_path's rows again with the opponent log-prob columns (data/pairs.py) computed by
-    the model in model_dir: iteration t-1's pairs mixed into iteration t (the official recipe)
-    need log-probs under p_t. Rows whose tokenisation leaves no response are dropped, as
-    training would skip them. Work is split in fixed parts (parallel.parts_of); every rank
-    must call it."""
+def answer_text(tok, tokens):
+    """The text of a sampled answer: its tokens before the first stop id, decoded without special
+    tokens (as the official SPIN generation decodes)."""
+    stop = next((i for i, t in enumerate(tokens) if t in tok.eos_ids), len(tokens))
+    return tok.decode(tokens[:stop], skip_special_tokens=True)
+
+
+def _pair_of_sample(fmt, ex, text, max_length, max_prompt_length):
+    """(Pair, the answer text as stored). A chat template may be unable to split a sampled answer
+    that starts with whitespace from the prompt's last token (byte-level BPE merges them, see
+    data/template.ChatFormat); such an answer is stored without its leading whitespace."""
+    try:
+        return tokenize_example(fmt, Example(ex.prompt, ex.response, text), max_length=max_length,
+                                max_prompt_length=max_prompt_length), text
+    except PrefixError:
+        text = text.lstrip()
+        return tokenize_example(fmt, Example(ex.prompt, ex.response, text), max_length=max_length,
+                                max_prompt_length=max_prompt_length), text
+
+
+def rescore(model_dir, in_path, out_path, fmt, *, device, dtype, max_length, max_prompt_length, batch_size,
+            columns=OPPONENT_COLUMNS):
+    """Write in_path's rows again with the log-prob columns `columns` (real, generated) computed
+    by the model in model_dir: iteration t-1's pairs mixed into iteration t (the official recipe)
+    need log-probs under p_t (OPPONENT_COLUMNS); the geometric-mixture arm needs them under the
+    base model too (data/pairs.BASE_COLUMNS). Other columns are kept. Rows whose tokenisation
+    leaves no response are dropped, as training would skip them. Work is split in fixed parts
+    (parallel.parts_of); every rank must call it."""
     if os.path.exists(out_path):
         return
     examples, _ = read_examples(in_path, layout="spin")
-    kept = tokenized_pairs(tok, examples, max_length=max_length, max_prompt_length=max_prompt_length)
+    kept = tokenized_pairs(fmt, examples, max_length=max_length, max_prompt_length=max_prompt_length)
     rank, world = parallel.rank(), parallel.world()
     model = Mistral.from_pretrained(model_dir, device=device, dtype=dtype)
     got = []
@@ -457,7 +487,7 @@ def rescore(model_dir, in_path, out_path, tok, *, device, dtype, max_length, max
     if rank == 0:
         for part in gathered:
             for i, a, b in part:
-                kept[i][0].extras.update(zip(OPPONENT_COLUMNS, (a, b)))
+                kept[i][0].extras.update(zip(columns, (a, b)))
         write_examples(out_path, [ex for ex, _ in kept], "spin")
     parallel.barrier()
 
@@ -465,36 +495,99 @@ def rescore(model_dir, in_path, out_path, tok, *, device, dtype, max_length, max
 # ----------------------------------------------------------------------------------------------
 # CLI (one process, or torchrun: each rank its parts, a barrier, rank 0 merges)
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     # -- inputs and outputs
     ap.add_argument("--model", required=True, help="Hugging Face model folder")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.model (default: MODEL/tokenizer.model)")
-    ap.add_argument("--data", required=True, help=".parquet or .jsonl (spin, messages or prompt/response layout)")
-    ap.add_argument("--out", required=True, help="output .parquet; parts go to OUT.parts/")
-    ap.add_argument("--num-prompts", type=int, default=None, help="use the first N examples")
+    ap.add_argument("--tokenizer", default=None,
+                    help="folder (or file) with tokenizer.json or tokenizer.model (default: the model folder)")
+    ap.add_argument("--chat-template", default=None,
+                    help="Jinja chat template file (default: the model's own, else Zephyr's)")
+    ap.add_argument("--data", default=None, help=".parquet or .jsonl (spin, messages or prompt/response layout)")
+    ap.add_argument("--out", default=None, help="output .parquet; parts go to OUT.parts/")
+    ap.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N examples")
     ap.add_argument("--on-bad-row", choices=["raise", "skip"], default="raise",
                     help="a malformed row stops the run (raise, as train.py) or is skipped and counted")
-    ap.add_argument("--part-size", type=int, default=256)
+    ap.add_argument("--part-size", type=positive_int, default=256)
+    # -- a quick look at a model instead of a dataset
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="print the model's answer to this user message (repeatable)")
+    ap.add_argument("--system", default=None, help="with --prompt/--interactive: a system message")
+    ap.add_argument("--interactive", action="store_true", help="chat with the model on the terminal")
+    ap.add_argument("--format", choices=["text", "jsonl"], default="text", help="how --prompt answers are printed")
     # -- sampling
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=256)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=probability, default=1.0)
+    ap.add_argument("--top-k", type=non_negative_int, default=0)
     ap.add_argument("--greedy", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--iteration", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument("--iteration", type=non_negative_int, default=0)
     # -- lengths (the training truncation rule, data/pairs.py)
-    ap.add_argument("--max-prompt-length", type=int, default=512)
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-prompt-length", type=positive_int, default=512)
+    ap.add_argument("--max-length", type=positive_int, default=1024)
     # -- hardware
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     ap.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
                     help="auto: Triton kernels on GPUs, torch paths on CPUs (sets SPIN_KERNELS)")
     args = ap.parse_args(argv)
-    if not args.out.lower().endswith(".parquet"):
+    args.chat = bool(args.prompt or args.interactive)
+    if args.chat and (args.data or args.out):
+        ap.error("--prompt/--interactive print answers; --data/--out write a dataset: use one or the other")
+    if not args.chat and not (args.data and args.out):
+        ap.error("give --data and --out (a dataset), or --prompt/--interactive (a quick look at the model)")
+    if not args.greedy and not args.temperature > 0:
+        ap.error(f"argument --temperature: {args.temperature:g} is not allowed: sampling needs a temperature > 0 "
+                 "(for greedy decoding pass --greedy)")
+    if args.out and not args.out.lower().endswith(".parquet"):
         ap.error(f"--out {args.out}: the output is Parquet, so its name must end in .parquet")
+    return args
+
+
+def load_format(model_dir, tokenizer=None, chat_template=None):
+    """The ChatFormat of a model folder: its tokenizer (tokenizer.json or tokenizer.model) and its
+    chat template (--chat-template, else the folder's own, else Zephyr)."""
+    tok = load_tokenizer(tokenizer or model_dir)
+    return ChatFormat(tok, load_chat_template(model_dir, tok, chat_template))
+
+
+def chat(model, fmt, args):
+    """--prompt: each message answered on its own, in one batch; --interactive: a conversation."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    kw = dict(max_new_tokens=args.max_new_tokens, eos_id=fmt.tok.eos_ids, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
+              batch_size=args.batch_size, vocab_limit=fmt.tok.vocab_size)
+    if args.prompt:
+        convs = [system + [{"role": "user", "content": p}] for p in args.prompt]
+        outs = sample(model, [fmt.prompt_ids(c) for c in convs], **kw)
+        for p, o in zip(args.prompt, outs):
+            answer = answer_text(fmt.tok, o.tokens)
+            print(json.dumps({"prompt": p, "answer": answer}) if args.format == "jsonl" else f">>> {p}\n{answer}\n",
+                  flush=True)
+        return
+    print(f"chatting with {args.model} ({fmt.name}); an empty line starts over, Ctrl-D ends", file=sys.stderr)
+    messages = list(system)
+    turn = 0
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if not line.strip():
+            messages = list(system)
+            continue
+        messages.append({"role": "user", "content": line})
+        out = sample(model, [fmt.prompt_ids(messages)], prompt_ids=[turn], **kw)[0]
+        answer = answer_text(fmt.tok, out.tokens)
+        print(answer, flush=True)
+        messages.append({"role": "assistant", "content": answer})
+        turn += 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
     args.kernels = use_kernels(args.kernels)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -502,21 +595,25 @@ def main(argv=None):
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    check_model_folder(args.model)  # a missing folder or one of pickles, named before its tokenizer
+    fmt = load_format(args.model, args.tokenizer, args.chat_template)
+    check_vocab(fmt.tok, ModelConfig.from_hf(args.model).vocab_size, f"{args.model} with {fmt.tok.path}")
+    if args.chat:
+        chat(Mistral.from_pretrained(args.model, dtype=args.dtype, device=device), fmt, args)
+        return None
     if world_size > 1:
-        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    settings = dict(vars(args), tokenizer=args.tokenizer or os.path.join(args.model, "tokenizer.model"),
-                    world_size=world_size, device=str(device))
+        parallel.init_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    settings = dict(vars(args), tokenizer=fmt.tok.path, chat_format=fmt.name, world_size=world_size,
+                    device=str(device))
     if rank == 0:
         print("generate settings:", json.dumps(settings, indent=1))
-    tok = Tokenizer(settings["tokenizer"])
     examples, report = read_examples(args.data, on_error=args.on_bad_row)
     if report.skipped:
         print(report.summary(), file=sys.stderr)
     examples = examples[:args.num_prompts] if args.num_prompts else examples
-    check_vocab(tok, ModelConfig.from_hf(args.model).vocab_size, f"{args.model} with {settings['tokenizer']}")
     model = Mistral.from_pretrained(args.model, dtype=args.dtype, device=device)
     summary = generate_dataset(
-        model, tok, examples, args.out, iteration=args.iteration, seed=args.seed, rank=rank,
+        model, fmt, examples, args.out, iteration=args.iteration, seed=args.seed, rank=rank,
         world_size=world_size, part_size=args.part_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
         batch_size=args.batch_size, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
@@ -529,4 +626,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

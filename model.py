@@ -11,6 +11,7 @@ The model is stateless: a KVCache object is passed into forward, never stored on
 Batches are left-padded (see DESIGN.md): `attention_mask` is zeros then ones per row.
 """
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import DTYPES, load_hf_state, resolve_dtype, save_hf
+from errors import InputError, MissingInput
 from kernels.attention import attention, attention_torch
 from kernels.cpu_linear import Linear
 from kernels.logprob import linear_logprobs
@@ -39,51 +41,64 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # None, or {"rope_type": "linear", "factor"} or {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (rope_frequencies)
+    rope_scaling: dict | None = None
     sliding_window: int | None = None  # query i sees keys i-W < j <= i; None = full causal
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # the dtype the checkpoint is stored in
     bos_token_id: int = 1
     eos_token_id: int = 2
+    model_type: str = "mistral"  # or "llama": the same architecture here, kept for exports
 
     @classmethod
     def from_hf(cls, path):
         """Read a Hugging Face `config.json` (a file, or the folder holding it)."""
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no config.json (expected a Hugging Face model folder)")
+            raise MissingInput(f"{file}: no config.json (expected a Hugging Face model folder)")
         try:
             with open(file) as f:
                 raw = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
+            raise InputError(f"{file}: not valid JSON ({e})") from None
         return cls.from_dict(raw, source=file)
 
     @classmethod
     def from_dict(cls, raw, source="config"):
         def need(key):
             if key not in raw or raw[key] is None:
-                raise ValueError(f"{source}: missing required field '{key}'")
+                raise InputError(f"{source}: missing required field '{key}'")
             return raw[key]
 
-        if raw.get("model_type", "mistral") not in ("mistral", "llama"):
-            raise ValueError(f"{source}: model_type '{raw['model_type']}' is not supported (mistral, llama)")
+        def refuse(field, value, supported):
+            raise InputError(f"{source}: field '{field}' is {value!r}, which this model does not implement "
+                             f"({supported}); use a checkpoint without it")
+
+        model_type = raw.get("model_type", "mistral")
+        if model_type not in ("mistral", "llama"):
+            refuse("model_type", model_type, "mistral or llama")
         if raw.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act '{raw['hidden_act']}' is not supported (silu)")
-        # Two spellings in the wild: Mistral-7B / Zephyr files have top-level rope_theta and
-        # torch_dtype; transformers 5 writes rope_parameters {rope_theta, rope_type} and dtype.
-        rope = raw.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
-            raise ValueError(f"{source}: rope scaling is not supported (only rope_type 'default')")
+            refuse("hidden_act", raw["hidden_act"], "silu")
+        for field in ("attention_bias", "mlp_bias"):  # Llama configs may ask for biases
+            if raw.get(field):
+                refuse(field, raw[field], "projections without bias")
+        if raw.get("partial_rotary_factor", 1.0) != 1.0:
+            refuse("partial_rotary_factor", raw["partial_rotary_factor"], "rotary on the whole head, 1.0")
+        # Two spellings in the wild: Mistral-7B / Zephyr / Llama 3 files have top-level rope_theta,
+        # rope_scaling and torch_dtype; transformers 5 writes rope_parameters {rope_theta, rope_type,
+        # ...} and dtype.
+        rope = dict(raw.get("rope_scaling") or {}, **(raw.get("rope_parameters") or {}))
         rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         if dtype not in DTYPES:
-            raise ValueError(f"{source}: dtype '{dtype}' is not supported ({', '.join(DTYPES)})")
+            raise InputError(f"{source}: dtype '{dtype}' is not supported ({', '.join(DTYPES)})")
         heads = need("num_attention_heads")
         kv_heads = raw.get("num_key_value_heads") or heads
         hidden = need("hidden_size")
         head_dim = raw.get("head_dim") or hidden // heads
         if heads % kv_heads:
-            raise ValueError(f"{source}: num_attention_heads {heads} is not a multiple of "
+            raise InputError(f"{source}: num_attention_heads {heads} is not a multiple of "
                              f"num_key_value_heads {kv_heads}")
         eos = raw.get("eos_token_id", 2)
         return cls(
@@ -93,21 +108,43 @@ class ModelConfig:
             num_key_value_heads=kv_heads, head_dim=head_dim,
             max_position_embeddings=raw.get("max_position_embeddings", 32768),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=float(rope_theta),
+            rope_scaling=_rope_scaling(rope, source),
             sliding_window=raw.get("sliding_window"),
             tie_word_embeddings=raw.get("tie_word_embeddings", False), dtype=dtype,
             bos_token_id=raw.get("bos_token_id", 1),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            eos_token_id=eos[0] if isinstance(eos, list) else eos, model_type=model_type,
         )
 
     def to_hf(self):
-        """The config.json that transformers reads back as a MistralForCausalLM."""
+        """The config.json that transformers reads back as a MistralForCausalLM (or Llama)."""
         d = asdict(self)
         # Both spellings: transformers 5 reads rope_parameters/dtype, 4.x (what the official
-        # SPIN stack pins) reads rope_theta/torch_dtype and would silently default the theta.
-        d.update(architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu",
-                 rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
-                 torch_dtype=self.dtype)
+        # SPIN stack pins) reads rope_theta/rope_scaling/torch_dtype and would silently default.
+        rope = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
+        arch = "LlamaForCausalLM" if self.model_type == "llama" else "MistralForCausalLM"
+        d.update(architectures=[arch], hidden_act="silu", rope_parameters=rope, torch_dtype=self.dtype)
+        if self.model_type == "llama":
+            d.update(attention_bias=False, mlp_bias=False)
         return d
+
+
+_ROPE_FIELDS = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_scaling(rope, source):
+    """The rope scaling of a config (merged rope_scaling / rope_parameters), checked: None, or a
+    dict of the fields its type needs."""
+    kind = rope.get("rope_type", rope.get("type", "default"))  # "type": older Llama files
+    if kind == "default":
+        return None
+    if kind not in _ROPE_FIELDS:
+        raise InputError(f"{source}: field 'rope_type' (rope scaling) is {kind!r}, which this model does not "
+                         f"implement (default, linear, llama3); use a checkpoint without it")
+    missing = [f for f in _ROPE_FIELDS[kind] if rope.get(f) is None]
+    if missing:
+        raise InputError(f"{source}: rope scaling of type {kind!r} needs the field '{missing[0]}'")
+    return {"rope_type": kind, **{f: rope[f] for f in _ROPE_FIELDS[kind]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,14 +199,35 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Rotary embeddings (Su et al. 2021, "RoFormer")
 
-def rotary(positions, head_dim, theta, dtype):
+def rope_frequencies(cfg, device=None):
+    """(D/2,) inverse frequencies theta^(-2i/D), and the rope scalings Llama checkpoints use:
+    "linear" divides them all by `factor` (positions / factor); "llama3" (Llama 3.1/3.2) divides
+    only the low frequencies, whose wavelength exceeds original_max_position_embeddings /
+    low_freq_factor, keeps the high ones (wavelength below that / high_freq_factor), and blends
+    linearly in between, so long contexts stretch the slow dimensions only."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    factor, lo, hi, ctx = (s[k] for k in _ROPE_FIELDS["llama3"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > ctx / lo, inv_freq / factor, inv_freq)
+    smooth = (ctx / wavelen - lo) / (hi - lo)  # 0 at the low-frequency edge, 1 at the high one
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rotary(positions, inv_freq, dtype):
     """cos, sin (B, 1, T, D) for the rotate-half layout (first half / second half of D pair up).
     sin comes back with its first half negated, for apply_rotary."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = positions.float()[:, :, None] * inv_freq  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
     sin = emb.sin()
-    sin[..., :head_dim // 2].neg_()
+    sin[..., :emb.shape[-1] // 2].neg_()
     return emb.cos().to(dtype), sin.to(dtype)
 
 
@@ -292,7 +350,7 @@ class Mistral(nn.Module):
             if starts is not None:
                 positions = (positions - starts[:, None]).clamp(min=0)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = rotary(positions, rope_frequencies(cfg, input_ids.device), x.dtype)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, starts, cache, i)
         if static:

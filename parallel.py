@@ -3,6 +3,7 @@ work, metric reduction and the fixed parts that make 1 and N processes compute t
 
 `python train.py` is a world of one on the same code path as `torchrun --nproc_per_node=N`.
 """
+import hashlib
 import os
 import socket
 
@@ -23,10 +24,24 @@ def setup():
     if cuda:
         torch.cuda.set_device(device)
     # Metrics are reduced as small CPU tensors, so a GPU run needs gloo beside nccl.
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None)
+    init_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None)
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return rank, world, device
+
+
+_group = {}  # the rendezvous store of the process group: how a failing rank tells the others
+
+
+def init_group(backend, device_id=None):
+    """dist.init_process_group from the torchrun environment, keeping its key-value store, which
+    stays reachable when a rank has died (torchrun's agent holds it): first_report and
+    peer_failed use it so that a failure is reported once, by the rank that saw it."""
+    r, w = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store, _, _ = next(dist.rendezvous("env://", r, w))
+    _group["store"] = store
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=r, world_size=w,
+                            device_id=device_id)
 
 
 def rank():
@@ -47,13 +62,19 @@ def log(*a):
         print(*a, flush=True)
 
 
+class PeerFailed(Exception):
+    """Raised on the other ranks when rank 0's own work failed: rank 0 reports the error, these
+    ranks stop without repeating it (errors.run_command)."""
+
+
 def on_rank0(fn):
-    """Run fn on rank 0 only. Every rank learns whether it failed, so none waits forever at the
-    next collective (a full disk during an export, say)."""
-    err, exc = [None], None
+    """Run fn on rank 0 only; returns its result there (None on the other ranks). Every rank
+    learns whether it failed, so none waits forever at the next collective (a full disk during
+    an export, say)."""
+    err, exc, result = [None], None, None
     if rank() == 0:
         try:
-            fn()
+            result = fn()
         except Exception as e:
             exc, err[0] = e, f"{type(e).__name__}: {e}"
     if world() > 1:
@@ -61,7 +82,36 @@ def on_rank0(fn):
     if exc is not None:
         raise exc
     if err[0]:
-        raise RuntimeError(f"rank 0 failed: {err[0]}")
+        raise PeerFailed(f"rank 0 failed: {err[0]}")
+    return result
+
+
+def first_report(message):
+    """Called by a failing rank: marks the failure for peer_failed, and returns True when no rank
+    has reported this message yet (the caller prints it then). message None only marks. Outside
+    a process group of several ranks, always True."""
+    store = _group.get("store")
+    if store is None or world() == 1:
+        return True
+    try:
+        store.set("spin/failed", str(rank()))
+        if message is None:
+            return True
+        return store.add("spin/reported/" + hashlib.sha256(message.encode()).hexdigest()[:16], 1) == 1
+    except Exception:  # the store is gone with its host: better twice than never
+        return True
+
+
+def peer_failed():
+    """True when another rank has already failed (first_report), so an error here, such as a
+    collective whose peer closed its connection, is a consequence, not news."""
+    store = _group.get("store")
+    if store is None or world() == 1:
+        return False
+    try:
+        return store.check(["spin/failed"])
+    except Exception:  # the store's host (rank 0, or torchrun's agent) is gone
+        return True
 
 
 def reduce_sums(sums, op="sum"):

@@ -1,37 +1,105 @@
-"""The run folder of train.py: config.json (the resolved settings, checked on --resume) and
-metrics.jsonl (one line per optimiser step and per evaluation, appended by rank 0)."""
+"""The run folder of train.py: config.json (the resolved settings, checked on --resume),
+metrics.jsonl (one line per optimiser step and per evaluation, appended by rank 0) and run.lock
+(held by the live run, so that no second process writes the same folder)."""
+import fcntl
 import json
 import os
+import socket
+import time
 
 import parallel
 from checkpoint import write_json
+from errors import InputError, UserError
+
+LOCK = "run.lock"
+_HELD = []  # the locks of the run folders this process has opened: held until it ends
 
 # Settings that --resume may change: the world size and the data order do not depend on them.
 # The kernels: a run whose Triton kernel fails on some GPU continues with --kernels torch.
-RESUMABLE_CHANGES = ("kernels",)
+# The learning rates, beta and the gradient clip: a stage that diverged continues from its last
+# good checkpoint with gentler settings (stage.py's guard says which checkpoint). A change is
+# recorded in config.json ("resumes") and as a "resume" record in metrics.jsonl.
+RESUMABLE_CHANGES = ("kernels", "lr", "sft_lr", "beta", "clip")
+
+
+def lock_folder(out):
+    """Take the run folder's lock (flock on run.lock) for as long as the returned file stays open;
+    the kernel releases it when the process ends, however it ends. Refuses a folder whose lock
+    a live process holds, naming that process."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"{out} is in use by a live run ({_holder(path)}); wait for it to end, or stop it "
+                        "(README: stopping a run), then pass --resume to continue it") from None
+    f.truncate(0)
+    holder = {"pid": os.getpid(), "host": socket.gethostname()}
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: its parent is torchrun
+        holder["torchrun_pid"] = os.getppid()
+    f.write(json.dumps(holder) + "\n")
+    f.flush()
+    return f
+
+
+def _holder(path):
+    """Who holds the lock, from what it wrote into run.lock (which it may be about to write)."""
+    for _ in range(20):
+        try:
+            with open(path) as f:
+                h = json.loads(f.read())
+            return f"pid {h['pid']} on {h['host']}" + (
+                f", started by torchrun pid {h['torchrun_pid']}" if "torchrun_pid" in h else "")
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.1)
+    return f"a process that has not yet written its pid to {path}"
 
 
 def open_run(args, world):
-    """Write config.json (the resolved settings) into the run folder; returns an error message
-    when the folder holds another run, or when --resume would change its settings."""
+    """Lock the run folder (lock_folder) and write config.json (the resolved settings); refuses
+    (UserError) a folder that another live process holds, a folder that holds a run without
+    --resume, a --resume of nothing, and a --resume with other settings than RESUMABLE_CHANGES.
+    The folder is this process's until it ends (or the returned lock is closed)."""
     out = args.out
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "kill_at")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "kill_at", "nan_at")}
     saved = os.path.join(out, "config.json")
     if args.resume and not os.path.exists(saved):
-        return f"--resume: {saved} does not exist, so there is no run to continue"
-    if os.path.exists(saved):
-        if not args.resume:
-            return f"{out} already holds a run; pass --resume to continue it, or another --out"
-        with open(saved) as f:
-            old = json.load(f)
-        diff = sorted(k for k in settings if old.get(k) != settings[k] and k not in RESUMABLE_CHANGES)
-        if diff:
-            return f"{saved}: --resume with different settings: " + ", ".join(
-                f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in diff)
-    os.makedirs(out, exist_ok=True)
-    print(json.dumps({**settings, "world_size": world}), flush=True)
-    write_json(saved, {**settings, "world_size": world}, indent=2)
-    return None
+        raise UserError(f"--resume: {saved} does not exist, so there is no run to continue")
+    lock = lock_folder(out)  # before looking at config.json: two runs started together see one another
+    try:
+        resumes = []
+        # A run that stopped before writing anything but its settings (a bad --data, say) left
+        # nothing to continue: its folder is reused, so the corrected command just works. The
+        # lock tells it from a live run that has not written anything yet.
+        if os.path.exists(saved) and not args.resume and set(os.listdir(out)) <= {"config.json", LOCK}:
+            print(f"{out}: replacing the settings of a run that stopped before producing anything", flush=True)
+        elif os.path.exists(saved):
+            if not args.resume:
+                raise UserError(f"{out} already holds a run; pass --resume to continue it, or another --out")
+            with open(saved) as f:
+                old = json.load(f)
+            diff = sorted(k for k in settings if old.get(k) != settings[k] and k not in RESUMABLE_CHANGES)
+            if diff:
+                raise InputError(f"{saved}: --resume with different settings: " + ", ".join(
+                    f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in diff) + " (only "
+                    f"{', '.join(RESUMABLE_CHANGES)} may change; start another --out for the others)")
+            changed = {k: [old.get(k), settings[k]] for k in RESUMABLE_CHANGES
+                       if k in settings and old.get(k) != settings[k]}
+            resumes = old.get("resumes", []) + [{"time": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": world,
+                                                 "changed": changed}]
+            record(out, {"type": "resume", "world_size": world, "changed": changed})
+            if changed:
+                print("--resume changes " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+                      flush=True)
+        print(json.dumps({**settings, "world_size": world}), flush=True)
+        write_json(saved, {**settings, "world_size": world, **({"resumes": resumes} if resumes else {})}, indent=2)
+    except BaseException:
+        lock.close()
+        raise
+    _HELD.append(lock)
+    return lock
 
 
 def record(out, rec):

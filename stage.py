@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -22,24 +23,38 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import parallel
-from checkpoint import export, load_ckpt, resolve_dtype, save_ckpt
+import lora
+from checkpoint import check_finite, export, last_checkpoint, load_ckpt, resolve_dtype, resume_hint, save_ckpt
 from data import pairs
+from errors import Diverged, InputError
 from model import Mistral, ModelConfig
 from parallel import log
 from run_folder import record
 from spin_loss import sequence_logps, spin_loss
 
 
-def build_model(folder, args, device):
+def build_model(folder, args, device, lora_settings=None):
     config = ModelConfig.from_hf(folder)
+    compute = resolve_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with torch.device("meta"):
         model = Mistral(config)
+    fresh = {}
+    if lora_settings is not None:
+        # LoRA first: the adapters belong to the blocks that checkpointing wraps and fully_shard
+        # shards, so frozen and trainable parameters share FSDP units (FSDP2 shards each parameter
+        # on its own; only the trainable ones must share a dtype). The frozen base is stored in
+        # the compute dtype (bf16 on GPUs: half the memory); the adapters stay fp32. Their starting
+        # values are drawn in full on rank 0 and arrive with the base weights, so they do not
+        # depend on the number of ranks.
+        lora.add_adapters(model, lora_settings)
+        lora.cast_frozen_(model, compute)
+        if parallel.rank() == 0:
+            fresh = lora.initial_adapters(model, torch.Generator().manual_seed(args.seed))
     if args.activation_checkpointing:
         for i, block in enumerate(model.model.layers):
             model.model.layers[i] = checkpoint_wrapper(block)
-    # Parameters stay fp32 (the optimiser's master copy); on GPUs compute runs in bf16 and
+    # Trained parameters stay fp32 (the optimiser's master copy); on GPUs compute runs in bf16 and
     # gradients are reduced in fp32.
-    compute = resolve_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
@@ -48,7 +63,7 @@ def build_model(folder, args, device):
     # Only rank 0 reads the files; the shards arrive by broadcast, so no rank holds two copies.
     full = {}
     if parallel.rank() == 0:
-        full = Mistral.from_pretrained(folder, dtype=torch.float32, device="cpu").state_dict()
+        full = Mistral.from_pretrained(folder, dtype=torch.float32, device="cpu").state_dict() | fresh
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, config
 
@@ -67,6 +82,9 @@ class Stage:
     folder: str  # checkpoints go to folder/ckpt, the export to folder/model
     tag: str  # its name in metrics.jsonl
     optimizer: str
+    lora: bool = False  # train LoRA adapters (--lora-rank > 0) instead of every parameter
+    mix_alpha: float = 0.0  # SPIN against the geometric mixture of p_t and the base (spin_loss alpha)
+    stop_at: int | None = None  # stop after this many steps, checkpointed, to be continued (SFT selection)
 
 
 def make_optimizer(params, name, lr, steps, warmup_ratio):
@@ -80,7 +98,7 @@ def make_optimizer(params, name, lr, steps, warmup_ratio):
     return opt, sched
 
 
-def spin_micro_batch(model, micro, run, beta, live, n_local):
+def spin_micro_batch(model, micro, run, stage, live, n_local):
     """Forward and backward of one SPIN micro-batch; returns its metric sums (weighted by pairs)."""
     b = pairs.collate_pairs(micro, pad_id=run.tok.eos_id)
     ids, mask, tgt = (b[k].to(run.device) for k in ("input_ids", "attention_mask", "targets"))
@@ -93,7 +111,10 @@ def spin_micro_batch(model, micro, run, beta, live, n_local):
             ref = sequence_logps(live(ids, attention_mask=mask, targets=tgt), tgt != -100)
         sums["live_diff"] = torch.cat([ref[:n] - ref_real, ref[n:] - ref_gen]).abs().max().item()
         ref_real, ref_gen = ref[:n], ref[n:]
-    loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=beta, loss_type=run.args.loss_type)
+    base = {}
+    if stage.mix_alpha > 0:  # the base (SFT start) model's log-probs, stored by generate.rescore
+        base = dict(zip(pairs.BASE_COLUMNS, (b[k].to(run.device) for k in pairs.BASE_COLUMNS)), alpha=stage.mix_alpha)
+    loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=run.args.loss_type, **base)
     (loss * n / n_local).backward()  # spin_loss averages over this micro-batch; FSDP over ranks
     sums["loss"] = loss.item() * n
     for k in ("rewards/real", "rewards/generated", "rewards/accuracies", "logps/real", "logps/generated"):
@@ -118,12 +139,14 @@ def train_stage(run, stage):
     args, rank, world = run.args, parallel.rank(), parallel.world()
     G, mb = args.batch_size, args.micro_batch_size
     if G % world or (G // world) % min(mb, G // world):
-        raise ValueError(f"--batch-size {G} must split evenly over {world} ranks x micro-batches of {mb}")
+        raise InputError(f"--batch-size {G} must split evenly over {world} ranks x micro-batches of {mb} "
+                         "(--micro-batch-size)")
     local, mb = G // world, min(mb, G // world)
     per_epoch = len(stage.items) // G
     if per_epoch == 0:
-        raise ValueError(f"{stage.tag}: {len(stage.items)} examples is fewer than one global batch of {G}")
-    model, config = build_model(stage.init_dir, args, run.device)
+        raise InputError(f"{stage.tag}: {len(stage.items)} examples is fewer than one global batch of {G}: "
+                         "pass a smaller --batch-size or more data")
+    model, config = build_model(stage.init_dir, args, run.device, lora_settings(run, stage))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, stage.optimizer, stage.lr, stage.steps, args.warmup_ratio)
@@ -131,18 +154,22 @@ def train_stage(run, stage):
     live = None
     if args.live_reference and stage.kind == "spin":
         live = Mistral.from_pretrained(stage.init_dir, device=run.device, dtype=run.infer)
-    for step in range(start, stage.steps):
+    end = stage.steps if stage.stop_at is None else min(stage.stop_at, stage.steps)
+    for step in range(start, end):
         t0 = time.time()
         epoch, pos = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(args.seed * 1000003 + epoch)
         batch = [stage.items[i] for i in torch.randperm(len(stage.items), generator=g)[pos * G:(pos + 1) * G].tolist()]
         mine = batch[rank * local:(rank + 1) * local]
+        # Every random draw of the step (LoRA's dropout masks) is a function of (seed, stage, step,
+        # rank) too, so a resumed run draws what the uninterrupted one did on every rank.
+        torch.manual_seed(zlib.crc32(f"{args.seed}/{stage.tag}/{step}/{rank}".encode()))
         gt_tokens = sum(len(it.real_ids) for it in batch)
         sums, live_diff, ntok = {}, 0.0, 0
         for m0 in range(0, local, mb):
             model.set_requires_gradient_sync(m0 + mb >= local)  # reduce gradients once, at the last
             if stage.kind == "spin":
-                got, n = spin_micro_batch(model, mine[m0:m0 + mb], run, stage.beta, live, local)
+                got, n = spin_micro_batch(model, mine[m0:m0 + mb], run, stage, live, local)
                 live_diff = max(live_diff, got.pop("live_diff", 0.0))
             else:
                 got, n = sft_micro_batch(model, mine[m0:m0 + mb], run, gt_tokens)
@@ -152,12 +179,28 @@ def train_stage(run, stage):
         tot = parallel.reduce_sums(sums)
         loss = tot["loss"] / tot["n"]
         if not math.isfinite(loss) or not math.isfinite(gnorm.item()):
-            raise FloatingPointError(f"{stage.tag} step {step}: loss {loss}, grad norm {gnorm.item()}; "
-                                     f"stopping. The last good checkpoint in {stage.folder}/ckpt is intact.")
-        lr_used = sched.get_last_lr()[0]
+            raise Diverged(f"{stage.tag} step {step + 1}: loss {loss}, grad norm {gnorm.item()}: stopped before "
+                           "this update. " + resume_hint(stage.folder, last_checkpoint(stage.folder)))
+        if step > start and step % args.ckpt_every == 0:
+            # The checkpoint of `step` updates is written only now that those weights have given a
+            # finite loss and gradient on the next batch (save_ckpt also checks every value), so
+            # a checkpoint on disk is one a resume can continue from.
+            t_save = time.time()
+            save_ckpt(stage.folder, step, model, opt, sched)
+            t0 += time.time() - t_save
+        lr_used = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        hook = (args.nan_at or "").split(":")  # test hook: a NaN left by this update
+        if hook[:2] == [stage.tag, str(step + 1)]:
+            if hook[2:] == ["weights"]:  # the first trained weight: row 0 (<unk>, which no batch uses) of the embedding
+                t = params[0]
+            else:  # in the optimiser state
+                t = next(v for v in next(iter(opt.state.values())).values()
+                         if torch.is_tensor(v) and v.is_floating_point() and v.dim())
+            with torch.no_grad():
+                (t.to_local() if hasattr(t, "to_local") else t).view(-1)[:1].fill_(float("nan"))
         rec = {"type": "step", "stage": stage.tag, "step": step + 1, "steps": stage.steps, "loss": loss,
                "lr": lr_used, "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / (time.time() - t0),
                "peak_mem_mb": peak_memory_mb(run.device)}
@@ -169,10 +212,14 @@ def train_stage(run, stage):
             if live is not None:
                 rec["live_reference_max_abs_diff"] = parallel.reduce_sums({"d": live_diff}, op="max")["d"]
         record(run.out, rec)
-        if (step + 1) % args.ckpt_every == 0 and step + 1 < stage.steps:
-            save_ckpt(stage.folder, step + 1, model, opt, sched)
         if args.kill_at == f"{stage.tag}:{step + 1}":
             os.kill(os.getpid(), 9)
+    # The last updates have no next loss to vouch for them (a NaN in an embedding row no batch
+    # uses shows in no loss): the weights are checked before they become the next opponent.
+    check_finite(dict(model.named_parameters()), stage.folder, f"{stage.tag} step {end}",
+                 "its model was not exported")
+    if end < stage.steps and end > start:  # a pause (stop_at): the next call continues from here
+        save_ckpt(stage.folder, end, model, opt, sched)
     return model, config
 
 
@@ -182,6 +229,10 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def lora_settings(run, stage):
+    return lora.LoraSettings.from_args(run.args) if stage.lora else None
+
+
 def run_stage(run, stage):
     """Train and export a stage, unless its export exists (a finished stage is skipped)."""
     model_dir = os.path.join(stage.folder, "model")
@@ -189,7 +240,12 @@ def run_stage(run, stage):
         os.makedirs(stage.folder, exist_ok=True)
         log(f"[{stage.tag}] {stage.kind}: {stage.steps} steps from {stage.init_dir}")
         model, config = train_stage(run, stage)
-        export(model, config, model_dir, run.tok_files, resolve_dtype(run.dtype_name))
+        settings = lora_settings(run, stage)
+        if settings is None:
+            export(model, config, model_dir, run.tok_files, resolve_dtype(run.dtype_name))
+        else:  # folder/adapter (PEFT), then folder/model: the merged model, the next opponent
+            lora.export(model, config, settings, stage.folder, run.tok_files, resolve_dtype(run.dtype_name),
+                        stage.init_dir)
         del model
         # The export is the stage's result; its checkpoints (weights plus optimiser state,
         # ~16 bytes a parameter) only served a resume.

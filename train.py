@@ -38,11 +38,15 @@ import generate
 import parallel
 import report
 import run_folder
-from checkpoint import resolve_dtype
+from checkpoint import check_model_folder, resolve_dtype
 from data import pairs, readers
-from data.tokenizer import Tokenizer
+from errors import (ArgumentParser, InputError, fraction, non_negative_int, positive_float, positive_int,
+                    positive_list, probability, run_command)
+from data.template import ChatFormat, load_chat_template
+from data.tokenizer import load_tokenizer
 from evaluate import evaluate
 from kernels import use_kernels
+from lora import LoraSettings
 from model import Mistral, ModelConfig
 from parallel import log
 from run_folder import record
@@ -58,13 +62,16 @@ RECIPE = dict(iterations=4, beta="0.1,0.1,0.1,5.0", lr="5e-7,5e-7,1e-7,1e-7", ep
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     # run
     p.add_argument("--out", default=None, help="run folder (default runs/spin-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     # model
-    p.add_argument("--model", default=None, help="HF folder with tokenizer.model; none = embedded demo")
+    p.add_argument("--model", default=None,
+                   help="HF folder (config.json, *.safetensors, tokenizer.json or tokenizer.model); none = embedded demo")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file (default: the model's own, else Zephyr's); copied into exports")
     p.add_argument("--dtype", default=None, help="parameter dtype for compute (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
@@ -73,47 +80,54 @@ def parse_args(argv=None):
     # data
     p.add_argument("--data", default=None, help="training prompts with ground truth (parquet/jsonl)")
     p.add_argument("--eval-data", default=None, help="held-out file (default: a split of --data, at most a tenth)")
-    p.add_argument("--num-prompts", type=int, default=None, help="sample this many training prompts")
-    p.add_argument("--eval-prompts", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--num-prompts", type=positive_int, default=None, help="sample this many training prompts")
+    p.add_argument("--eval-prompts", type=positive_int, default=None)
+    p.add_argument("--max-length", type=positive_int, default=None)
+    p.add_argument("--max-prompt-length", type=positive_int, default=None)
     p.add_argument("--on-bad-row", choices=["raise", "skip"], default="raise")
     p.add_argument("--mix-previous", type=int, default=None, choices=[0, 1],
                    help="iteration t also trains on iteration t-1's synthetic data (official recipe)")
     # SPIN optimisation
-    p.add_argument("--iterations", type=int, default=None)
-    p.add_argument("--beta", default=None, help="one value or a comma list per iteration")
-    p.add_argument("--lr", default=None, help="one value or a comma list per iteration")
+    p.add_argument("--iterations", type=positive_int, default=None)
+    p.add_argument("--beta", type=positive_list, default=None, help="one value or a comma list per iteration")
+    p.add_argument("--lr", type=positive_list, default=None, help="one value or a comma list per iteration")
     p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "hinge"])
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch, in pairs")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="pairs per rank per forward")
+    p.add_argument("--epochs", type=positive_float, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, in pairs")
+    p.add_argument("--micro-batch-size", type=positive_int, default=None, help="pairs per rank per forward")
     p.add_argument("--optimizer", default=None, choices=["rmsprop", "adamw"])
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--warmup-ratio", type=fraction, default=0.1)
+    p.add_argument("--clip", type=positive_float, default=1.0)
     p.add_argument("--live-reference", action="store_true", help="score with a resident opponent model too, as a check")
+    # LoRA (lora.py): SPIN iterations and the baseline train low-rank adapters on a frozen base
+    p.add_argument("--lora-rank", type=non_negative_int, default=0, help="adapter rank r; 0 = train every parameter")
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help="updates are scaled by alpha/r (default 2r)")
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="comma list of q, k, v, o, gate, up, down")
+    p.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the adapters' input")
     # generation
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--gen-batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None)
+    p.add_argument("--temperature", type=positive_float, default=None)
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0)
+    p.add_argument("--gen-batch-size", type=positive_int, default=None)
     # SFT: warm start of the demo, and the continued-SFT baseline
     p.add_argument("--sft", action="store_true", help="only run SFT on --data (cross-entropy on the ground truth)")
-    p.add_argument("--sft-steps", type=int, default=None)
-    p.add_argument("--sft-lr", type=float, default=None)
+    p.add_argument("--sft-steps", type=positive_int, default=None)
+    p.add_argument("--sft-lr", type=positive_float, default=None)
     p.add_argument("--sft-optimizer", default="adamw", choices=["rmsprop", "adamw"],
                    help="optimiser of the demo's warm start (--sft runs too); the baseline uses --optimizer")
     p.add_argument("--baseline", type=int, default=None, choices=[0, 1],
                    help="also run continued SFT with the same number of steps, as the baseline")
     # checkpoints
-    p.add_argument("--ckpt-every", type=int, default=None, help="optimiser steps between checkpoints")
+    p.add_argument("--ckpt-every", type=positive_int, default=None, help="optimiser steps between checkpoints")
     # embedded demo
-    p.add_argument("--demo-dim", type=int, default=None)
-    p.add_argument("--demo-layers", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=None, help="demo tokenizer vocabulary size")
-    # fault injection for the resume test: SIGKILL this process after STAGE:STEP
+    p.add_argument("--demo-dim", type=positive_int, default=None)
+    p.add_argument("--demo-layers", type=positive_int, default=None)
+    p.add_argument("--vocab", type=positive_int, default=None, help="demo tokenizer vocabulary size")
+    # fault injection for the resume tests: SIGKILL this process after STAGE:STEP; a NaN in the
+    # optimiser state (STAGE:STEP) or in a weight (STAGE:STEP:weights) after the update of STAGE:STEP
     p.add_argument("--kill-at", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--nan-at", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.demo = args.model is None
     preset = demo.DEFAULTS if args.demo else RECIPE
@@ -123,10 +137,8 @@ def parse_args(argv=None):
     for k in ("mix_previous", "baseline"):
         setattr(args, k, bool(getattr(args, k)))
     for k in ("beta", "lr"):  # one value per iteration; a shorter list repeats its last value
-        try:
-            setattr(args, k, [float(x) for x in str(getattr(args, k)).split(",")])
-        except ValueError:
-            p.error(f"--{k} {getattr(args, k)!r}: expected a number or a comma-separated list of numbers")
+        if isinstance(getattr(args, k), str):  # a preset's value
+            setattr(args, k, positive_list(getattr(args, k)))
     if not args.demo and not args.data:
         p.error("--model needs --data (training prompts with ground truth)")
     if args.demo and (args.data or args.eval_data):
@@ -135,6 +147,12 @@ def parse_args(argv=None):
         p.error("--sft needs --sft-steps and --sft-lr")
     if args.resume and args.out is None:
         p.error("--resume needs --out (the run folder to continue)")
+    if args.lora_rank:
+        args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
+        try:
+            LoraSettings.from_args(args)
+        except ValueError as e:
+            p.error(str(e))
     if args.out is None:
         args.out = os.path.join("runs", "spin-" + time.strftime("%Y%m%d-%H%M%S"))
     return args
@@ -148,8 +166,8 @@ class Run:
     args: argparse.Namespace
     device: torch.device
     infer: torch.dtype  # every frozen copy (generation, scoring, evaluation, live reference)
-    tok: Tokenizer
-    tok_files: dict  # {name in an export: source path}
+    fmt: ChatFormat  # the tokenizer and chat template every stage tokenises through
+    tok_files: dict  # {name in an export: source path}: the tokenizer files and chat template
     dtype_name: str  # the dtype exports are written in: the starting checkpoint's
     train_ex: list
     held_ex: list
@@ -159,6 +177,10 @@ class Run:
     @property
     def out(self):
         return self.args.out
+
+    @property
+    def tok(self):
+        return self.fmt.tok
 
 
 def timed(run, name, fn):
@@ -184,7 +206,7 @@ def run_generation(run, model_dir, examples, out_path, iteration, seed):
         return
     a = run.args
     model = Mistral.from_pretrained(model_dir, device=run.device, dtype=run.infer)
-    generate.generate_dataset(model, run.tok, examples, out_path, iteration=iteration, seed=seed,
+    generate.generate_dataset(model, run.fmt, examples, out_path, iteration=iteration, seed=seed,
                               rank=parallel.rank(), world_size=parallel.world(),
                               max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                               top_p=a.top_p, top_k=a.top_k, batch_size=a.gen_batch_size,
@@ -196,18 +218,30 @@ def run_generation(run, model_dir, examples, out_path, iteration, seed):
 
 def run_evaluation(run, model_dir, eval_synth, beta):
     a = run.args
-    return evaluate(model_dir, eval_synth, run.tok, beta=beta, device=run.device, dtype=run.infer,
+    return evaluate(model_dir, eval_synth, run.fmt, beta=beta, device=run.device, dtype=run.infer,
                     max_length=a.max_length, max_prompt_length=a.max_prompt_length,
                     batch_size=a.gen_batch_size, max_new_tokens=a.max_new_tokens, has_task=a.demo)
 
 
 def tokenize(run, examples):
-    return pairs.tokenize_examples(run.tok, examples, max_length=run.args.max_length,
+    return pairs.tokenize_examples(run.fmt, examples, max_length=run.args.max_length,
                                    max_prompt_length=run.args.max_prompt_length, on_empty="skip")
 
 
 # ----------------------------------------------------------------------------------------------
 # Setting up a run: the demo's task and model (or the user's), the data
+
+def check_batches(args, n_train, train_path):
+    """The batch flags against the world size and the data, before any stage starts (stage.py
+    would only find out at its first step)."""
+    G, mb, world = args.batch_size, args.micro_batch_size, parallel.world()
+    if G % world or (G // world) % min(mb, G // world):
+        raise InputError(f"--batch-size {G} must split evenly over {world} ranks x micro-batches of "
+                         f"--micro-batch-size {mb}")
+    if n_train < G:
+        raise InputError(f"{train_path}: {n_train} training prompts is fewer than one global batch "
+                         f"(--batch-size {G}): pass a smaller --batch-size or more data")
+
 
 def prepare(args, device):
     """The run's starting folder, tokenizer and data, checked before any long stage starts."""
@@ -217,20 +251,37 @@ def prepare(args, device):
         prepare_s = time.time() - run_t0
     else:
         train_path, eval_path, init_dir = args.data, args.eval_data, args.model
-    tok_path = os.path.join(init_dir, "tokenizer.model")
-    tok = Tokenizer(tok_path)
+        check_model_folder(init_dir)  # a missing folder or one of pickles, named before its tokenizer
+    tok = load_tokenizer(init_dir)
+    fmt = ChatFormat(tok, load_chat_template(init_dir, tok, args.chat_template))
+    log(f"tokenizer {tok.path} ({tok.vocab_size} tokens, generation stops at {list(tok.eos_ids)}); "
+        f"chat template: {fmt.name}")
     train_ex, held_ex = readers.load_splits(train_path, eval_path, num_prompts=args.num_prompts,
                                             eval_prompts=args.eval_prompts, seed=args.seed,
                                             on_error=args.on_bad_row, log=log)
+    for name, exs in (("training", train_ex), ("held-out", held_ex)):
+        kept, reasons = pairs.splittable(fmt, exs)
+        if len(kept) < len(exs):
+            log(f"skipping {len(exs) - len(kept)} {name} examples whose answer {fmt.name} cannot split from "
+                "the prompt:" + "".join(f"\n  {r}" for r in reasons))
+        exs[:] = kept
+        if not exs:
+            raise InputError(f"{eval_path if name == 'held-out' and eval_path else train_path}: no {name} example "
+                             f"is left whose answer {fmt.name} can split from the prompt (see the examples "
+                             "above); pass --chat-template FILE with a template that can")
+    check_batches(args, len(train_ex), train_path)  # fail now, not after generating for an hour
     config = ModelConfig.from_hf(init_dir)
     generate.check_vocab(tok, config.vocab_size, init_dir)  # fail now, not mid-SFT
     need = max(args.max_length, args.max_prompt_length + args.max_new_tokens)
     if need > config.max_position_embeddings:  # fail now, not after an hour of SFT
-        raise SystemExit(f"{init_dir}: the model has {config.max_position_embeddings} positions, but "
+        raise InputError(f"{init_dir}: the model has {config.max_position_embeddings} positions, but "
                          f"--max-length {args.max_length} / --max-prompt-length {args.max_prompt_length} + "
                          f"--max-new-tokens {args.max_new_tokens} need {need}")
-    run = Run(args, device, inference_dtype(args, device), tok, {"tokenizer.model": tok_path}, config.dtype,
-              train_ex, held_ex)
+    folder = os.path.dirname(tok.path)
+    tok_files = {name: os.path.join(folder, name) for name in tok.files}
+    if args.chat_template:  # exports carry the template the run used; transformers prefers this file
+        tok_files["chat_template.jinja"] = args.chat_template
+    run = Run(args, device, inference_dtype(args, device), fmt, tok_files, config.dtype, train_ex, held_ex)
     if args.demo:
         run.timings["prepare"] = prepare_s
     return run, init_dir
@@ -245,7 +296,7 @@ def sft_warm_start(run, init_dir):
     items, rep = tokenize(run, run.train_ex)
     log(f"sft data: {rep.summary()}")
     stage = Stage("sft", init_dir, items, a.sft_steps, a.sft_lr, None, os.path.join(a.out, "sft"), "sft",
-                  a.sft_optimizer)
+                  a.sft_optimizer, lora=not a.demo)  # the demo's random init trains in full
     return timed(run, "sft", lambda: run_stage(run, stage))
 
 
@@ -274,7 +325,7 @@ def spin_iteration(run, t, opponent):
     if a.mix_previous and t > 0:  # the official recipe: iteration t-1's data, rescored by p_t
         mixed = os.path.join(folder, "previous_rescored.parquet")
         timed(run, "generate", lambda: generate.rescore(
-            opponent, os.path.join(out, f"iter{t - 1}", "synthetic.parquet"), mixed, run.tok, device=run.device,
+            opponent, os.path.join(out, f"iter{t - 1}", "synthetic.parquet"), mixed, run.fmt, device=run.device,
             dtype=run.infer, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
             batch_size=a.gen_batch_size))
         files.append(mixed)
@@ -282,7 +333,7 @@ def spin_iteration(run, t, opponent):
     same = sum(it.real_ids == it.generated_ids for it in items) / max(len(items), 1)
     log(f"[iter{t}] {rep.summary()}; samples equal to the ground truth: {same:.1%}")
     steps = max(1, int(a.epochs * (len(items) // a.batch_size)))
-    stage = Stage("spin", opponent, items, steps, lr, beta, folder, f"spin{t}", a.optimizer)
+    stage = Stage("spin", opponent, items, steps, lr, beta, folder, f"spin{t}", a.optimizer, lora=True)
     model_dir = timed(run, "train", lambda: run_stage(run, stage))
     row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta))
     row.update(arm="spin", iteration=t + 1, train_samples_equal_gt=same, steps=steps)
@@ -304,7 +355,8 @@ def baseline_iteration(run, t, prev):
     folder = os.path.join(run.out, "baseline", f"iter{t}")
     steps = [r for r in run.table if r["arm"] == "spin"][t]["steps"]
     items, _ = tokenize(run, run.train_ex)
-    stage = Stage("sft", prev, items, steps, a.lr[min(t, len(a.lr) - 1)], None, folder, f"sft{t}", a.optimizer)
+    stage = Stage("sft", prev, items, steps, a.lr[min(t, len(a.lr) - 1)], None, folder, f"sft{t}", a.optimizer,
+                  lora=True)
     model_dir = timed(run, "baseline", lambda: run_stage(run, stage))
     eval_synth = os.path.join(folder, "eval_synthetic.parquet")
     timed(run, "generate", lambda: run_generation(run, prev, run.held_ex, eval_synth, t, a.seed + 7 + t))
@@ -319,21 +371,20 @@ def finish(run):
     if parallel.rank() == 0:
         record(run.out, {"type": "timing", **run.timings})
         print(report.table(run.table, run.timings))
-        png = report.plot(run.table, os.path.join(run.out, "report.png"))
-        print(f"outputs in {run.out}" + (f"; plot {png}" if png else ""))
+        name = os.path.basename(os.path.normpath(run.out))
+        png = report.plot(run.table, os.path.join(run.out, "report.png"), name)
+        curves = report.plot_training(report.read_metrics(os.path.join(run.out, "metrics.jsonl")),
+                                      os.path.join(run.out, "report_training.png"), name)
+        print(f"outputs in {run.out}" + "".join(f"; plot {p}" for p in (png, curves) if p))
 
 
 def main(argv=None):
     args = parse_args(argv)
     args.kernels = use_kernels(args.kernels)
     rank, world, device = parallel.setup()
-    # Rank 0 checks the run folder; every rank learns the verdict, so none waits forever.
-    verdict = [run_folder.open_run(args, world) if rank == 0 else None]
-    torch.distributed.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        torch.distributed.destroy_process_group()
-        raise SystemExit(verdict[0])
-    parallel.barrier()
+    # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
+    # checks it; every rank learns the verdict, so none waits forever.
+    parallel.on_rank0(lambda: run_folder.open_run(args, world))
     run, base = prepare(args, device)
     if args.demo or args.sft:
         base = sft_warm_start(run, base)
@@ -354,4 +405,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

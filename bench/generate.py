@@ -7,6 +7,17 @@ top_p 1), EOS ignored so both produce exactly 64 tokens per row. Medians over re
     python bench/generate.py                 # CPU figures -> bench/RESULTS_generate_cpu.md
     python bench/generate.py --repeats 7 --threads 2
 
+The real-model shape (issue 14): a pretrained chat checkpoint from its folder, 8 chat prompts of
+different lengths rendered by its own template (left-padded for both sides), 64 new tokens at
+temperature 1, float32, 2 threads; goal >= 3x transformers. The run also measures the machine's
+read bandwidth (a float32 sum over a buffer far larger than the caches) and prints the fraction
+of the memory-bandwidth roofline each side reaches: weight bytes read per decode step (every
+parameter once; the tied embedding once) / bandwidth, against the measured time per new token
+(prefill included, so the fraction is a lower bound):
+
+    python -m tools.smollm2                  # builds SmolLM2-135M-Instruct once, prints its folder
+    python bench/generate.py --model ~/.cache/spin/smollm2-135m-instruct --threads 2
+
 GPU goal (not run here; no figures are claimed): batch-1 bf16 decode of a Mistral-7B-shaped model
 at >= 70% of the HBM roofline, i.e. tokens/s >= 0.7 * bandwidth / weight bytes
 (7.24e9 params * 2 B = 14.5 GB; H100 SXM 3.35 TB/s -> roofline ~231 tok/s, goal ~162 tok/s):
@@ -33,8 +44,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate import sample  # noqa: E402
+from generate import load_format, sample  # noqa: E402
 from model import Mistral, ModelConfig  # noqa: E402
+
+CHAT = ["Hi!", "What is the capital of France?", "Write a haiku about the sea and the wind at night.",
+        "Explain in two sentences why the sky is blue, for a ten-year-old who likes physics.",
+        "List three prime numbers.", "Translate 'good morning, how are you today?' into Spanish and French.",
+        "Give me a short recipe for pancakes with the ingredients and the steps, in a numbered list please.",
+        "What is 17 times 23?"]
 
 SHAPES = {
     "small": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -53,6 +70,7 @@ def main():
     ap = argparse.ArgumentParser()
     # -- workload
     ap.add_argument("--shape", default="small", choices=SHAPES)
+    ap.add_argument("--model", default=None, help="a Hugging Face folder (real weights, its chat template)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -72,7 +90,17 @@ def main():
 
     torch.manual_seed(0)
     hf = None
-    if args.no_hf:  # random weights straight on the device (a 7B does not fit a temp folder quickly)
+    if args.model:
+        import transformers
+        fmt = load_format(args.model)
+        prompts = [fmt.prompt_ids([{"role": "user", "content": c}]) for c in (CHAT * args.batch)[:args.batch]]
+        ours = Mistral.from_pretrained(args.model, dtype=dtype, device=device)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        T = max(map(len, prompts))
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+        print(f"{args.model}: prompts of {sorted(map(len, prompts))} tokens")
+    elif args.no_hf:  # random weights straight on the device (a 7B does not fit a temp folder quickly)
         cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=4096, dtype=args.dtype)
         with torch.device(device):
             ours = Mistral(cfg).to(dtype).eval()
@@ -85,8 +113,9 @@ def main():
         hf.save_pretrained(folder)
         hf = hf.to(device=device, dtype=dtype)
         ours = Mistral.from_pretrained(folder, dtype=dtype, device=device)
-    ids = torch.randint(3, 32000, (args.batch, args.prompt_len))
-    prompts = ids.tolist()
+    if not args.model:
+        ids = torch.randint(3, 32000, (args.batch, args.prompt_len))
+        prompts, mask = ids.tolist(), torch.ones_like(ids)
     n_tokens = args.batch * args.new_tokens
 
     def ours_with(cuda_graph):
@@ -99,10 +128,10 @@ def main():
     def run_hf(seed):
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = hf.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=True,
+            out = hf.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True,
                               temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
                               min_new_tokens=args.new_tokens, pad_token_id=0)
-        assert out.shape[1] == args.prompt_len + args.new_tokens
+        assert out.shape[1] == ids.shape[1] + args.new_tokens
 
     names = {"off": ["ours"], "on": ["ours+graph"], "both": ["ours", "ours+graph"]}[args.cuda_graph]
     runs = {k: ours_with(k == "ours+graph") for k in names}
@@ -127,6 +156,16 @@ def main():
         for k in runs:
             if k != "transformers":
                 print(f"ratio {k} / transformers: {med['transformers'] / med[k]:.2f}x (target >= 3x on CPU)")
+    if device.type == "cpu":
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied: counted once
+        bw = read_bandwidth()
+        roof_s = weight_bytes / bw  # one decode step cannot take less than reading every weight once
+        print(f"read bandwidth {bw / 1e9:.1f} GB/s (float32 sum of a 2 GB buffer, best of 5); weights "
+              f"{weight_bytes / 1e6:.0f} MB -> at least {roof_s * 1e3:.1f} ms per decode step")
+        for k in runs:
+            per_token = med[k] / args.new_tokens
+            print(f"  {k}: {per_token * 1e3:.1f} ms per new token (prefill included): "
+                  f"{roof_s / per_token:.0%} of the roofline")
     if device.type == "cuda":
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
         bw = float(os.environ.get("HBM_BYTES_PER_S", 3.35e12))  # H100 SXM; set for other cards
@@ -135,6 +174,17 @@ def main():
         for k in runs:
             if k != "transformers":
                 print(f"  {k} at {n_tokens / med[k] / roof:.0%} of it (the prefill included)")
+
+
+def read_bandwidth(nbytes=2 << 30):
+    """Bytes per second a float32 sum reads from a buffer far larger than the caches, best of 5."""
+    x = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
 
 
 if __name__ == "__main__":

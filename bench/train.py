@@ -1,13 +1,18 @@
 """SPIN training step: pairs/s and peak memory of train.py's step against the same step
-written the way TRL's DPOTrainer does it with `transformers` models, in one run.
+written the way TRL's DPOTrainer does it with `transformers` models, and against the same step
+training LoRA adapters on a frozen base (lora.py), in one run.
 
-Claim (issue 8): on CPU with the tiny model, >= 2x pairs/s and <= 0.6x peak memory.
+Claims: (issue 8) on CPU with the tiny model, ours >= 2x pairs/s and <= 0.6x peak memory of
+trl-style; (issue 19) at the SmolLM2-135M shape, LoRA >= 1.4x pairs/s and <= 0.5x peak memory
+(resident + step) of full-parameter ours.
 
     ours      our Mistral; real and generated rows in one left-padded (2B, T) forward; per-token
               log-probs through the fused LM-head path (kernels/logprob.py, no (N, V) logits);
               spin_loss against opponent log-probs precomputed at generation time, so no
               reference model is resident. Exactly train.py's train_stage step for one
               micro-batch, minus FSDP (one process here) and the metric bookkeeping.
+    lora      ours with LoRA adapters (lora.add_adapters, --lora-* flags) on the same loaded model:
+              the base frozen, RMSprop and clipping over the adapters only.
     baseline  transformers MistralForCausalLM policy plus a second, resident MistralForCausalLM
               reference (TRL DPOTrainer without precompute_ref_log_probs): policy forward on
               the concatenated chosen+rejected rows, full logits -> log_softmax -> gather;
@@ -21,6 +26,7 @@ and reused; collation is not timed on either side.
 
     python bench/train.py                    # CPU figures -> bench/RESULTS_train_cpu.md
     python bench/train.py --threads 1 --steps 7
+    python bench/train.py --shape smollm2 --arms ours,lora --batch 4 --threads 1   # issue 19
 
 Peak memory = the highest live-bytes level during one whole step (forward, backward, clip,
 optimiser step, zero_grad) above the level before it, measured after warm-up so the RMSprop
@@ -38,10 +44,10 @@ Mistral-7B SPIN on 8 GPUs, the run that would measure it (metrics.jsonl logs tok
 and peak_mem_mb per step):
     torchrun --nproc_per_node=8 train.py --model zephyr-7b-sft-full --data train.parquet \\
         --eval-data test.parquet --micro-batch-size 8 --activation-checkpointing
-ESTIMATE, not a measurement (arithmetic and assumptions in docs/GPU_ESTIMATE.md), per A100 80GB
-at 8 pairs x 1024 tokens per GPU, activation checkpointing on both sides:
-    memory     ours ~21-22 GB (12 B/param sharded = 10.9 GB, no logits, no reference)
-               vs official ZeRO-3 ~31-33 GB (+1.8 GB resident reference, ~8.4 GB fp32 logits)
+PREDICTED, not measured: memory per GPU comes from bench/memory.py (a model checked against CPU
+peaks); throughput is arithmetic with assumed MFU (docs/GPU_ESTIMATE.md). Per A100 80GB at
+8 pairs x 1024 tokens per GPU, activation checkpointing on both sides:
+    memory     ours 18.1 GB vs the official ZeRO-3 recipe 30.2 GB (`python bench/memory.py`)
     FLOPs      ours 8N + attention = 58.2 GFLOP/token vs official 10N + attention = 72.4
     tokens/s   ours ~1,600-2,700 (MFU 30-50%, assumed) vs official ~1,100-1,700 (MFU 25-40%,
                assumed); 1.24x at equal MFU
@@ -57,27 +63,43 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.logprob import peak_extra_bytes  # noqa: E402
 from data.pairs import Pair, collate_pairs  # noqa: E402
+import lora  # noqa: E402
 from model import Mistral  # noqa: E402
 from spin_loss import sequence_logps, spin_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+# --shape presets; flags given explicitly win over them.
+SHAPES = {"tiny": dict(layers=4, hidden=256, heads=8, kv_heads=4, head_dim=32, intermediate=688, vocab=32000,
+                       tied=False),
+          "smollm2": dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152,
+                          tied=True)}  # SmolLM2-135M-Instruct's config
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arms", default="ours,trl-style", help="comma list of ours, lora, trl-style")
     # model (default: the tiny CPU model of the issue)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--shape", choices=SHAPES, default="tiny", help="a preset for the flags below")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--tied", type=int, choices=[0, 1], default=None, help="tie the LM head to the embedding")
+    # the lora arm (lora.py); alpha defaults to 2 * rank, as in train.py
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=None, help="default 2 * rank")
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down")
     # batch: random token ids; each pair = prompt + real response and prompt + generated response
     p.add_argument("--batch", type=int, default=8, help="pairs per step (the forward sees 2x rows)")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -88,6 +110,8 @@ def parse_args():
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=5e-7, help="the official recipe's lr")
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing per block on every arm (train.py --activation-checkpointing)")
     # measurement
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after the first")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side, interleaved")
@@ -96,7 +120,16 @@ def parse_args():
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="parameter and compute dtype, both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write settings and results to this JSON file")
-    return p.parse_args()
+    args = p.parse_args()
+    for k, v in SHAPES[args.shape].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.tied = bool(args.tied)
+    args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
+    args.arms = args.arms.split(",")
+    if not set(args.arms) <= {"ours", "lora", "trl-style"} or not args.arms:
+        p.error(f"--arms {','.join(args.arms)}: choose from ours, lora, trl-style")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +140,7 @@ def hf_config(args):
     return MistralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-                         max_position_embeddings=4096, sliding_window=None, tie_word_embeddings=False,
+                         max_position_embeddings=4096, sliding_window=None, tie_word_embeddings=args.tied,
                          attention_dropout=0.0)
 
 
@@ -129,10 +162,15 @@ def make_batch(args, gen):
 
 
 # ----------------------------------------------------------------------------------------------
-# The two steps. Each returns (loss, pre-clip grad norm, sequence log-probs (2B,)) as floats.
+# The steps. Each returns (loss, pre-clip grad norm, sequence log-probs (2B,)) as floats.
 
-def make_ours(folder, opponent_folder, batch, args, device, dtype):
+def make_ours(folder, opponent_folder, batch, args, device, dtype, lora_settings=None):
     model = Mistral.from_pretrained(folder, dtype=dtype, device=device).train()
+    if lora_settings is not None:  # the lora arm: adapters in place, the rest frozen, B = 0
+        lora.add_adapters(model, lora_settings, torch.Generator().manual_seed(args.seed))
+    if args.checkpointing:  # as stage.build_model wraps them
+        for i, block in enumerate(model.model.layers):
+            model.model.layers[i] = checkpoint_wrapper(block)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.RMSprop(params, lr=args.lr, alpha=0.99, eps=1e-8)  # train.py's optimiser
     ids, mask, tgt = (batch[k].to(device) for k in ("input_ids", "attention_mask", "targets"))
@@ -162,6 +200,8 @@ def make_trl(folder, ref_folder, batch, args, device, dtype):
     from transformers import MistralForCausalLM
     load = lambda f: MistralForCausalLM.from_pretrained(f, dtype=dtype, attn_implementation="sdpa").to(device)
     policy = load(folder).train()
+    if args.checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = load(ref_folder).eval().requires_grad_(False)  # resident for the whole run
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.RMSprop(params, lr=args.lr, alpha=0.99, eps=1e-8)
@@ -252,20 +292,33 @@ def main():
         policy_dir, opponent_dir = os.path.join(tmp, "policy"), os.path.join(tmp, "opponent")
         save_random_init(args, policy_dir, args.seed)
         save_random_init(args, opponent_dir, args.seed + 1)
-        sides = {"ours": make_ours(policy_dir, opponent_dir, batch, args, device, dtype),
-                 "trl-style": make_trl(policy_dir, opponent_dir, batch, args, device, dtype)}
-    n_params = sum(p.numel() for p in sides["ours"][1].parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters per copy, {args.dtype} on {device}")
+        settings_lora = lora.LoraSettings.from_flags(args.lora_rank, args.lora_alpha, args.lora_targets, 0.0)
+        make = {"ours": lambda: make_ours(policy_dir, opponent_dir, batch, args, device, dtype),
+                "lora": lambda: make_ours(policy_dir, opponent_dir, batch, args, device, dtype, settings_lora),
+                "trl-style": lambda: make_trl(policy_dir, opponent_dir, batch, args, device, dtype)}
+        sides = {name: make[name]() for name in args.arms}
+    model = next(iter(sides.values()))[1]
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    print(f"model: {n_params / 1e6:.2f}M parameters per copy, {args.dtype} on {device}"
+          + (f"; lora arm trains {sum(p.numel() for p in sides['lora'][1].parameters() if p.requires_grad) / 1e6:.2f}M "
+             f"(rank {args.lora_rank}, alpha {args.lora_alpha:g}, {args.lora_targets})" if "lora" in sides else ""))
 
-    # First step from identical weights: both sides must compute the same thing.
+    # First step from identical weights: every arm must compute the same loss (the lora arm exactly,
+    # since B = 0 adds nothing; trl-style to float rounding).
     first = {name: s[0]() for name, s in sides.items()}
-    (l0, g0, s0), (l1, g1, s1) = first["ours"], first["trl-style"]
-    dloss, dseq = abs(l0 - l1), (s0 - s1).abs().max().item()
-    ok = dloss <= 1e-4
-    print(f"first step: loss ours {l0:.6f}  trl-style {l1:.6f}  |diff| {dloss:.2e} "
-          f"({'within' if ok else 'NOT within'} 1e-4; log 2 = 0.693147)")
-    print(f"            grad norm ours {g0:.6f}  trl-style {g1:.6f}  rel diff {abs(g0 - g1) / max(g1, 1e-30):.2e}; "
-          f"sequence log-probs max |diff| {dseq:.2e} (of ~{s1.abs().mean().item():.0f})")
+    ref_name = args.arms[0]
+    l0, g0, s0 = first[ref_name]
+    first_step = {}
+    for name, (l1, g1, s1) in first.items():
+        if name == ref_name:
+            continue
+        dloss, dseq = abs(l0 - l1), (s0 - s1).abs().max().item()
+        tol = 0.0 if {name, ref_name} == {"ours", "lora"} else 1e-4
+        first_step[name] = dict(loss=l1, loss_ref=l0, grad_norm=g1, grad_norm_ref=g0, seq_logp_max_abs_diff=dseq)
+        print(f"first step: loss {ref_name} {l0:.6f}  {name} {l1:.6f}  |diff| {dloss:.2e} "
+              f"({'within' if dloss <= tol else 'NOT within'} {tol:g}; log 2 = 0.693147)")
+        print(f"            grad norm {ref_name} {g0:.6f}  {name} {g1:.6f}; "
+              f"sequence log-probs max |diff| {dseq:.2e} (of ~{s1.abs().mean().item():.0f})")
 
     for _ in range(args.warmup):
         for s in sides.values():
@@ -292,19 +345,30 @@ def main():
                          resident_MiB=resident[name] / MiB, total_MiB=(peak[name] + resident[name]) / MiB)
         r = res[name]
         print(f"{name:10s} step median {med * 1e3:8.1f} ms  [{', '.join(f'{t * 1e3:.0f}' for t in times[name])}]  "
-              f"{r['pairs_per_s']:7.2f} pairs/s  {r['tokens_per_s']:8.0f} tok/s  peak step {r['peak_step_MiB']:7.1f} MiB  "
+              f"{r['pairs_per_s']:7.2f} pairs/s  {r['tokens_per_s']:8.0f} tok/s  "
+              f"peak step {r['peak_step_MiB']:7.1f} MiB  "
               f"resident {r['resident_MiB']:6.1f} MiB  total {r['total_MiB']:7.1f} MiB")
-    o, b = res["ours"], res["trl-style"]
-    speed, mem, total = o["pairs_per_s"] / b["pairs_per_s"], o["peak_step_MiB"] / b["peak_step_MiB"], \
-        o["total_MiB"] / b["total_MiB"]
-    print(f"ours / trl-style: pairs/s {speed:.2f}x (target >= 2x: {'met' if speed >= 2 else 'NOT met'}); "
-          f"peak step memory {mem:.2f}x (target <= 0.6x: {'met' if mem <= 0.6 else 'NOT met'}); "
-          f"resident + peak step {total:.2f}x")
+    ratios = {}
+    if "ours" in res and "trl-style" in res:
+        o, b = res["ours"], res["trl-style"]
+        speed, mem, total = o["pairs_per_s"] / b["pairs_per_s"], o["peak_step_MiB"] / b["peak_step_MiB"], \
+            o["total_MiB"] / b["total_MiB"]
+        ratios["ours/trl-style"] = dict(pairs_per_s=speed, peak_step=mem, total=total)
+        print(f"ours / trl-style: pairs/s {speed:.2f}x (target >= 2x: {'met' if speed >= 2 else 'NOT met'}); "
+              f"peak step memory {mem:.2f}x (target <= 0.6x: {'met' if mem <= 0.6 else 'NOT met'}); "
+              f"resident + peak step {total:.2f}x")
+    if "ours" in res and "lora" in res:
+        o, b = res["lora"], res["ours"]
+        speed, mem, total = o["pairs_per_s"] / b["pairs_per_s"], o["peak_step_MiB"] / b["peak_step_MiB"], \
+            o["total_MiB"] / b["total_MiB"]
+        ratios["lora/ours"] = dict(pairs_per_s=speed, peak_step=mem, total=total)
+        print(f"lora / ours (full-parameter): pairs/s {speed:.2f}x "
+              f"(target >= 1.4x: {'met' if speed >= 1.4 else 'NOT met'}); "
+              f"peak memory, resident + step {total:.2f}x (target <= 0.5x: {'met' if total <= 0.5 else 'NOT met'}); "
+              f"peak step alone {mem:.2f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"settings": settings, "first_step": dict(loss_ours=l0, loss_trl=l1, grad_norm_ours=g0,
-                                                                grad_norm_trl=g1, seq_logp_max_abs_diff=dseq),
-                       "results": res, "ratios": dict(pairs_per_s=speed, peak_step=mem, total=total)}, f, indent=2)
+            json.dump({"settings": settings, "first_step": first_step, "results": res, "ratios": ratios}, f, indent=2)
 
 
 if __name__ == "__main__":

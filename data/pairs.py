@@ -1,9 +1,17 @@
 """Examples -> token ids -> left-padded batches (the DESIGN.md contract).
 
-Token layout of one sequence: prompt ids, then response ids.
-- prompt ids   = encode(render_prompt(prompt messages)): `<|system|>\\n</s>\\n<|user|>\\n...<|assistant|>\\n`
-- response ids = encode(answer) + [eos], the answer tokenised on its own as the official
+Token layout of one sequence: prompt ids, then response ids, both given by a ChatFormat
+(data/template.py), the one object every stage tokenises through:
+- a checkpoint's own chat template: prompt ids = the rendering of the prompt turns with the
+  generation prompt; response ids = what the rendering of the whole conversation adds after
+  them (ChatML: `{answer}<|im_end|>\\n`; Llama 3: `{answer}<|eot_id|>`). An answer whose
+  tokens cannot be split from the prompt's raises PrefixError (skipped and counted here, like
+  a response truncated to nothing).
+- the Zephyr fallback (the demo, template-less checkpoints, the paper's setting):
+  prompt ids = encode(render_prompt(prompt messages)): `<|system|>\\n</s>\\n<|user|>\\n...<|assistant|>\\n`;
+  response ids = encode(answer) + [eos], the answer tokenised on its own as the official
   collator does (so it starts with the '▁' the tokenizer prepends to every segment).
+The rest of this docstring is about the Zephyr fallback.
 
 How this differs from the official collator (uclaml/SPIN, after TRL's DPO collator):
 it tokenises the response text `{answer}</s>\\n`, i.e. encode(answer) + [</s>, ▁, \\n],
@@ -19,7 +27,7 @@ Both ways share one quirk of tokenising the answer on its own: the tokenizer pre
 so "Hello" becomes `▁Hello` (22557) and "857" becomes `▁ 8 5 7`, whereas the same answer
 inside the full conversation text (how Zephyr's SFT saw it) is `Hello` (16230) / `8 5 7`.
 Generated ids re-encoded from text therefore differ from the ids the model sampled.
-`official_suffix=True` reproduces the official token ids (encode(`{answer}</s>\\n`) + [eos]),
+`ChatFormat(tok, official_suffix=True)` reproduces the official token ids (encode(`{answer}</s>\\n`) + [eos]),
 with every token attended.
 
 Truncation (official defaults max_length=1024, max_prompt_length=512, as in TRL's DPO
@@ -33,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data.template import render_prompt, render_response
+from data.template import PrefixError
 
 
 class TruncationError(ValueError):
@@ -45,6 +53,9 @@ class TruncationError(ValueError):
 # these names; Pair carries them under the same names; collate_pairs emits them as batch keys;
 # spin_loss takes them as arguments of the same names.
 OPPONENT_COLUMNS = ("ref_real_logps", "ref_generated_logps")
+# The same log-probs under the base (SFT start) model, for the geometric-mixture reference of
+# spin_loss(alpha > 0); written by generate.rescore(columns=BASE_COLUMNS) when that arm runs.
+BASE_COLUMNS = ("base_real_logps", "base_generated_logps")
 
 
 @dataclass
@@ -54,6 +65,8 @@ class Pair:
     generated_ids: list | None = None
     ref_real_logps: float | None = None  # log p_t(real response | prompt), a sum over real_ids
     ref_generated_logps: float | None = None  # the same for generated_ids
+    base_real_logps: float | None = None  # log p_base of both, when stored (BASE_COLUMNS)
+    base_generated_logps: float | None = None
     truncated: bool = False
 
 
@@ -62,16 +75,14 @@ class TokenizeReport:
     examples: int = 0
     truncated: int = 0
     skipped_empty: int = 0
+    skipped_unsplittable: int = 0  # the chat template could not split the answer from the prompt
     reasons: list = field(default_factory=list)
 
     def summary(self):
         s = f"{self.examples} examples, {self.truncated} truncated, {self.skipped_empty} skipped (response cut to nothing)"
+        if self.skipped_unsplittable:
+            s += f", {self.skipped_unsplittable} skipped (answer not separable from the prompt's tokens)"
         return s + "".join(f"\n  {r}" for r in self.reasons)
-
-
-def response_ids(tok, answer, *, official_suffix=False):
-    text = render_response(answer) if official_suffix else answer
-    return tok.encode(text) + [tok.eos_id]
 
 
 def truncate(prompt, responses, max_length, max_prompt_length):
@@ -91,33 +102,38 @@ def truncate(prompt, responses, max_length, max_prompt_length):
     return prompt, [r[:budget] for r in responses], True
 
 
-def tokenize_example(tok, ex, *, max_length=1024, max_prompt_length=512, official_suffix=False):
-    prompt = tok.encode(render_prompt(ex.prompt))
-    responses = [response_ids(tok, ex.response, official_suffix=official_suffix)]
+def tokenize_example(fmt, ex, *, max_length=1024, max_prompt_length=512):
+    """One Example -> Pair through the ChatFormat `fmt`, truncated by the rule above."""
+    prompt = fmt.prompt_ids(ex.prompt)
+    responses = [fmt.response_ids(ex.prompt, ex.response)]
     if ex.generated is not None:
-        responses.append(response_ids(tok, ex.generated, official_suffix=official_suffix))
+        responses.append(fmt.response_ids(ex.prompt, ex.generated))
     prompt, responses, cut = truncate(prompt, responses, max_length, max_prompt_length)
 
-    stored = {name: None if ex.extras.get(name) is None else float(ex.extras[name]) for name in OPPONENT_COLUMNS}
+    stored = {name: None if ex.extras.get(name) is None else float(ex.extras[name])
+              for name in OPPONENT_COLUMNS + BASE_COLUMNS}
     return Pair(prompt_ids=prompt, real_ids=responses[0],
                 generated_ids=responses[1] if len(responses) > 1 else None, truncated=cut, **stored)
 
 
-def tokenize_examples(tok, examples, *, max_length=1024, max_prompt_length=512, official_suffix=False, on_empty="raise"):
-    """Returns (pairs, TokenizeReport). The report's counts are for callers to print."""
+def tokenize_examples(fmt, examples, *, max_length=1024, max_prompt_length=512, on_empty="raise"):
+    """Returns (pairs, TokenizeReport). The report's counts are for callers to print.
+    on_empty="skip" skips (and counts) examples left without a response, by truncation or
+    because the template cannot split the answer's tokens from the prompt's."""
     if on_empty not in ("raise", "skip"):
         raise ValueError(f"on_empty must be 'raise' or 'skip', got {on_empty!r}")
     report, pairs = TokenizeReport(), []
     for i, ex in enumerate(examples):
         report.examples += 1
         try:
-            p = tokenize_example(
-                tok, ex, max_length=max_length, max_prompt_length=max_prompt_length, official_suffix=official_suffix
-            )
-        except TruncationError as e:
+            p = tokenize_example(fmt, ex, max_length=max_length, max_prompt_length=max_prompt_length)
+        except (TruncationError, PrefixError) as e:
             if on_empty == "raise":
-                raise TruncationError(f"example {i} (0-based): {e}") from None
-            report.skipped_empty += 1
+                raise type(e)(f"example {i} (0-based): {e}") from None
+            if isinstance(e, PrefixError):
+                report.skipped_unsplittable += 1
+            else:
+                report.skipped_empty += 1
             if len(report.reasons) < 5:
                 report.reasons.append(f"example {i} (0-based): {e}")
             continue
@@ -126,14 +142,14 @@ def tokenize_examples(tok, examples, *, max_length=1024, max_prompt_length=512, 
     return pairs, report
 
 
-def tokenized_pairs(tok, examples, *, max_length=1024, max_prompt_length=512):
+def tokenized_pairs(fmt, examples, *, max_length=1024, max_prompt_length=512):
     """[(example, Pair)] for the examples whose tokenisation leaves a response (the rule training
     applies with on_empty="skip"), so examples and pairs stay aligned."""
     out = []
     for ex in examples:
         try:
-            out.append((ex, tokenize_example(tok, ex, max_length=max_length, max_prompt_length=max_prompt_length)))
-        except TruncationError:
+            out.append((ex, tokenize_example(fmt, ex, max_length=max_length, max_prompt_length=max_prompt_length)))
+        except (TruncationError, PrefixError):
             pass
     return out
 
@@ -162,8 +178,8 @@ def left_pad(seqs, n_prompt, pad_id):
 def collate_pairs(items, pad_id):
     """SPIN batch: rows 0..B-1 = prompt + real response, rows B..2B-1 = prompt + generated.
 
-    Returns input_ids, attention_mask, targets (2B, T); ref_real_logps and
-    ref_generated_logps (B,) float32 when every item carries them."""
+    Returns input_ids, attention_mask, targets (2B, T); the stored log-probs (OPPONENT_COLUMNS,
+    BASE_COLUMNS) as (B,) float32 when every item carries them."""
     if not items:
         raise ValueError("collate_pairs: empty batch")
     if any(it.generated_ids is None for it in items):
@@ -174,7 +190,7 @@ def collate_pairs(items, pad_id):
     n_prompt = [len(it.prompt_ids) for it in items] * 2
     input_ids, attention_mask, targets = left_pad(seqs, n_prompt, pad_id)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
-    for name in OPPONENT_COLUMNS:
+    for name in OPPONENT_COLUMNS + BASE_COLUMNS:
         values = [getattr(it, name) for it in items]
         if all(v is not None for v in values):
             batch[name] = torch.tensor(values, dtype=torch.float32)
@@ -199,3 +215,20 @@ def collate_prompts(prompt_ids_list, pad_id):
         raise ValueError("collate_prompts: empty batch or empty prompt")
     input_ids, attention_mask, _ = left_pad(list(prompt_ids_list), [len(p) for p in prompt_ids_list], pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def splittable(fmt, examples):
+    """(the examples whose ground-truth answer the chat template can split from the prompt, the
+    first few reasons for those it cannot). Run once on the data, before generation: a pair
+    whose real response has no tokens of its own can be neither scored nor trained on."""
+    if fmt.template is None:  # the Zephyr fallback tokenises the answer on its own: always splits
+        return list(examples), []
+    kept, reasons = [], []
+    for i, ex in enumerate(examples):
+        try:
+            fmt.response_ids(ex.prompt, ex.response)
+            kept.append(ex)
+        except PrefixError as e:
+            if len(reasons) < 5:
+                reasons.append(f"example {i} (0-based): {e}")
+    return kept, reasons

@@ -30,12 +30,13 @@ import pyarrow.parquet as pq
 
 from checkpoint import atomic_file
 from data.template import TemplateError, validate_messages
+from errors import InputError
 
 LAYOUTS = ("spin", "messages", "prompt_response")
 _MAX_REASONS = 5
 
 
-class DataError(ValueError):
+class DataError(InputError):
     pass
 
 
@@ -99,6 +100,10 @@ def _parquet_columns_check(path, layout):
 
 def _raw_rows(path):
     """Yield (row number from 1, dict or an error string) for every row of the file."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith((".parquet", ".jsonl", ".json", ".ndjson")))
+        raise DataError(f"{path}: is a folder, not a data file; pass one .parquet or .jsonl file"
+                        + (f" (it holds {', '.join(files[:5])}{' ...' if len(files) > 5 else ''})" if files else ""))
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     if os.path.getsize(path) == 0:
@@ -299,15 +304,22 @@ def load_splits(train_path, eval_path=None, *, num_prompts=None, eval_prompts=50
     SPIN-layout files carry an old `generated` answer: it is dropped, p_t answers anew."""
     train, rep = read_examples(train_path, on_error=on_error)
     log(f"data: {rep.summary()}")
+    if not train:
+        raise DataError(f"{train_path}: no usable rows (all {rep.rows} skipped; see the reasons above)")
     train = sample_examples(train, num_prompts, seed)
     if eval_path:
         held, rep = read_examples(eval_path, on_error=on_error)
         log(f"eval data: {rep.summary()}")
+        if not held:
+            raise DataError(f"{eval_path}: no usable rows (all {rep.rows} skipped; see the reasons above)")
         held = sample_examples(held, eval_prompts, seed + 1)
         log(f"using {len(train)} training prompts (--num-prompts {num_prompts}) and {len(held)} held-out "
             f"prompts from {eval_path} (--eval-prompts {eval_prompts})")
     else:
         n_held = min(eval_prompts, len(train) // 10)
+        if n_held == 0:  # an empty held-out set would fail only after the first training stage
+            raise DataError(f"{train_path}: {len(train)} prompts leave none for the held-out split (a tenth of "
+                            "them, so at least 10 are needed): pass --eval-data FILE with held-out prompts")
         train, held = split_heldout(train, n_held, seed + 1)
         log(f"using {len(train)} training prompts and {len(held)} held-out prompts split from them "
             f"(--eval-prompts {eval_prompts}, capped at a tenth of the {len(train) + len(held)} prompts "

@@ -27,6 +27,8 @@ import re
 import sentencepiece as spm
 
 from checkpoint import atomic_file
+from data.tokenizer_files import NAMED_TOKENS, generation_ids, read_json, token_text, tokenizer_files
+from errors import InputError, MissingInput
 
 _SPACE = "\u2581"  # '▁', SentencePiece's visible space
 
@@ -37,13 +39,13 @@ class Tokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.model")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise MissingInput(f"tokenizer file not found: {path}")
         sp = spm.SentencePieceProcessor()
         try:
             with open(path, "rb") as f:
                 sp.LoadFromSerializedProto(f.read())
         except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError
-            raise ValueError(f"{path}: not a readable SentencePiece model ({e})") from None
+            raise InputError(f"{path}: not a readable SentencePiece model ({e})") from None
         self.path = path
         self.sp = sp
         self.vocab_size = sp.get_piece_size()
@@ -58,10 +60,46 @@ class Tokenizer:
         if len(self._byte_ids) < 256 and len(self.pieces) > 0:
             # transformers' BPE also maps unknown characters to bytes; without all 256 byte
             # pieces some text would need <unk>, whose handling we do not reproduce.
-            raise ValueError(f"{path}: the model has no byte fallback (need all 256 <0xNN> pieces)")
+            raise InputError(f"{path}: the model has no byte fallback (need all 256 <0xNN> pieces)")
+        self._folder_settings(os.path.dirname(path))
         specials = sorted((self.pieces[i] for i in self.special_ids), key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(s) for s in specials))
         self._cache = {}
+
+    def _folder_settings(self, folder):
+        # What the files beside the model add (the same attributes HFTokenizer has): the token
+        # spellings chat templates receive, the ids generation stops at, pad, and what an export
+        # copies. The ids themselves stay the model's own.
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        cfg = read_json(cfg_path)
+        own = (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("unk_token", self.unk_id))
+        self.template_tokens = {k: self.pieces[i] for k, i in own if 0 <= i < self.vocab_size}
+        for key in NAMED_TOKENS:
+            text = token_text(cfg.get(key), f"{cfg_path}: field {key!r}")
+            if text is not None:
+                self.template_tokens[key] = text
+        # transformers would also match tokens the folder adds on top of the SentencePiece model
+        # (ChatML's <|im_start|> on a Mistral base, say); this reader encodes the model alone.
+        foreign = [t for t in self.template_tokens.values() if t not in self.piece_to_id]
+        for i, t in (cfg.get("added_tokens_decoder") or {}).items():
+            text = token_text(t, f"{cfg_path}: added_tokens_decoder[{i}]")
+            if not (str(i).isdigit() and int(i) < self.vocab_size and self.pieces[int(i)] == text):
+                foreign.append(text)
+        foreign += list(read_json(os.path.join(folder, "added_tokens.json")))
+        if foreign:
+            raise InputError(
+                f"{folder}: tokenizer_config.json / added_tokens.json add tokens that {os.path.basename(self.path)} lacks "
+                f"({', '.join(map(repr, sorted(set(foreign))[:5]))}); give the folder a tokenizer.json, e.g. "
+                "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) with transformers"
+            )
+        self.bos_token = self.template_tokens.get("bos_token")
+        self.eos_token = self.template_tokens.get("eos_token")
+        self.eos_ids = tuple(dict.fromkeys([*generation_ids(folder, "eos_token_id"), self.eos_id]))
+        pad = self.template_tokens.get("pad_token")
+        self.pad_id = self.piece_to_id.get(pad) if pad is not None else None
+        if self.pad_id is None:
+            self.pad_id = next(iter(generation_ids(folder, "pad_token_id")), None)
+        self.files = tokenizer_files(folder, os.path.basename(self.path))
 
     # -- encoding ---------------------------------------------------------------------
     def encode(self, text):
@@ -194,3 +232,34 @@ def train_tokenizer(texts, out_dir, vocab_size=512):
             minloglevel=2,
         )
     return path
+
+
+class TokenizerNotFound(InputError):
+    pass
+
+
+def load_tokenizer(folder_or_file):
+    """A model folder's tokenizer: `tokenizer.json` -> HFTokenizer (what transformers'
+    AutoTokenizer prefers too), else `tokenizer.model` -> the SentencePiece Tokenizer above.
+    The path of either file is accepted as well. Anything else is a TokenizerNotFound naming
+    the path, what was expected and what is there."""
+    from data.hf_tokenizer import HFTokenizer  # here: data.hf_tokenizer needs the tokenizers package
+
+    path = os.fspath(folder_or_file)
+    expected = "a model folder with tokenizer.json (Hugging Face tokenizers) or tokenizer.model (SentencePiece)"
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        if name == "tokenizer.json":
+            return HFTokenizer(os.path.dirname(path) or ".")
+        if name.endswith(".model"):
+            return Tokenizer(path)
+        raise TokenizerNotFound(f"{path}: is a file, not {expected}")
+    if not os.path.isdir(path):
+        raise TokenizerNotFound(f"{path}: no such folder; expected {expected}")
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return HFTokenizer(path)
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        return Tokenizer(os.path.join(path, "tokenizer.model"))
+    found = sorted(os.listdir(path))
+    shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "") if found else "nothing (empty folder)"
+    raise TokenizerNotFound(f"{path}: no tokenizer.json or tokenizer.model; expected {expected}, found {shown}")

@@ -30,7 +30,7 @@ from data.readers import (
     write_examples,
 )
 from data.task import answer_correct, make_task, parse_answer, score, solution, write_task
-from data.template import render_prompt
+from data.template import ChatFormat, render_prompt
 from data.tokenizer import Tokenizer
 
 U = "naïve 日本語 😀 Ελληνικά"
@@ -279,14 +279,14 @@ def test_pair_boundaries_vs_official_collator(tok, ref, prompt, real, generated)
     ex = Example(prompt, real, generated, {"ref_real_logps": -1.0, "ref_generated_logps": -2.0})
     # Official: prompt and response tokenised separately; response text "{answer}</s>\n";
     # one EOS appended.
-    official = tokenize_example(tok, ex, official_suffix=True)
+    official = tokenize_example(ChatFormat(tok, official_suffix=True), ex)
     assert official.prompt_ids == enc(prompt_text)
     assert official.real_ids == enc(real + "</s>\n") + [2]
     assert official.generated_ids == enc(generated + "</s>\n") + [2]
     assert official.real_ids[-4:] == [2, 28705, 13, 2]  # the legacy '▁' after the inner </s>
     # Ours (DESIGN.md): the answer tokenised on its own, then one EOS: the official ids
     # with the 3-token `</s> ▁ \n` tail removed.
-    ours = tokenize_example(tok, ex)
+    ours = tokenize_example(ChatFormat(tok), ex)
     assert ours.prompt_ids == official.prompt_ids
     assert ours.real_ids == enc(real) + [2] == official.real_ids[:-4] + [2]
     assert ours.generated_ids == enc(generated) + [2]
@@ -295,7 +295,7 @@ def test_pair_boundaries_vs_official_collator(tok, ref, prompt, real, generated)
 def test_truncation_defaults_left_prompt(tok):
     long_prompt = [user("word " * 700)]
     ex = Example(long_prompt, "answer " * 600, "short")
-    p = tokenize_example(tok, ex)
+    p = tokenize_example(ChatFormat(tok), ex)
     full_prompt = tok.encode(render_prompt(long_prompt))
     assert p.truncated and len(p.prompt_ids) == 512 and p.prompt_ids == full_prompt[-512:]
     assert len(p.prompt_ids) + len(p.real_ids) == 1024 and p.real_ids[-1] != tok.eos_id
@@ -305,8 +305,8 @@ def test_truncation_defaults_left_prompt(tok):
 def test_truncation_to_nothing_is_reported(tok):
     ex = Example([user("word " * 50)], "a")
     with pytest.raises(TruncationError, match="no room"):
-        tokenize_example(tok, ex, max_length=40, max_prompt_length=40)
-    pairs, report = tokenize_examples(tok, [ex, Example([user("hi")], "a")], max_length=40, max_prompt_length=40, on_empty="skip")
+        tokenize_example(ChatFormat(tok), ex, max_length=40, max_prompt_length=40)
+    pairs, report = tokenize_examples(ChatFormat(tok), [ex, Example([user("hi")], "a")], max_length=40, max_prompt_length=40, on_empty="skip")
     assert len(pairs) == 1 and report.skipped_empty == 1 and "skipped" in report.summary()
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from generate import graphed_step as _real_graphed_step
 from generate import draw, filter_logits, generate_dataset, main, merge_parts, sample, score
+from data.template import ChatFormat
 from model import Mistral
 
 transformers = pytest.importorskip("transformers")
@@ -255,9 +256,10 @@ def test_tokenizer_larger_than_the_model_is_refused():
     from types import SimpleNamespace
 
     from generate import check_vocab
-    check_vocab(SimpleNamespace(vocab_size=32000), 32768, "m")  # a padded model vocabulary is fine
-    with pytest.raises(ValueError, match="32000 pieces but the model's vocab_size is 1000"):
-        check_vocab(SimpleNamespace(vocab_size=32000), 1000, "m")
+    tok = SimpleNamespace(vocab_size=32000, path="m/tokenizer.model")
+    check_vocab(tok, 32768, "m")  # a padded model vocabulary is fine
+    with pytest.raises(ValueError, match="32000 tokens but the model's vocab_size is 1000"):
+        check_vocab(tok, 1000, "m")
 
 
 def test_cuda_graph_needs_cuda(ckpt):
@@ -307,7 +309,7 @@ def test_dataset_layout_and_opponent_logprobs(world, tmp_path):
     from data.readers import read_examples
     tok, model, _, examples = world
     out = str(tmp_path / "synthetic.parquet")
-    summary = generate_dataset(model, tok, examples, out, iteration=2, **KW)
+    summary = generate_dataset(model, ChatFormat(tok), examples, out, iteration=2, **KW)
     assert summary["merged"] and summary["prompts"] == 9 and summary["parts_written"] == 3
     import pyarrow.parquet as pq
     table = pq.read_table(out)
@@ -318,7 +320,7 @@ def test_dataset_layout_and_opponent_logprobs(world, tmp_path):
     assert [b.prompt for b in back] == [e.prompt for e in examples]  # whole prompt, in input order
     assert [b.response for b in back] == [e.response for e in examples]
     # A fresh forward on the stored texts, re-tokenised as training will, gives the stored values.
-    pairs, _ = tokenize_examples(tok, back, max_length=1024, max_prompt_length=512)
+    pairs, _ = tokenize_examples(ChatFormat(tok), back, max_length=1024, max_prompt_length=512)
     batch = collate_pairs(pairs, pad_id=0)
     with torch.no_grad():
         sums = model.token_logprobs(batch["input_ids"], batch["targets"], batch["attention_mask"]).sum(1)
@@ -330,29 +332,44 @@ def test_dataset_layout_and_opponent_logprobs(world, tmp_path):
 def test_resume_after_kill_between_parts(world, tmp_path):
     tok, model, _, examples = world
     out = str(tmp_path / "synthetic.parquet")
-    generate_dataset(model, tok, examples, out, **KW)
+    generate_dataset(model, ChatFormat(tok), examples, out, **KW)
     first = open(out, "rb").read()
     parts = sorted(f for f in os.listdir(out + ".parts") if f.endswith(".parquet"))
     mtimes = {f: os.stat(os.path.join(out + ".parts", f)).st_mtime_ns for f in parts}
     os.remove(out)
     os.remove(os.path.join(out + ".parts", parts[1]))  # killed while writing part 1
-    summary = generate_dataset(model, tok, examples, out, **KW)
+    summary = generate_dataset(model, ChatFormat(tok), examples, out, **KW)
     assert summary["parts_written"] == 1 and summary["parts_skipped"] == 2
     assert open(out, "rb").read() == first
     for f in (parts[0], parts[2]):  # untouched
         assert os.stat(os.path.join(out + ".parts", f)).st_mtime_ns == mtimes[f]
-    assert generate_dataset(model, tok, examples, out, **KW)["parts_written"] == 0  # complete: skipped
+    assert generate_dataset(model, ChatFormat(tok), examples, out, **KW)["parts_written"] == 0  # complete: skipped
     with pytest.raises(ValueError, match="settings"):
-        generate_dataset(model, tok, examples, out, **dict(KW, seed=4))
+        generate_dataset(model, ChatFormat(tok), examples, out, **dict(KW, seed=4))
+
+
+def test_settings_of_a_run_that_made_no_part_are_replaced(world, tmp_path):
+    """A run that failed before its first part (a bad flag, say) leaves settings.json only: the
+    corrected rerun replaces it. Once a part exists, other settings are refused."""
+    tok, model, _, examples = world
+    out = str(tmp_path / "synthetic.parquet")
+    os.makedirs(out + ".parts")
+    with open(out + ".parts/settings.json", "w") as f:
+        json.dump({"examples": 9, "seed": 99}, f)
+    assert generate_dataset(model, ChatFormat(tok), examples, out, **KW)["merged"]
+    assert json.load(open(out + ".parts/settings.json"))["seed"] == KW["seed"]
+    os.remove(out)
+    with pytest.raises(ValueError, match=r"holds 3 parts made with other settings \(seed\)"):
+        generate_dataset(model, ChatFormat(tok), examples, out, **dict(KW, seed=4))
 
 
 def test_two_ranks_give_the_rows_of_one(world, tmp_path):
     tok, model, _, examples = world
     one, two = str(tmp_path / "one.parquet"), str(tmp_path / "two.parquet")
-    generate_dataset(model, tok, examples, one, **dict(KW, batch_size=9))
-    r0 = generate_dataset(model, tok, examples, two, rank=0, world_size=2, **KW)
+    generate_dataset(model, ChatFormat(tok), examples, one, **dict(KW, batch_size=9))
+    r0 = generate_dataset(model, ChatFormat(tok), examples, two, rank=0, world_size=2, **KW)
     assert not r0["merged"] and not os.path.exists(two)  # rank 1's part is still missing
-    r1 = generate_dataset(model, tok, examples, two, rank=1, world_size=2, **KW)
+    r1 = generate_dataset(model, ChatFormat(tok), examples, two, rank=1, world_size=2, **KW)
     assert not r1["merged"] and r0["prompts"] + r1["prompts"] == 9
     merge_parts(two, 3, json.load(open(two + ".parts/settings.json")))
     import pyarrow.parquet as pq
@@ -368,7 +385,7 @@ def test_long_prompt_truncated_and_counted(world, tmp_path):
     short = Example([{"role": "user", "content": "hi"}], "no")
     long = Example([{"role": "user", "content": "tell me a story " * 30}], "no")
     out = str(tmp_path / "t.parquet")
-    summary = generate_dataset(model, tok, [short, long], out,
+    summary = generate_dataset(model, ChatFormat(tok), [short, long], out,
                                **dict(KW, max_prompt_length=40, max_length=60))
     assert summary["truncated_prompts"] == 1
     import pyarrow.parquet as pq
@@ -390,7 +407,7 @@ def test_cli_and_bad_input(world, tmp_path):
     with pytest.raises(DataError, match="empty"):
         main(["--model", folder, "--data", str(empty), "--out", str(tmp_path / "x.parquet")])
     with pytest.raises(DataError, match="no examples"):
-        generate_dataset(model, tok, [], str(tmp_path / "y.parquet"))
+        generate_dataset(model, ChatFormat(tok), [], str(tmp_path / "y.parquet"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "x"}) + "\n")
     with pytest.raises(DataError, match="layout"):

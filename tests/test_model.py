@@ -353,3 +353,57 @@ def test_cpu_paths_run_without_triton():
     env = dict(os.environ, TRITON_INTERPRET="1")  # so the CPU tensors get past the CUDA check to the launch
     p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
+
+
+# Llama 3.2's shape in miniature: tied embeddings, a head_dim that is not hidden/heads, and
+# llama3 rope scaling with an original context shorter than the test rows, so all three
+# frequency bands (kept, blended, divided) are exercised.
+LLAMA32 = dict(llama=True, tie_word_embeddings=True, head_dim=16, num_attention_heads=4, num_key_value_heads=1,
+               hidden_size=48, rope_theta=500000.0, max_position_embeddings=256,
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "linear"])
+def test_llama_rope_scaling_matches_transformers(tmp_path, scaling):
+    kw = dict(LLAMA32)
+    if scaling == "linear":
+        kw["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    hf, folder = make_hf(tmp_path, **kw)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    assert cfg["model_type"] == "llama"
+    model = Mistral.from_pretrained(folder)
+    assert model.config.rope_scaling["rope_type"] == scaling and model.config.tie_word_embeddings
+    ids = torch.randint(0, VOCAB, (2, 40))
+    assert (model(ids).float() - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0  # left padding: positions come from the mask on both sides
+    ours = model(ids, attention_mask=mask).float()
+    ref = hf_logits(hf, ids, mask)
+    assert (ours[0] - ref[0]).abs().max().item() <= 1e-4
+    assert (ours[1, 13:] - ref[1, 13:]).abs().max().item() <= 1e-4
+    # and the config survives our export: transformers reads back the same scaling
+    out = os.path.join(tmp_path, "export")
+    model.save_pretrained(out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attention_bias", True, "attention_bias"),
+    ("mlp_bias", True, "mlp_bias"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type"),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "dynamic"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
+    ("model_type", "qwen2", "model_type"),
+    ("hidden_act", "gelu", "hidden_act"),
+])
+def test_unsupported_config_fields_are_refused_by_name(field, value, message):
+    raw = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+               num_attention_heads=2, model_type="llama")
+    raw[field] = value
+    with pytest.raises(ValueError, match=message) as e:
+        ModelConfig.from_dict(raw, source="cfg.json")
+    assert "cfg.json" in str(e.value) and "\n" not in str(e.value)

@@ -199,3 +199,29 @@ def test_full_conversation_must_end_with_assistant():
     validate_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], prompt=False)
     with pytest.raises(TemplateError):
         validate_messages([{"role": "user", "content": "a"}], prompt=False)
+
+
+def test_folder_settings_beside_the_model(folder, tmp_path):
+    # The attributes HFTokenizer has too: template spellings, stop ids, pad, the files an export copies.
+    t = Tokenizer(folder / "tokenizer.model")
+    assert (t.template_tokens, t.eos_ids, t.pad_id) == ({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, (2,), None)
+    assert t.files == ["tokenizer.model"]
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(folder / "tokenizer.model", d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text('{"pad_token": {"__type": "AddedToken", "content": "</s>"}, "eos_token": "</s>"}')
+    (d / "generation_config.json").write_text('{"eos_token_id": [32000, 2], "pad_token_id": 0}')
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    t = Tokenizer(d / "tokenizer.model")
+    assert (t.eos_id, t.eos_ids, t.pad_id, t.eos_token) == (2, (32000, 2), 2, "</s>")
+    assert t.files == ["tokenizer.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
+    (d / "tokenizer_config.json").write_text('{"pad_token": 5}')
+    with pytest.raises(ValueError, match="tokenizer_config.json: field 'pad_token'"):
+        Tokenizer(d / "tokenizer.model")
+    # Tokens added on top of the SentencePiece model would be matched by transformers, not here: refused.
+    (d / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"2": {"content": "</s>"}, "32000": {"content": "<|im_start|>"}}}')
+    with pytest.raises(ValueError, match=r"add tokens that tokenizer.model lacks \('<\|im_start\|>'\); give the folder a tokenizer.json"):
+        Tokenizer(d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text('{"pad_token": "<pad>"}')
+    with pytest.raises(ValueError, match="'<pad>'"):
+        Tokenizer(d / "tokenizer.model")
