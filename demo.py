@@ -21,7 +21,7 @@ DEFAULTS = dict(iterations=3, beta="2.0", lr="3e-5", epochs=3.0, batch_size=64, 
                 optimizer="rmsprop", max_new_tokens=32, temperature=1.0, max_length=128,
                 max_prompt_length=64, mix_previous=True, eval_prompts=500, baseline=True,
                 ckpt_every=20, gen_batch_size=256, num_prompts=2000, sft_steps=400, sft_lr=3e-3,
-                demo_dim=96, demo_layers=3, vocab=384)
+                demo_dim=96, demo_layers=3, vocab=384, task="addition", task_digits=3, val_prompts=0)
 
 
 def tiny_config(vocab_size, dim, layers, max_length, bos_id, eos_id):
@@ -34,13 +34,15 @@ def tiny_config(vocab_size, dim, layers, max_length, bos_id, eos_id):
 
 def prepare(out, args):
     """Task files, tokenizer and initial model in the run folder (rank 0 writes them; a previous
-    attempt's finished folder is reused). Returns (train file, held-out file, init folder)."""
+    attempt's finished folder is reused). Returns (train file, held-out file, init folder); with
+    --val-prompts the data folder also holds val.jsonl."""
     data_dir, tok_dir, init_dir = (os.path.join(out, d) for d in ("data", "tokenizer", "init"))
 
     def build():
         if os.path.exists(init_dir):
             return
-        train_path, _ = task.write_task(data_dir, seed=args.seed, n_train=args.num_prompts, n_heldout=args.eval_prompts)
+        train_path, _ = task.write_task(data_dir, seed=args.seed, n_train=args.num_prompts, n_heldout=args.eval_prompts,
+                                        digits=args.task_digits, kind=args.task, n_val=args.val_prompts)
         examples, _ = readers.read_examples(train_path)
         tok_path = train_tokenizer([render_prompt(ex.prompt) + ex.response for ex in examples], tok_dir,
                                    vocab_size=args.vocab)

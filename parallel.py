@@ -25,8 +25,8 @@ def setup():
         torch.cuda.set_device(device)
     # Metrics are reduced as small CPU tensors, so a GPU run needs gloo beside nccl.
     init_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None)
-    if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if not cuda:  # the cores shared by the ranks of this machine, or SPIN_THREADS per rank
+        torch.set_num_threads(int(os.environ.get("SPIN_THREADS") or max(1, (os.cpu_count() or 1) // world)))
     return rank, world, device
 
 

@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from checkpoint import atomic_file
 from errors import ArgumentParser, InputError, MissingInput, run_command
 
@@ -22,22 +24,28 @@ def _cell(row, key, fmt):
     return "-" if v is None else fmt.format(v)
 
 
+# The arms train.py can run (its ARMS), in the order the table and plots show them:
+# (name, line style, label).
+ARMS = (("spin", "o-", "SPIN"), ("sft", "s--", "continued SFT (baseline)"),
+        ("spin_mix", "^-.", "SPIN, mixture reference"), ("spin_drop", "v:", "SPIN, correct samples dropped"))
+LABELS = {"start": "SFT start", **{a: label for a, _, label in ARMS}}
+
+
 def table(rows, timings=None):
-    """rows: eval dicts with arm in {start, spin, sft} and iteration. Returns printable text."""
+    """rows: eval dicts with an arm ("start" or one of ARMS) and an iteration. Returns printable
+    text: one line per iteration and arm, the arms of an iteration together."""
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    arms = [a for a in ("spin", "sft") if any(r["arm"] == a for r in rows)]
-    head = ["iter"] + [f"{arm.upper()} {h}" for arm in arms for _, h, _ in cols]
-    lines = []
-    start = next((r for r in reversed(rows) if r["arm"] == "start"), None)  # a resumed run repeats rows
-    if start is not None:
-        lines.append(["0 (start)"] + [_cell(start, k, f) for _ in arms for k, _, f in cols])
-    iters = sorted({r["iteration"] for r in rows if r["arm"] != "start"})
-    for t in iters:
-        by_arm = {r["arm"]: r for r in rows if r["iteration"] == t and r["arm"] != "start"}
-        lines.append([str(t)] + [_cell(by_arm.get(arm), k, f) for arm in arms for k, _, f in cols])
+    latest = {}
+    for r in rows:  # a resumed run repeats rows: the last one wins
+        latest[(r["iteration"], r["arm"])] = r
+    order = {a: i for i, a in enumerate(["start"] + [a for a, _, _ in ARMS])}
+    keys = sorted(latest, key=lambda k: (k[0], order.get(k[1], len(order))))
+    head = ["iter", "arm"] + [h for _, h, _ in cols]
+    lines = [[str(t), LABELS.get(arm, arm)] + [_cell(latest[(t, arm)], k, f) for k, _, f in cols] for t, arm in keys]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 1 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
     out.append("samples=GT: fraction of the opponent's held-out samples equal to the ground truth "
                "(SPIN has no signal as it nears 100%). reward acc/margin: the trained model against "
                "its opponent on held-out pairs; '-' where undefined.")
@@ -54,7 +62,6 @@ PANELS = {
     "reward_accuracy": ("Reward accuracy on held-out\npairs vs the opponent (%)", 100),
     "reward_margin": ("Reward margin on held-out pairs\n(beta x nats)", 1),
 }
-ARMS = (("spin", "o-", "SPIN"), ("sft", "s--", "continued SFT (baseline)"))
 
 
 def _pyplot():
@@ -153,11 +160,12 @@ def step_records(records):
 
 
 def _stage_label(stage):
+    """A stage tag of metrics.jsonl (sft, spin0, sft1, spin_mix0, ...) in words."""
     if stage == "sft":
         return "SFT warm start"
-    if stage.startswith("spin"):
-        return f"SPIN iteration {int(stage[4:]) + 1}"
-    return f"baseline, iteration {int(stage[3:]) + 1}"
+    arm = stage.rstrip("0123456789")
+    name = {"sft": "baseline"}.get(arm, LABELS.get(arm, arm))
+    return f"{name}, iteration {int(stage[len(arm):]) + 1}"
 
 
 def training_figure(records, title=None):
@@ -191,6 +199,101 @@ def training_figure(records, title=None):
     return fig
 
 
+# ----------------------------------------------------------------------------------------------
+# A comparison of arms over seeds (experiments/compare.py's results file)
+
+def _pct(x):
+    return f"{100 * x['mean']:.1f} [{100 * x['lo']:.1f}, {100 * x['hi']:.1f}]"
+
+
+def _diff(x):
+    return f"{100 * x['mean']:+.1f} [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]"
+
+
+def _row_name(key):  # "spin-2" -> "SPIN, iteration 2"
+    arm, t = key.rsplit("-", 1)
+    return "SFT start" if arm == "start" else f"{LABELS.get(arm, arm)}, iteration {t}"
+
+
+def comparison_table(res):
+    """Markdown: each arm's held-out exact match per iteration with its 95% interval (two-level
+    bootstrap over seeds and prompts), the paired differences against continued SFT and against
+    the start, McNemar per seed, and what SPIN trained on."""
+    arms = [a for a in ["start"] + [a for a, _, _ in ARMS] if a in res["arms"]]
+    iters = sorted({int(t) for a in arms for t in res["arms"][a]})
+    S, lvl = len(res["seeds"]), int(100 * res["level"])
+    out = [f"### {res['regime']}: held-out exact match (%), mean over {S} seed(s) x the held-out prompts "
+           f"[{lvl}% bootstrap interval]", "",
+           "| iteration | " + " | ".join(LABELS[a] for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for t in iters:
+        cells = [_pct(res["arms"][a][str(t)]) if str(t) in res["arms"][a] else "" for a in arms]
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    out += ["", f"Paired differences (percentage points) on the same seeds and prompts [{lvl}% paired bootstrap "
+            "interval]; an interval above 0 means the row's arm is better:", "",
+            "| arm | vs continued SFT (same iteration) | vs SFT start |", "|---|---|---|"]
+    by = {}
+    for d in res["differences"]:
+        by.setdefault(d["a"], {})["start" if d["b"] == "start" else "sft"] = d
+    rank = {a: i for i, (a, _, _) in enumerate(ARMS)}
+    order = lambda k: (int(k.rsplit("-", 1)[1]), rank.get(k.rsplit("-", 1)[0], len(rank)))  # noqa: E731
+    for a in sorted(by, key=order):
+        out.append(f"| {_row_name(a)} | {_diff(by[a]['sft']) if 'sft' in by[a] else ''} | "
+                   f"{_diff(by[a]['start']) if 'start' in by[a] else ''} |")
+    last = max(iters)
+    mc = [m for m in res["mcnemar"] if m["a"] == f"spin-{last}" and m["b"] == f"sft-{last}"]
+    if mc:
+        out += ["", f"McNemar, SPIN vs continued SFT at iteration {last}, per seed (prompts only SPIN got right / "
+                "only SFT got right, exact two-sided p): " + "; ".join(
+                    f"seed {m['seed']}: {m['a_only']} / {m['b_only']}, p = {m['p_value']:.3g}" for m in mc)]
+    seeds = res["per_seed"]
+    if seeds:
+        out += ["", "Per seed: SFT start chosen at step " + ", ".join(str(s["sft_chosen_step"]) for s in seeds)
+                + "; wall time " + ", ".join(f"{s['wall_s'] / 60:.1f} min" for s in seeds) + "."]
+        keys = sorted({k for s in seeds for k in s["train_samples_correct"]}, key=order)
+        rows = []
+        for k in keys:
+            c = [s["train_samples_correct"].get(k) for s in seeds]
+            e = [s["train_samples_equal_gt"].get(k) for s in seeds]
+            if all(v is not None for v in c + e):
+                rows.append(f"| {_row_name(k)} | {100 * np.mean(c):.1f} | {100 * np.mean(e):.1f} |")
+        if rows:
+            out += ["", "What SPIN trained on (opponent samples of the training prompts, mean over seeds):", "",
+                    "| arm | judged correct by the task (%) | equal to the ground truth (%) |", "|---|---|---|"] + rows
+    return "\n".join(out)
+
+
+def comparison_figure(res):
+    """Exact match per iteration, one line per arm, with the 95% intervals as error bars; the
+    SFT start at iteration 0 with its band."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    start = res["arms"]["start"]["0"]
+    ax.axhspan(100 * start["lo"], 100 * start["hi"], color="0.85", label="SFT start (95% interval)")
+    arms = [(a, st, lab) for a, st, lab in ARMS if a in res["arms"]]
+    for k, (arm, style, label) in enumerate(arms):
+        pts = sorted((int(t), v) for t, v in res["arms"][arm].items())
+        pts = [(0, start)] + pts
+        x = [t + 0.06 * (k - (len(arms) - 1) / 2) for t, _ in pts]  # side by side, so the bars do not overlap
+        y = [100 * v["mean"] for _, v in pts]
+        err = [[100 * (v["mean"] - v["lo"]) for _, v in pts], [100 * (v["hi"] - v["mean"]) for _, v in pts]]
+        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=label)
+    iters = sorted({0} | {int(t) for a, _, _ in arms for t in res["arms"][a]})
+    ax.set_xticks(iters)
+    ax.set_ylabel("held-out exact match (%)")
+    _plain_axes(ax, "SPIN iteration (0 = SFT start)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{res['regime']}: {len(res['seeds'])} seed(s), 95% bootstrap intervals over seeds and prompts",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(res, path):
+    return _save(comparison_figure(res), path)
+
+
 def read_metrics(path):
     """The records of a metrics.jsonl. A line that is not a JSON object (a run killed while
     writing one, then resumed, leaves it in the middle) is skipped with a warning; a file with
@@ -218,11 +321,22 @@ def read_metrics(path):
 def main(argv=None):
     ap = ArgumentParser(description="Print a run's table from its metrics.jsonl (the last record of each "
                                     "evaluation wins, as after a resume); --plot also draws its figures.")
-    ap.add_argument("metrics", help="runs/<run>/metrics.jsonl")
+    ap.add_argument("metrics", help="runs/<run>/metrics.jsonl, or a comparison's experiments/results/REGIME.json")
     ap.add_argument("--plot", action="store_true",
-                    help="also write report.png (evaluations) and report_training.png (per-step curves) beside it")
+                    help="also write report.png (evaluations) and report_training.png (per-step curves) beside it "
+                         "(for a comparison: REGIME.png)")
     args = ap.parse_args(argv)
     path = args.metrics
+    if path.endswith(".json") and os.path.isfile(path):  # experiments/compare.py's results
+        with open(path) as f:
+            res = json.load(f)
+        if not isinstance(res, dict) or "arms" not in res:
+            raise InputError(f"{path}: not a results file of experiments/compare.py (no 'arms')")
+        print(comparison_table(res))
+        if args.plot:
+            png = plot_comparison(res, path[:-len(".json")] + ".png")
+            print(f"plot {png}" if png else "")
+        return
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "metrics.jsonl")):
         path = os.path.join(path, "metrics.jsonl")  # the run folder itself
     if not os.path.isfile(path):

@@ -27,7 +27,10 @@ How this departs from the paper and the official code (uclaml/SPIN):
        killed stage resumes from its last checkpoint.
 """
 import argparse
+import dataclasses
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -38,8 +41,8 @@ import generate
 import parallel
 import report
 import run_folder
-from checkpoint import check_model_folder, resolve_dtype
-from data import pairs, readers
+from checkpoint import check_model_folder, export, resolve_dtype, write_json
+from data import pairs, readers, task
 from errors import (ArgumentParser, InputError, fraction, non_negative_int, positive_float, positive_int,
                     positive_list, probability, run_command)
 from data.template import ChatFormat, load_chat_template
@@ -51,7 +54,7 @@ from model import Mistral, ModelConfig
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
-from stage import Stage, run_stage
+from stage import Stage, run_stage, train_stage
 
 # Two presets. Flags left unset take the preset's value: the paper's recipe when --model is
 # given, the embedded CPU demo otherwise (demo.DEFAULTS, chosen by EXPERIMENTS.md's sweep).
@@ -118,18 +121,41 @@ def parse_args(argv=None):
                    help="optimiser of the demo's warm start (--sft runs too); the baseline uses --optimizer")
     p.add_argument("--baseline", type=int, default=None, choices=[0, 1],
                    help="also run continued SFT with the same number of steps, as the baseline")
+    p.add_argument("--sft-eval-every", type=non_negative_int, default=0,
+                   help="SFT: score the model on the validation prompts every N steps, keep the best, stop after "
+                        "--sft-patience scores without a better one (0: train --sft-steps and keep the last)")
+    p.add_argument("--sft-patience", type=positive_int, default=5)
+    p.add_argument("--sft-select", choices=["exact_match", "gt_logp"], default="exact_match",
+                   help="what --sft-eval-every maximises: greedy exact match (needs the demo's task) or the "
+                        "ground-truth log-likelihood per token")
+    p.add_argument("--val-data", default=None,
+                   help="validation prompts for --sft-eval-every (the demo draws --val-prompts from its task)")
+    # comparisons from one start (EXPERIMENTS.md): every arm runs --iterations iterations from the SFT
+    # start with the same training prompts and the same number of optimiser steps per iteration
+    p.add_argument("--arms", type=arm_list, default=None,
+                   help=f"comma list of {', '.join(ARMS)} (default: spin, and sft with --baseline 1)")
+    p.add_argument("--mix-alpha", type=probability, default=0.5,
+                   help="spin_mix: weight of the SFT start in the geometric-mixture reference (spin_loss alpha)")
     # checkpoints
     p.add_argument("--ckpt-every", type=positive_int, default=None, help="optimiser steps between checkpoints")
     # embedded demo
     p.add_argument("--demo-dim", type=positive_int, default=None)
     p.add_argument("--demo-layers", type=positive_int, default=None)
     p.add_argument("--vocab", type=positive_int, default=None, help="demo tokenizer vocabulary size")
+    p.add_argument("--task", choices=task.KINDS, default=None, help="demo task (data/task.py)")
+    p.add_argument("--task-digits", type=positive_int, default=None, help="demo task: size of its numbers")
+    p.add_argument("--val-prompts", type=non_negative_int, default=None,
+                   help="demo: validation prompts drawn from the task, disjoint from training and held-out")
     # fault injection for the resume tests: SIGKILL this process after STAGE:STEP; a NaN in the
     # optimiser state (STAGE:STEP) or in a weight (STAGE:STEP:weights) after the update of STAGE:STEP
     p.add_argument("--kill-at", default=None, help=argparse.SUPPRESS)
     p.add_argument("--nan-at", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.demo = args.model is None
+    if args.arms is not None and args.baseline is not None:
+        p.error("--arms and --baseline both choose the arms: give one (--arms spin,sft is --baseline 1)")
+    if not args.demo and (args.task or args.task_digits or args.val_prompts):
+        p.error("--task, --task-digits and --val-prompts belong to the embedded demo (no --model)")
     preset = demo.DEFAULTS if args.demo else RECIPE
     for k, v in preset.items():
         if getattr(args, k, None) is None:
@@ -153,9 +179,36 @@ def parse_args(argv=None):
             LoraSettings.from_args(args)
         except ValueError as e:
             p.error(str(e))
+    if args.arms is None:
+        args.arms = ["spin"] + (["sft"] if args.baseline else [])
+    args.baseline = "sft" in args.arms
+    if "spin_drop" in args.arms and not args.demo:
+        p.error("--arms spin_drop drops the pairs whose sample a task's verifier accepts: the demo's tasks have one")
+    if args.sft_eval_every and not (args.val_data or args.val_prompts):
+        p.error("--sft-eval-every scores the SFT model on validation prompts: give --val-data (or --val-prompts "
+                "with the demo), never the held-out prompts the arms are compared on")
+    if args.sft_select == "exact_match" and args.sft_eval_every and not args.demo:
+        p.error("--sft-select exact_match needs the demo's task verifier; use --sft-select gt_logp")
     if args.out is None:
         args.out = os.path.join("runs", "spin-" + time.strftime("%Y%m%d-%H%M%S"))
     return args
+
+
+# The arms of a comparison and where their iterations live. Each starts from the SFT start.
+ARMS = {
+    "spin": "",  # the paper's SPIN: iter{t}/
+    "sft": "baseline",  # continued SFT on the ground truth, the paper's baseline
+    "spin_mix": "spin_mix",  # SPIN against p_base^alpha * p_t^(1-alpha) (Alami et al. 2024; spin_loss)
+    "spin_drop": "spin_drop",  # SPIN without the pairs whose sample the task's verifier accepts
+}
+
+
+def arm_list(text):
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in ARMS]
+    if bad or not names or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of distinct arms among {', '.join(ARMS)}")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +224,8 @@ class Run:
     dtype_name: str  # the dtype exports are written in: the starting checkpoint's
     train_ex: list
     held_ex: list
+    val_ex: list | None = None  # prompts that choose the SFT checkpoint (--sft-eval-every)
+    base: str | None = None  # the SFT start every arm begins from (a HF folder)
     timings: dict = field(default_factory=dict)
     table: list = field(default_factory=list)  # eval rows, one per iteration and arm
 
@@ -216,11 +271,14 @@ def run_generation(run, model_dir, examples, out_path, iteration, seed):
     parallel.barrier()
 
 
-def run_evaluation(run, model_dir, eval_synth, beta):
+def run_evaluation(run, model_dir, examples, beta, details=None):
+    """evaluate.py on a HF folder; details: a row name, whose per-example outcomes go to
+    eval/<name>.jsonl (what paired statistics between arms need)."""
     a = run.args
-    return evaluate(model_dir, eval_synth, run.fmt, beta=beta, device=run.device, dtype=run.infer,
+    path = None if details is None else os.path.join(run.out, "eval", f"{details}.jsonl")
+    return evaluate(model_dir, examples, run.fmt, beta=beta, device=run.device, dtype=run.infer,
                     max_length=a.max_length, max_prompt_length=a.max_prompt_length,
-                    batch_size=a.gen_batch_size, max_new_tokens=a.max_new_tokens, has_task=a.demo)
+                    batch_size=a.gen_batch_size, max_new_tokens=a.max_new_tokens, has_task=a.demo, details=path)
 
 
 def tokenize(run, examples):
@@ -248,6 +306,8 @@ def prepare(args, device):
     if args.demo:
         run_t0 = time.time()
         train_path, eval_path, init_dir = demo.prepare(args.out, args)
+        if args.val_prompts:
+            args.val_data = os.path.join(os.path.dirname(train_path), "val.jsonl")
         prepare_s = time.time() - run_t0
     else:
         train_path, eval_path, init_dir = args.data, args.eval_data, args.model
@@ -282,6 +342,10 @@ def prepare(args, device):
     if args.chat_template:  # exports carry the template the run used; transformers prefers this file
         tok_files["chat_template.jinja"] = args.chat_template
     run = Run(args, device, inference_dtype(args, device), fmt, tok_files, config.dtype, train_ex, held_ex)
+    if args.val_data:
+        run.val_ex, rep = readers.read_examples(args.val_data, on_error=args.on_bad_row)
+        run.val_ex = pairs.splittable(fmt, [readers.Example(e.prompt, e.response) for e in run.val_ex])[0]
+        log(f"validation data (chooses the SFT checkpoint): {rep.summary()}")
     if args.demo:
         run.timings["prepare"] = prepare_s
     return run, init_dir
@@ -291,55 +355,152 @@ def prepare(args, device):
 # The stages, in the order main() runs them
 
 def sft_warm_start(run, init_dir):
-    """The demo's warm start (or the whole job with --sft): SFT on the training data."""
+    """The demo's warm start (or the whole job with --sft): SFT on the training data, for
+    --sft-steps, or to its validation optimum with --sft-eval-every."""
     a = run.args
     items, rep = tokenize(run, run.train_ex)
     log(f"sft data: {rep.summary()}")
     stage = Stage("sft", init_dir, items, a.sft_steps, a.sft_lr, None, os.path.join(a.out, "sft"), "sft",
                   a.sft_optimizer, lora=not a.demo)  # the demo's random init trains in full
+    if a.sft_eval_every:
+        return timed(run, "sft", lambda: sft_to_optimum(run, stage))
     return timed(run, "sft", lambda: run_stage(run, stage))
+
+
+def best_candidate(history, key):
+    """The best score in key; exact-match ties (common: it moves in steps of 1/n) go to the
+    higher likelihood, then to the earlier step."""
+    return max(history, key=lambda h: (h[key], h["gt_logp_per_token"], -h["step"]))
+
+
+def patience_out(history, key, patience):
+    """True once the last `patience` scores have all come after the best one."""
+    return len(history) > patience and best_candidate(history, key)["step"] < history[-patience]["step"]
+
+
+def sft_to_optimum(run, stage):
+    """Early stopping: every --sft-eval-every steps the model is exported and scored on the
+    validation prompts (never the held-out ones the arms are compared on); the best export is
+    kept; training stops after --sft-patience scores without a better one, or at --sft-steps.
+    Scores are recorded (metrics.jsonl, selection.json), so a resumed run skips what it did."""
+    a, final = run.args, os.path.join(stage.folder, "model")
+    if os.path.exists(final):
+        return final
+    key = "exact_match" if a.sft_select == "exact_match" else "gt_logp_per_token"
+    path = os.path.join(stage.folder, "selection.json")
+    history = []  # [{"step", and the scores}] of every candidate so far
+    if os.path.exists(path):
+        with open(path) as f:
+            history = json.load(f)
+    best_of = lambda hs: best_candidate(hs, key)  # noqa: E731
+    for stop in range(a.sft_eval_every, stage.steps + a.sft_eval_every, a.sft_eval_every):
+        stop = min(stop, stage.steps)
+        if patience_out(history, key, a.sft_patience):
+            break
+        if any(h["step"] == stop for h in history):
+            continue
+        candidate = os.path.join(stage.folder, f"candidate-{stop}")
+        if not os.path.exists(candidate):
+            model, config = train_stage(run, dataclasses.replace(stage, stop_at=stop))
+            export(model, config, candidate, run.tok_files, resolve_dtype(run.dtype_name))
+            del model
+        score = run_evaluation(run, candidate, run.val_ex, None)
+        history.append({"step": stop, **score})
+        record(run.out, {"type": "sft_select", "stage": stage.tag, "step": stop, **score})
+        log(f"  [sft] step {stop}: validation {key} {score[key]:.4f}")
+        keep = f"candidate-{best_of(history)['step']}"
+
+        def save_history():  # and drop the candidates that are no longer the best
+            write_json(path, history, indent=1)
+            for d in os.listdir(stage.folder):
+                if d.startswith("candidate-") and d != keep:
+                    shutil.rmtree(os.path.join(stage.folder, d))
+        parallel.on_rank0(save_history)
+    best = best_of(history)
+    log(f"[sft] chose step {best['step']} of {history[-1]['step']} (validation {key} {best[key]:.4f})")
+    record(run.out, {"type": "sft_chosen", "stage": stage.tag, "step": best["step"], key: best[key]})
+
+    def publish():
+        os.rename(os.path.join(stage.folder, f"candidate-{best['step']}"), final)
+        shutil.rmtree(os.path.join(stage.folder, "ckpt"), ignore_errors=True)
+    parallel.on_rank0(publish)
+    return final
 
 
 def evaluate_start(run, base):
     """The SFT starting point, evaluated against its own samples (rewards are 0 by definition)."""
     synth0 = os.path.join(run.out, "iter0", "eval_synthetic.parquet")
     timed(run, "generate", lambda: run_generation(run, base, run.held_ex, synth0, 0, run.args.seed + 7))
-    row = timed(run, "evaluate", lambda: run_evaluation(run, base, synth0, 1.0))
+    row = timed(run, "evaluate", lambda: run_evaluation(run, base, synth0, 1.0, "start-0"))
     row.update(arm="start", iteration=0, reward_accuracy=None, reward_margin=None)
     run.table.append(row)
     record(run.out, {"type": "eval", **row})
 
 
-def spin_iteration(run, t, opponent):
-    """One SPIN iteration against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
-    a, out = run.args, run.out
-    folder = os.path.join(out, f"iter{t}")
+def arm_folder(run, arm, t):
+    return os.path.join(run.out, ARMS[arm], f"iter{t}")
+
+
+def samples_folder(run, arm, t):
+    """Where arm's iteration-t samples live. Every SPIN arm plays the SFT start at iteration 0,
+    with the same seeds, so they share the spin arm's samples there."""
+    return arm_folder(run, "spin" if t == 0 else arm, t)
+
+
+def judged_wrong(examples):
+    """The examples whose generated answer the task's verifier rejects (data/task.score)."""
+    return [ex for ex in examples if not task.score(ex.prompt, ex.generated)]
+
+
+def spin_iteration(run, t, opponent, arm="spin"):
+    """One iteration of a SPIN arm against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
+    a = run.args
+    folder, samples = arm_folder(run, arm, t), samples_folder(run, arm, t)
+    tag = f"{arm}{t}"
     beta, lr = beta_for_iteration(a.beta, t), a.lr[min(t, len(a.lr) - 1)]
     repeat = any(1 < len(v) <= t for v in (a.beta, a.lr))  # a list shorter than --iterations
-    log(f"[iter{t}] beta {beta:g}, lr {lr:g}" + (" (the last value of a shorter --beta/--lr list)" if repeat else ""))
-    synth = os.path.join(folder, "synthetic.parquet")
-    eval_synth = os.path.join(folder, "eval_synthetic.parquet")
+    log(f"[{tag}] beta {beta:g}, lr {lr:g}" + (" (the last value of a shorter --beta/--lr list)" if repeat else ""))
+    synth = os.path.join(samples, "synthetic.parquet")
+    eval_synth = os.path.join(samples, "eval_synthetic.parquet")
     timed(run, "generate", lambda: run_generation(run, opponent, run.train_ex, synth, t, a.seed + t))
     timed(run, "generate", lambda: run_generation(run, opponent, run.held_ex, eval_synth, t, a.seed + 7 + t))
+    rescore = lambda model, src, dst, columns: timed(run, "generate", lambda: generate.rescore(  # noqa: E731
+        model, src, dst, run.fmt, device=run.device, dtype=run.infer, max_length=a.max_length,
+        max_prompt_length=a.max_prompt_length, batch_size=a.gen_batch_size, columns=columns))
+    if arm == "spin_mix":  # the base (SFT start) model's log-probs of both answers, for the mixture
+        scored = os.path.join(folder, "synthetic_base.parquet")
+        rescore(run.base, synth, scored, pairs.BASE_COLUMNS)
+        synth = scored
     files = [synth]
     if a.mix_previous and t > 0:  # the official recipe: iteration t-1's data, rescored by p_t
-        mixed = os.path.join(folder, "previous_rescored.parquet")
-        timed(run, "generate", lambda: generate.rescore(
-            opponent, os.path.join(out, f"iter{t - 1}", "synthetic.parquet"), mixed, run.fmt, device=run.device,
-            dtype=run.infer, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
-            batch_size=a.gen_batch_size))
-        files.append(mixed)
-    items, rep = tokenize(run, [ex for f in files for ex in readers.read_examples(f, layout="spin")[0]])
+        prev = os.path.join(arm_folder(run, arm, t - 1), "synthetic_base.parquet") if arm == "spin_mix" \
+            else os.path.join(samples_folder(run, arm, t - 1), "synthetic.parquet")
+        files.append(os.path.join(folder, "previous_rescored.parquet"))
+        rescore(opponent, prev, files[-1], pairs.OPPONENT_COLUMNS)
+    examples = [ex for f in files for ex in readers.read_examples(f, layout="spin")[0]]
+    n_all = len(tokenize(run, examples)[0])
+    correct = None
+    if a.demo:  # the task's verifier on the opponent's training samples
+        wrong = judged_wrong(examples)
+        correct = 1 - len(wrong) / max(len(examples), 1)
+        if arm == "spin_drop":  # the hypothesis: SPIN loses by pushing down correct answers
+            examples = wrong
+    items, rep = tokenize(run, examples)
     same = sum(it.real_ids == it.generated_ids for it in items) / max(len(items), 1)
-    log(f"[iter{t}] {rep.summary()}; samples equal to the ground truth: {same:.1%}")
-    steps = max(1, int(a.epochs * (len(items) // a.batch_size)))
-    stage = Stage("spin", opponent, items, steps, lr, beta, folder, f"spin{t}", a.optimizer, lora=True)
+    log(f"[{tag}] {rep.summary()}; samples equal to the ground truth: {same:.1%}"
+        + ("" if correct is None else f"; judged correct by the task: {correct:.1%}"))
+    # Every arm takes the steps the paper's SPIN takes on all its pairs, so arms differ only in
+    # what they train on, not in how long (spin_drop goes over its fewer pairs more often).
+    steps = max(1, int(a.epochs * (n_all // a.batch_size)))
+    stage = Stage("spin", opponent, items, steps, lr, beta, folder, tag, a.optimizer, lora=True,
+                  mix_alpha=a.mix_alpha if arm == "spin_mix" else 0.0)
     model_dir = timed(run, "train", lambda: run_stage(run, stage))
-    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta))
-    row.update(arm="spin", iteration=t + 1, train_samples_equal_gt=same, steps=steps)
-    before = run.table[-1] if t > 0 else run.table[0]
+    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta, f"{arm}-{t + 1}"))
+    row.update(arm=arm, iteration=t + 1, train_samples_equal_gt=same, train_samples_correct=correct,
+               train_pairs=len(items), steps=steps)
+    before = next(r for r in reversed(run.table) if r["arm"] in (arm, "start"))
     if row["gt_logp_per_token"] < before["gt_logp_per_token"] - 1e-3:
-        log(f"WARNING: held-out ground-truth log-likelihood fell during SPIN iteration {t} "
+        log(f"WARNING: held-out ground-truth log-likelihood fell during {arm} iteration {t} "
             f"({row['gt_logp_per_token']:.4f} nats/token). Reward accuracy can rise while the model "
             "gets worse (shared/SPIN_AT_SMALL_SCALE.md): consider a larger beta or a smaller lr.")
         row["gt_logp_fell"] = True
@@ -348,20 +509,24 @@ def spin_iteration(run, t, opponent):
     return model_dir
 
 
-def baseline_iteration(run, t, prev):
+def sft_iteration(run, t, prev, arm="sft"):
     """The baseline the paper compares against: continued SFT from the same start, with the
     same number of steps and the same learning rate as SPIN iteration t."""
     a = run.args
-    folder = os.path.join(run.out, "baseline", f"iter{t}")
-    steps = [r for r in run.table if r["arm"] == "spin"][t]["steps"]
+    folder = arm_folder(run, arm, t)
+    spin = [r for r in run.table if r["arm"] == "spin" and r["iteration"] == t + 1]
     items, _ = tokenize(run, run.train_ex)
+    # The paper's SPIN's steps at t: its pairs (twice as many from t = 1 with --mix-previous).
+    pairs_t = len(items) * (2 if a.mix_previous and t > 0 else 1)
+    steps = spin[-1]["steps"] if spin else max(1, int(a.epochs * (pairs_t // a.batch_size)))
     stage = Stage("sft", prev, items, steps, a.lr[min(t, len(a.lr) - 1)], None, folder, f"sft{t}", a.optimizer,
                   lora=True)
     model_dir = timed(run, "baseline", lambda: run_stage(run, stage))
     eval_synth = os.path.join(folder, "eval_synthetic.parquet")
     timed(run, "generate", lambda: run_generation(run, prev, run.held_ex, eval_synth, t, a.seed + 7 + t))
-    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta_for_iteration(a.beta, t)))
-    row.update(arm="sft", iteration=t + 1, steps=steps)
+    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta_for_iteration(a.beta, t),
+                                                        f"{arm}-{t + 1}"))
+    row.update(arm=arm, iteration=t + 1, steps=steps)
     run.table.append(row)
     record(run.out, {"type": "eval", **row})
     return model_dir
@@ -392,13 +557,12 @@ def main(argv=None):
             log(f"SFT model: {base}")
             torch.distributed.destroy_process_group()
             return
+    run.base = base
     evaluate_start(run, base)
-    opponent = base
-    for t in range(args.iterations):
-        opponent = spin_iteration(run, t, opponent)
-    prev = base
-    for t in range(args.iterations if args.baseline else 0):
-        prev = baseline_iteration(run, t, prev)
+    for arm in args.arms:  # each arm's iterations, from the same start
+        model = base
+        for t in range(args.iterations):
+            model = (sft_iteration if arm == "sft" else spin_iteration)(run, t, model, arm)
     finish(run)
     parallel.barrier()
     torch.distributed.destroy_process_group()

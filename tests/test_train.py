@@ -55,7 +55,7 @@ def test_pipeline_writes_every_output(single):
                 "iter0/eval_synthetic.parquet", "iter0/model/model.safetensors", "iter0/model/tokenizer.model",
                 "iter1/model/config.json", "baseline/iter1/model/config.json"]:
         assert os.path.exists(os.path.join(out, rel)), rel
-    assert "SPIN exact match" in p.stdout and "wall time" in p.stdout
+    assert "exact match" in p.stdout and "continued SFT" in p.stdout and "wall time" in p.stdout
     for stage in ("sft", "iter0", "iter1", "baseline/iter0"):  # checkpoints go once exported
         assert not os.path.exists(os.path.join(out, stage, "ckpt")), stage
     cfg = json.load(open(os.path.join(out, "config.json")))

@@ -1,0 +1,164 @@
+"""Does SPIN beat the best that SFT can do? One command per regime, K seeds, one results file.
+
+    python -m experiments.compare REGIME [--seeds 0,1,2] [--workers 2]
+    python report.py experiments/results/REGIME.json        # the table again, and its plot
+
+For each seed, one `train.py` run (the embedded demo path with the regime's task): SFT trained
+to its optimum on validation prompts (--sft-eval-every; the best checkpoint kept), then from
+that same start every arm for --iterations iterations, at equal optimiser steps per iteration
+and on the same training prompts:
+    spin        the paper's loss against the previous iteration
+    sft         continued SFT on the ground truth (the paper's baseline)
+    spin_mix    SPIN against the geometric mixture p_start^alpha * p_t^(1-alpha) (spin_loss)
+    spin_drop   SPIN without the pairs whose sample the task's verifier judges correct: tests the
+                hypothesis that SPIN loses because it pushes down correct answers
+Each arm's greedy answers to the same held-out prompts are kept per prompt (eval/*.jsonl), so
+arms are compared pair by pair: experiments/stats.py gives each arm's mean with a two-level
+bootstrap interval (seeds, then prompts), the paired difference SPIN - SFT and SPIN - start
+with its interval, and the exact McNemar test per seed. Runs resume where they stopped: a
+finished seed is read back, not rerun, and rerunning a seed from scratch gives the same figures.
+
+Outputs: experiments/results/REGIME.json (every figure and the flags), REGIME.md (the table),
+REGIME.png (the intervals; report.py draws it). Runs go to experiments/runs/REGIME/seedS/.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import report
+from checkpoint import atomic_file, write_json
+from experiments import stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARMS = ("spin", "sft", "spin_mix", "spin_drop")
+
+# What every regime shares: the demo's model (0.36M parameters) and SPIN settings (EXPERIMENTS.md),
+# SFT to the optimum on 500 validation prompts, 500 held-out prompts for the comparison.
+COMMON = ["--eval-prompts", "500", "--val-prompts", "500", "--sft-lr", "1e-3", "--sft-eval-every", "100",
+          "--sft-patience", "5", "--sft-select", "exact_match", "--arms", ",".join(ARMS), "--iterations", "2",
+          "--beta", "2.0", "--lr", "3e-5", "--epochs", "3", "--max-new-tokens", "32", "--gen-batch-size", "256"]
+
+# Regimes where SFT stops below perfect held-out accuracy (experiments/EXPLORATION.md): the task,
+# its size, how many training examples, the SFT budget.
+REGIMES = {
+    "factor4": ["--task", "factor", "--task-digits", "4", "--num-prompts", "1000", "--sft-steps", "3000"],
+    "factor5": ["--task", "factor", "--task-digits", "5", "--num-prompts", "2000", "--sft-steps", "3000"],
+    "anyorder3": ["--task", "addition_anyorder", "--task-digits", "3", "--num-prompts", "600", "--sft-steps", "3000"],
+    # A control: SFT memorises 250 examples (held-out 80-87%, training 100%); nearly every sample
+    # equals the ground truth, so SPIN should have almost nothing to learn from.
+    "addition3-250": ["--task", "addition", "--task-digits", "3", "--num-prompts", "250", "--batch-size", "50",
+                      "--sft-lr", "3e-3", "--sft-steps", "3000"],
+    # Seconds long, for the test suite: the machinery, not an experiment (its flags override COMMON's).
+    "smoke": ["--task", "addition_anyorder", "--task-digits", "2", "--num-prompts", "96", "--eval-prompts", "24",
+              "--val-prompts", "24", "--sft-steps", "20", "--sft-lr", "3e-3", "--sft-eval-every", "10",
+              "--batch-size", "16", "--micro-batch-size", "8", "--demo-dim", "32", "--demo-layers", "1",
+              "--max-new-tokens", "12", "--lr", "1e-4", "--beta", "0.5", "--gen-batch-size", "64"],
+}
+
+
+def run_seed(regime, seed, runs, threads):
+    """One train.py run; resumed if a previous attempt stopped; a finished one is left as it is."""
+    out = os.path.join(runs, regime, f"seed{seed}")
+    if finished(out):
+        return out
+    flags = COMMON + REGIMES[regime] + ["--seed", str(seed), "--out", out]
+    if os.path.exists(os.path.join(out, "config.json")):
+        flags.append("--resume")
+    env = dict(os.environ, SPIN_THREADS=str(threads), PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".log", "a") as log:
+        p = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, env=env, stdout=log, stderr=log)
+    if p.returncode != 0:
+        raise SystemExit(f"{regime} seed {seed}: train.py failed ({p.returncode}); see {out}.log")
+    return out
+
+
+def finished(out):
+    path = os.path.join(out, "metrics.jsonl")
+    return os.path.exists(path) and any('"type": "timing"' in line for line in open(path))
+
+
+def outcomes(out):
+    """{(arm, iteration): (P,) 0/1 held-out exact match per prompt} of one run, and its records."""
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    got = {}
+    for r in recs:
+        if r["type"] == "eval":
+            name = f"{r['arm']}-{r['iteration']}"
+            with open(os.path.join(out, "eval", f"{name}.jsonl")) as f:
+                got[(r["arm"], r["iteration"])] = np.array([json.loads(line)["exact"] for line in f], dtype=np.int8)
+    return got, recs
+
+
+def summarise(regime, seeds, runs, n_boot=10000):
+    per_seed = [outcomes(os.path.join(runs, regime, f"seed{s}")) for s in seeds]
+    keys = sorted(set.intersection(*(set(o) for o, _ in per_seed)), key=lambda k: (k[1], k[0]))
+    matrix = {k: np.stack([o[k] for o, _ in per_seed]) for k in keys}  # (S, P) per arm and iteration
+    start = matrix[("start", 0)]
+    res = {"regime": regime, "flags": COMMON + REGIMES[regime], "seeds": list(seeds), "n_boot": n_boot,
+           "level": 0.95, "arms": {}, "differences": [], "mcnemar": [], "per_seed": []}
+    for (arm, t), x in matrix.items():
+        iv = stats.bootstrap_mean(x, n_boot=n_boot, seed=0)
+        res["arms"].setdefault(arm, {})[str(t)] = {"mean": iv.mean, "lo": iv.lo, "hi": iv.hi,
+                                                   "per_seed": x.mean(1).tolist()}
+    # SPIN (each variant) against continued SFT at the same iteration, and against the start.
+    for (arm, t), x in matrix.items():
+        if arm == "start" or arm == "sft":
+            continue
+        for other, y in ((f"sft-{t}", matrix.get(("sft", t))), ("start", start)):
+            if y is None:
+                continue
+            d = stats.paired_difference(x, y, n_boot=n_boot, seed=0)
+            res["differences"].append({"a": f"{arm}-{t}", "b": other, "mean": d.mean, "lo": d.lo, "hi": d.hi})
+            for s, seed in enumerate(seeds):
+                m = stats.mcnemar(x[s], y[s])
+                res["mcnemar"].append({"a": f"{arm}-{t}", "b": other, "seed": seed, "both": m.both,
+                                       "a_only": m.a_only, "b_only": m.b_only, "neither": m.neither,
+                                       "p_value": m.p_value})
+    for seed, (_, recs) in zip(seeds, per_seed):
+        chosen = next((r for r in recs if r["type"] == "sft_chosen"), {})
+        # The run's own stage timings (of the process that finished it), so a seed read back quotes
+        # the same wall time as when it ran.
+        timing = next(r for r in recs if r["type"] == "timing")
+        wall = sum(v for k, v in timing.items() if k != "type")
+        evals = {f"{r['arm']}-{r['iteration']}": r for r in recs if r["type"] == "eval"}
+        res["per_seed"].append({
+            "seed": seed, "sft_chosen_step": chosen.get("step"), "wall_s": wall,
+            "train_samples_correct": {k: v.get("train_samples_correct") for k, v in evals.items() if k.startswith("spin")},
+            "train_samples_equal_gt": {k: v.get("train_samples_equal_gt") for k, v in evals.items() if k.startswith("spin")},
+            "gt_logp_per_token": {k: v["gt_logp_per_token"] for k, v in evals.items()}})
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("regime", choices=sorted(REGIMES))
+    ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    ap.add_argument("--workers", type=int, default=1, help="seeds run at once, each with --threads threads")
+    ap.add_argument("--threads", type=int, default=None, help="threads per run (default: the cores / workers)")
+    ap.add_argument("--runs", default=os.path.join(ROOT, "experiments", "runs"))
+    ap.add_argument("--results", default=os.path.join(ROOT, "experiments", "results"))
+    a = ap.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
+    with ThreadPoolExecutor(a.workers) as pool:
+        list(pool.map(lambda s: run_seed(a.regime, s, a.runs, threads), seeds))
+    res = summarise(a.regime, seeds, a.runs)
+    base = os.path.join(a.results, a.regime)
+    write_json(base + ".json", res, indent=1)
+    text = report.comparison_table(res)
+    with atomic_file(base + ".md") as f:
+        f.write(text + "\n")
+    print(text)
+    png = report.plot_comparison(res, base + ".png")
+    print(f"results: {base}.json, {base}.md" + (f", {png}" if png else ""))
+
+
+if __name__ == "__main__":  # python -m experiments.compare REGIME, from the repository root
+    main()

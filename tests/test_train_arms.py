@@ -1,0 +1,141 @@
+"""The comparison machinery of train.py (issue 15): SFT chosen on validation prompts, and the arms
+spin, sft, spin_mix, spin_drop from that one start, each with per-example held-out outcomes."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--num-prompts", "128", "--eval-prompts", "32", "--val-prompts", "32", "--sft-steps", "40", "--sft-lr", "3e-3",
+         "--sft-eval-every", "10", "--sft-patience", "2", "--iterations", "2", "--batch-size", "16",
+         "--micro-batch-size", "8", "--demo-dim", "32", "--demo-layers", "1", "--max-new-tokens", "12",
+         "--ckpt-every", "3", "--lr", "1e-4", "--beta", "0.5", "--gen-batch-size", "64", "--task", "addition_anyorder",
+         "--task-digits", "2", "--arms", "spin,sft,spin_mix,spin_drop"]
+
+
+def run(out, *extra, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "train.py", "--out", str(out), *FLAGS, *extra], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def records(out, kind):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def arms_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("arms") / "run"
+    run(out)
+    return out
+
+
+def test_sft_is_chosen_on_validation_prompts(arms_run):
+    """Every --sft-eval-every steps the model is scored on the validation prompts; the kept model
+    is the best by exact match (ties: likelihood), and training stops --sft-patience scores after it."""
+    scores = records(arms_run, "sft_select")
+    history = json.load(open(arms_run / "sft" / "selection.json"))
+    assert [h["step"] for h in history] == [r["step"] for r in scores] and scores[0]["step"] == 10
+    best = max(history, key=lambda h: (h["exact_match"], h["gt_logp_per_token"], -h["step"]))
+    assert history[-1]["step"] == 40 or history[-1]["step"] - best["step"] == 2 * 10
+    chosen = records(arms_run, "sft_chosen")
+    assert [c["step"] for c in chosen] == [best["step"]]
+    assert all(r["eval_examples"] == 32 for r in scores)  # the validation prompts, not the held-out ones
+    steps = [r for r in records(arms_run, "step") if r["stage"] == "sft"]
+    assert max(r["step"] for r in steps) == history[-1]["step"]
+    assert sorted(os.listdir(arms_run / "sft")) == ["model", "selection.json"]  # candidates and checkpoints gone
+
+
+def test_every_arm_runs_from_one_start_with_equal_steps(arms_run):
+    evals = {(r["arm"], r["iteration"]): r for r in records(arms_run, "eval")}
+    assert set(evals) == {("start", 0)} | {(a, t) for a in ("spin", "sft", "spin_mix", "spin_drop") for t in (1, 2)}
+    for t in (1, 2):  # the same number of optimiser steps in every arm at an iteration
+        assert len({evals[(a, t)]["steps"] for a in ("spin", "sft", "spin_mix", "spin_drop")}) == 1
+    steps = {}
+    for r in records(arms_run, "step"):
+        steps.setdefault(r["stage"], {})[r["step"]] = r
+    for arm, t in [("spin", 0), ("spin", 1), ("spin_drop", 0), ("spin_drop", 1), ("spin_mix", 0)]:
+        first = steps[f"{arm}{t}"][1]  # theta = theta_t = the reference at the first step: log 2
+        assert abs(first["loss"] - math.log(2)) < 1e-4, (arm, t)
+    # From iteration 1 the mixture reference is not p_t, so its first loss is not log 2.
+    assert abs(steps["spin_mix1"][1]["loss"] - math.log(2)) > 1e-3
+    # At iteration 0 the mixture of the SFT start with p_0 = the SFT start is p_0 itself: spin_mix
+    # trains as spin does there (up to the float rounding of rescoring the base log-probs).
+    for s in steps["spin0"]:
+        assert abs(steps["spin0"][s]["loss"] - steps["spin_mix0"][s]["loss"]) < 1e-4
+    # spin_drop trains on exactly the pairs whose sample the verifier rejects.
+    for t in (1, 2):
+        kept, spin = evals[("spin_drop", t)], evals[("spin", t)]
+        assert kept["train_pairs"] < spin["train_pairs"] or spin["train_samples_correct"] == 0
+    assert evals[("spin_drop", 1)]["train_pairs"] == round(
+        evals[("spin", 1)]["train_pairs"] * (1 - evals[("spin", 1)]["train_samples_correct"]))
+
+
+def test_per_example_outcomes_agree_with_the_table(arms_run):
+    """eval/<arm>-<iteration>.jsonl: one line per held-out prompt, whose mean is the table's figure
+    (what the paired statistics of experiments/stats.py are computed from)."""
+    evals = {(r["arm"], r["iteration"]): r for r in records(arms_run, "eval")}
+    for (arm, t), row in evals.items():
+        lines = [json.loads(x) for x in open(arms_run / "eval" / f"{arm}-{t}.jsonl")]
+        assert [x["index"] for x in lines] == list(range(len(lines))) and len(lines) == row["eval_examples"] == 32
+        assert sum(x["exact"] for x in lines) / len(lines) == pytest.approx(row["exact_match"])
+        gt = sum(x["gt_logp"] for x in lines) / sum(x["gt_tokens"] for x in lines)
+        assert gt == pytest.approx(row["gt_logp_per_token"], rel=1e-9)
+
+
+def test_selection_resumes_where_it_was_killed(arms_run, tmp_path):
+    """Killed in the middle of the SFT selection, a --resume ends with the same choice and the same
+    SPIN losses as the uninterrupted run."""
+    out = tmp_path / "killed"
+    p = run(out, "--kill-at", "sft:25", check=False)
+    assert p.returncode != 0 and not (out / "sft" / "model").exists()
+    run(out, "--resume")
+    assert json.load(open(out / "sft" / "selection.json")) == json.load(open(arms_run / "sft" / "selection.json"))
+    want = {(r["stage"], r["step"]): r["loss"] for r in records(arms_run, "step")}
+    got = {(r["stage"], r["step"]): r["loss"] for r in records(out, "step")}
+    assert got == want
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--arms", "spin,foo"], "--arms"),
+    (["--arms", "spin", "--baseline", "1"], "--arms and --baseline"),
+    (["--sft-eval-every", "10", "--val-prompts", "0"], "--val-data"),
+])
+def test_comparison_flags_are_checked(flags, message, tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "x"), *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr
+
+
+def test_selection_rules():
+    from train import best_candidate, patience_out
+    h = [{"step": 10, "exact_match": 0.2, "gt_logp_per_token": -1.0},
+         {"step": 20, "exact_match": 0.5, "gt_logp_per_token": -0.9},
+         {"step": 30, "exact_match": 0.5, "gt_logp_per_token": -0.8},  # tie in exact match: likelier wins
+         {"step": 40, "exact_match": 0.4, "gt_logp_per_token": -0.7},
+         {"step": 50, "exact_match": 0.5, "gt_logp_per_token": -0.8}]  # a full tie: the earlier wins
+    assert best_candidate(h, "exact_match")["step"] == 30
+    assert best_candidate(h, "gt_logp_per_token")["step"] == 40
+    assert patience_out(h[:4], "exact_match", 1) and not patience_out(h[:4], "exact_match", 2)
+    assert patience_out(h, "exact_match", 2) and not patience_out(h, "exact_match", 3)
+    assert not patience_out(h[:2], "exact_match", 5)
+
+
+def test_spin_drop_keeps_exactly_the_rejected_samples():
+    from data.readers import Example
+    from data.task import make_task, score
+    from train import judged_wrong
+    train, _ = make_task(seed=3, n_train=40, n_heldout=0, digits=3, kind="factor")
+    # half the samples are the ground truth (correct), half a wrong product
+    exs = [Example(e.prompt, e.response, e.response if i % 2 else "2*2") for i, e in enumerate(train)]
+    kept = judged_wrong(exs)
+    assert kept == [e for i, e in enumerate(exs) if i % 2 == 0]
+    assert all(not score(e.prompt, e.generated) for e in kept)
