@@ -347,6 +347,26 @@ def merge_parts(out_path, n_parts, settings):
         pq.write_table(table, f)
 
 
+def claim_parts(out_path, settings):
+    """The parts folder of out_path, for a run with these settings. The settings guard the parts
+    made with them; a run that made none (it failed first) is replaced by this one, so a
+    corrected rerun is not refused."""
+    parts = _parts_dir(out_path)
+    os.makedirs(parts, exist_ok=True)
+    settings_file = os.path.join(parts, "settings.json")
+    old = None
+    if os.path.exists(settings_file):
+        with open(settings_file) as f:
+            old = json.load(f)
+    made = [f for f in os.listdir(parts) if f.startswith("part-")]
+    if old is not None and old != settings and made:
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        raise InputError(f"{parts} holds {len(made)} parts made with other settings ({', '.join(diff)}): "
+                         f"delete it or choose another --out")
+    if old != settings:
+        write_json(settings_file, settings, indent=2, sort_keys=True)  # every rank writes the same bytes
+
+
 def generate_dataset(model, fmt, examples, out_path, *, iteration=0, seed=0, rank=0, world_size=1,
                      part_size=256, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                      greedy=False, batch_size=16, max_prompt_length=512, max_length=1024,
@@ -375,23 +395,7 @@ def generate_dataset(model, fmt, examples, out_path, *, iteration=0, seed=0, ran
         print(f"generate: {out_path} is complete, nothing to do")
         return dict(summary, merged=True)
     n_parts = (len(examples) + part_size - 1) // part_size
-    parts = _parts_dir(out_path)
-    os.makedirs(parts, exist_ok=True)
-    settings_file = os.path.join(parts, "settings.json")
-    old = None
-    if os.path.exists(settings_file):
-        with open(settings_file) as f:
-            old = json.load(f)
-    # The settings guard the parts made with them; a run that made none (it failed first) is
-    # replaced by this one, so a corrected rerun is not refused.
-    made = [f for f in os.listdir(parts) if f.startswith("part-")]
-    if old is not None and old != settings and made:
-        diff = sorted(k for k in settings if old.get(k) != settings[k])
-        raise InputError(f"{parts} holds {len(made)} parts made with other settings ({', '.join(diff)}): "
-                         f"delete it or choose another --out")
-    if old != settings:
-        write_json(settings_file, settings, indent=2, sort_keys=True)  # every rank writes the same bytes
-
+    claim_parts(out_path, settings)
     t0 = time.perf_counter()
     mine = [p for p in range(n_parts) if p % world_size == rank]
     todo = [p for p in mine if not os.path.exists(_part_path(out_path, p, n_parts))]

@@ -192,23 +192,13 @@ def train_stage(run, stage):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        hook = (args.nan_at or "").split(":")  # test hook: a NaN left by this update
-        if hook[:2] == [stage.tag, str(step + 1)]:
-            if hook[2:] == ["weights"]:  # the first trained weight: row 0 (<unk>, which no batch uses) of the embedding
-                t = params[0]
-            else:  # in the optimiser state
-                t = next(v for v in next(iter(opt.state.values())).values()
-                         if torch.is_tensor(v) and v.is_floating_point() and v.dim())
-            with torch.no_grad():
-                (t.to_local() if hasattr(t, "to_local") else t).view(-1)[:1].fill_(float("nan"))
+        if (args.nan_at or "").split(":")[:2] == [stage.tag, str(step + 1)]:
+            inject_nan(args.nan_at, params, opt)
         rec = {"type": "step", "stage": stage.tag, "step": step + 1, "steps": stage.steps, "loss": loss,
                "lr": lr_used, "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / (time.time() - t0),
                "peak_mem_mb": peak_memory_mb(run.device)}
         if stage.kind == "spin":
-            rec.update({k: tot[k] / tot["n"] for k in ("rewards/real", "rewards/generated")})
-            rec["rewards/margins"] = (tot["rewards/real"] - tot["rewards/generated"]) / tot["n"]
-            rec.update({k: tot[k] / tot["n"] for k in ("rewards/accuracies", "logps/real", "logps/generated")})
-            rec["beta"] = stage.beta
+            rec.update(spin_metrics(tot, stage.beta))
             if live is not None:
                 rec["live_reference_max_abs_diff"] = parallel.reduce_sums({"d": live_diff}, op="max")["d"]
         record(run.out, rec)
@@ -221,6 +211,26 @@ def train_stage(run, stage):
     if end < stage.steps and end > start:  # a pause (stop_at): the next call continues from here
         save_ckpt(stage.folder, end, model, opt, sched)
     return model, config
+
+
+def spin_metrics(tot, beta):
+    """A step's record from the summed pair metrics: means over the step's pairs."""
+    rec = {k: tot[k] / tot["n"] for k in ("rewards/real", "rewards/generated")}
+    rec["rewards/margins"] = (tot["rewards/real"] - tot["rewards/generated"]) / tot["n"]
+    rec.update({k: tot[k] / tot["n"] for k in ("rewards/accuracies", "logps/real", "logps/generated")})
+    rec["beta"] = beta
+    return rec
+
+
+def inject_nan(hook, params, opt):
+    """Test hook (--nan-at STAGE:STEP[:weights]): a NaN left by this update in a weight or the optimiser state."""
+    if hook.split(":")[2:] == ["weights"]:  # the first trained weight: row 0 (<unk>, which no batch uses) of the embedding
+        t = params[0]
+    else:  # in the optimiser state
+        t = next(v for v in next(iter(opt.state.values())).values()
+                 if torch.is_tensor(v) and v.is_floating_point() and v.dim())
+    with torch.no_grad():
+        (t.to_local() if hasattr(t, "to_local") else t).view(-1)[:1].fill_(float("nan"))
 
 
 def peak_memory_mb(device):

@@ -66,28 +66,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    # -- workload
-    ap.add_argument("--shape", default="small", choices=SHAPES)
-    ap.add_argument("--model", default=None, help="a Hugging Face folder (real weights, its chat template)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    # -- hardware
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
-                    help="replay decode steps from a CUDA graph (generate.graphed_step); both: time each")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print("settings:", vars(args), f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-
+def build(args, device, dtype):
+    """Our model and transformers' (None with --no-hf) on the same weights, and the prompts:
+    real chat prompts of different lengths (left-padded for transformers) with --model, else random ids."""
     torch.manual_seed(0)
     hf = None
     if args.model:
@@ -116,6 +97,54 @@ def main():
     if not args.model:
         ids = torch.randint(3, 32000, (args.batch, args.prompt_len))
         prompts, mask = ids.tolist(), torch.ones_like(ids)
+    return ours, hf, prompts, ids, mask
+
+
+def print_roofline(args, ours, runs, med, n_tokens, device):
+    """The fraction of the memory-bandwidth roofline each side reaches: a decode step reads every weight once."""
+    if device.type == "cpu":
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied: counted once
+        bw = read_bandwidth()
+        roof_s = weight_bytes / bw  # one decode step cannot take less than reading every weight once
+        print(f"read bandwidth {bw / 1e9:.1f} GB/s (float32 sum of a 2 GB buffer, best of 5); weights "
+              f"{weight_bytes / 1e6:.0f} MB -> at least {roof_s * 1e3:.1f} ms per decode step")
+        for k in runs:
+            per_token = med[k] / args.new_tokens
+            print(f"  {k}: {per_token * 1e3:.1f} ms per new token (prefill included): "
+                  f"{roof_s / per_token:.0%} of the roofline")
+    if device.type == "cuda":
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        bw = float(os.environ.get("HBM_BYTES_PER_S", 3.35e12))  # H100 SXM; set for other cards
+        roof = bw / weight_bytes * args.batch
+        print(f"roofline (weights {weight_bytes / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s): {roof:.1f} tok/s")
+        for k in runs:
+            if k != "transformers":
+                print(f"  {k} at {n_tokens / med[k] / roof:.0%} of it (the prefill included)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    # -- workload
+    ap.add_argument("--shape", default="small", choices=SHAPES)
+    ap.add_argument("--model", default=None, help="a Hugging Face folder (real weights, its chat template)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    # -- hardware
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
+                    help="replay decode steps from a CUDA graph (generate.graphed_step); both: time each")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print("settings:", vars(args), f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    ours, hf, prompts, ids, mask = build(args, device, dtype)
     n_tokens = args.batch * args.new_tokens
 
     def ours_with(cuda_graph):
@@ -156,24 +185,7 @@ def main():
         for k in runs:
             if k != "transformers":
                 print(f"ratio {k} / transformers: {med['transformers'] / med[k]:.2f}x (target >= 3x on CPU)")
-    if device.type == "cpu":
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied: counted once
-        bw = read_bandwidth()
-        roof_s = weight_bytes / bw  # one decode step cannot take less than reading every weight once
-        print(f"read bandwidth {bw / 1e9:.1f} GB/s (float32 sum of a 2 GB buffer, best of 5); weights "
-              f"{weight_bytes / 1e6:.0f} MB -> at least {roof_s * 1e3:.1f} ms per decode step")
-        for k in runs:
-            per_token = med[k] / args.new_tokens
-            print(f"  {k}: {per_token * 1e3:.1f} ms per new token (prefill included): "
-                  f"{roof_s / per_token:.0%} of the roofline")
-    if device.type == "cuda":
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        bw = float(os.environ.get("HBM_BYTES_PER_S", 3.35e12))  # H100 SXM; set for other cards
-        roof = bw / weight_bytes * args.batch
-        print(f"roofline (weights {weight_bytes / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s): {roof:.1f} tok/s")
-        for k in runs:
-            if k != "transformers":
-                print(f"  {k} at {n_tokens / med[k] / roof:.0%} of it (the prefill included)")
+    print_roofline(args, ours, runs, med, n_tokens, device)
 
 
 def read_bandwidth(nbytes=2 << 30):

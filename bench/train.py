@@ -269,6 +269,31 @@ def peak_step_bytes(step, device):
     return peak_extra_bytes(fn, (slot, slot, None, torch.zeros(())), device)
 
 
+def ratio_of(res, a, b):
+    """Arm a against arm b: pairs/s, peak step memory, and resident + peak step memory."""
+    o, r = res[a], res[b]
+    return dict(pairs_per_s=o["pairs_per_s"] / r["pairs_per_s"], peak_step=o["peak_step_MiB"] / r["peak_step_MiB"],
+                total=o["total_MiB"] / r["total_MiB"])
+
+
+def compare_arms(res):
+    """The goals' ratios, each against its baseline measured in the same run."""
+    ratios = {}
+    if "ours" in res and "trl-style" in res:
+        q = ratios["ours/trl-style"] = ratio_of(res, "ours", "trl-style")
+        print(f"ours / trl-style: pairs/s {q['pairs_per_s']:.2f}x "
+              f"(target >= 2x: {'met' if q['pairs_per_s'] >= 2 else 'NOT met'}); "
+              f"peak step memory {q['peak_step']:.2f}x (target <= 0.6x: {'met' if q['peak_step'] <= 0.6 else 'NOT met'}); "
+              f"resident + peak step {q['total']:.2f}x")
+    if "ours" in res and "lora" in res:
+        q = ratios["lora/ours"] = ratio_of(res, "lora", "ours")
+        print(f"lora / ours (full-parameter): pairs/s {q['pairs_per_s']:.2f}x "
+              f"(target >= 1.4x: {'met' if q['pairs_per_s'] >= 1.4 else 'NOT met'}); "
+              f"peak memory, resident + step {q['total']:.2f}x (target <= 0.5x: {'met' if q['total'] <= 0.5 else 'NOT met'}); "
+              f"peak step alone {q['peak_step']:.2f}x")
+    return ratios
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -348,24 +373,7 @@ def main():
               f"{r['pairs_per_s']:7.2f} pairs/s  {r['tokens_per_s']:8.0f} tok/s  "
               f"peak step {r['peak_step_MiB']:7.1f} MiB  "
               f"resident {r['resident_MiB']:6.1f} MiB  total {r['total_MiB']:7.1f} MiB")
-    ratios = {}
-    if "ours" in res and "trl-style" in res:
-        o, b = res["ours"], res["trl-style"]
-        speed, mem, total = o["pairs_per_s"] / b["pairs_per_s"], o["peak_step_MiB"] / b["peak_step_MiB"], \
-            o["total_MiB"] / b["total_MiB"]
-        ratios["ours/trl-style"] = dict(pairs_per_s=speed, peak_step=mem, total=total)
-        print(f"ours / trl-style: pairs/s {speed:.2f}x (target >= 2x: {'met' if speed >= 2 else 'NOT met'}); "
-              f"peak step memory {mem:.2f}x (target <= 0.6x: {'met' if mem <= 0.6 else 'NOT met'}); "
-              f"resident + peak step {total:.2f}x")
-    if "ours" in res and "lora" in res:
-        o, b = res["lora"], res["ours"]
-        speed, mem, total = o["pairs_per_s"] / b["pairs_per_s"], o["peak_step_MiB"] / b["peak_step_MiB"], \
-            o["total_MiB"] / b["total_MiB"]
-        ratios["lora/ours"] = dict(pairs_per_s=speed, peak_step=mem, total=total)
-        print(f"lora / ours (full-parameter): pairs/s {speed:.2f}x "
-              f"(target >= 1.4x: {'met' if speed >= 1.4 else 'NOT met'}); "
-              f"peak memory, resident + step {total:.2f}x (target <= 0.5x: {'met' if total <= 0.5 else 'NOT met'}); "
-              f"peak step alone {mem:.2f}x")
+    ratios = compare_arms(res)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"settings": settings, "first_step": first_step, "results": res, "ratios": ratios}, f, indent=2)

@@ -1,7 +1,6 @@
 """data/tokenizer.py and data/template.py against transformers' LlamaTokenizer(legacy=True)
 on the real Mistral-7B v0.1 tokenizer.model (shipped by mistral-common)."""
 
-import importlib.util
 import os
 import shutil
 import time
@@ -12,22 +11,13 @@ from hypothesis import strategies as st
 
 from data.template import TemplateError, render_messages, render_prompt, render_response, validate_messages
 from data.tokenizer import Tokenizer, train_tokenizer
-
-
-def _mistral_model_file():
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None:
-        pytest.skip("mistral-common (test-only extra) is not installed")
-    path = os.path.join(os.path.dirname(spec.origin), "data", "tokenizer.model.v1")
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} missing")
-    return path
+from chat_folders import mistral_model_file
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("mistral_tok")
-    shutil.copy(_mistral_model_file(), d / "tokenizer.model")
+    shutil.copy(mistral_model_file(), d / "tokenizer.model")
     return d
 
 
