@@ -257,8 +257,10 @@ def comparison_table(res):
             if all(v is not None for v in c + e):
                 rows.append(f"| {_row_name(k)} | {100 * np.mean(c):.1f} | {100 * np.mean(e):.1f} |")
         if rows:
-            out += ["", "What SPIN trained on (opponent samples of the training prompts, mean over seeds):", "",
-                    "| arm | judged correct by the task (%) | equal to the ground truth (%) |", "|---|---|---|"] + rows
+            out += ["", "What SPIN trained on, mean over seeds: the opponent's samples of the training prompts that the "
+                    "task's verifier accepts (all samples, before spin_drop drops those), and the pairs trained on whose "
+                    "sample equals the ground truth (their gradient is 0):", "",
+                    "| arm | samples judged correct (%) | pairs with sample = ground truth (%) |", "|---|---|---|"] + rows
     return "\n".join(out)
 
 
