@@ -122,6 +122,30 @@ def gt_logp_per_token(model, items, pad_id, batch_size=128):
     return total / n
 
 
+def make_optimizer(model, args):
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    warm = max(1, args.warmup)
+    if args.schedule == "constant":  # the curve shows where SFT itself stops, not where a schedule ends
+        factor = lambda s: min(1.0, (s + 1) / warm)  # noqa: E731
+    else:  # train.py's rule
+        factor = lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / max(1, args.steps - warm))  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def summarise(curve, best, wall_s, t_train):
+    """The run's summary: its best held-out exact match, its best log-likelihood, its end."""
+    best_lp = max(curve, key=lambda r: r["heldout_logp_tok"])
+    return {"type": "summary", "best_step": best["step"], "best_heldout_em": best["heldout_em"],
+            "train_em_at_best": best["train_em"], "heldout_logp_tok_at_best": best["heldout_logp_tok"],
+            "train_sample_eq_gt_at_best": best["train_sample_eq_gt"],
+            "train_sample_correct_at_best": best["train_sample_correct"],
+            "best_logp_step": best_lp["step"], "best_heldout_logp_tok": best_lp["heldout_logp_tok"],
+            "heldout_em_at_best_logp": best_lp["heldout_em"], "last_step": curve[-1]["step"],
+            "last_heldout_em": curve[-1]["heldout_em"], "last_train_em": curve[-1]["train_em"],
+            "wall_s": wall_s, "wall_to_best_s": best["wall_s"],
+            "train_s_per_step": round(t_train / curve[-1]["step"], 4)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -140,13 +164,7 @@ def main(argv=None):
     print(f"{len(train)} train / {len(held)} held-out; {n_params} parameters; vocab {tok.vocab_size}; "
           f"max_new_tokens {max_new}")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    warm = max(1, args.warmup)
-    if args.schedule == "constant":  # the curve shows where SFT itself stops, not where a schedule ends
-        factor = lambda s: min(1.0, (s + 1) / warm)  # noqa: E731
-    else:  # train.py's rule
-        factor = lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / max(1, args.steps - warm))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    opt, sched = make_optimizer(model, args)
     out = None
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -204,16 +222,7 @@ def main(argv=None):
             if args.patience and since_best >= args.patience:
                 break
         best_logp = max(best_logp, rec["heldout_logp_tok"])
-    best_lp = max(curve, key=lambda r: r["heldout_logp_tok"])
-    summary = {"type": "summary", "best_step": best["step"], "best_heldout_em": best["heldout_em"],
-               "train_em_at_best": best["train_em"], "heldout_logp_tok_at_best": best["heldout_logp_tok"],
-               "train_sample_eq_gt_at_best": best["train_sample_eq_gt"],
-               "train_sample_correct_at_best": best["train_sample_correct"],
-               "best_logp_step": best_lp["step"], "best_heldout_logp_tok": best_lp["heldout_logp_tok"],
-               "heldout_em_at_best_logp": best_lp["heldout_em"], "last_step": curve[-1]["step"],
-               "last_heldout_em": curve[-1]["heldout_em"], "last_train_em": curve[-1]["train_em"],
-               "wall_s": round(time.time() - t_start, 1), "wall_to_best_s": best["wall_s"],
-               "train_s_per_step": round(t_train / curve[-1]["step"], 4)}
+    summary = summarise(curve, best, round(time.time() - t_start, 1), t_train)
     print("summary:", json.dumps(summary))
     if out:
         out.write(json.dumps(summary) + "\n")
