@@ -298,6 +298,12 @@ def judged_wrong(examples):
     return [ex for ex in examples if not task.score(ex.prompt, ex.generated)]
 
 
+def fill_one_batch(items, batch_size):
+    """spin_drop may keep fewer pairs than one global batch (the verifier accepts nearly every
+    sample): repeated, they fill every batch, so the arm still takes its steps."""
+    return items * -(-batch_size // len(items)) if 0 < len(items) < batch_size else items
+
+
 def spin_iteration(run, t, opponent, arm="spin"):
     """One iteration of a SPIN arm against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
     a = run.args
@@ -338,12 +344,19 @@ def spin_iteration(run, t, opponent, arm="spin"):
     # Every arm takes the steps the paper's SPIN takes on all its pairs, so arms differ only in
     # what they train on, not in how long (spin_drop goes over its fewer pairs more often).
     steps = max(1, int(a.epochs * (n_all // a.batch_size)))
-    stage = Stage("spin", opponent, items, steps, lr, beta, folder, tag, a.optimizer, lora=True,
-                  mix_alpha=a.mix_alpha if arm == "spin_mix" else 0.0)
-    model_dir = timed(run, "train", lambda: run_stage(run, stage))
+    n_pairs = len(items)
+    if arm == "spin_drop":
+        items = fill_one_batch(items, a.batch_size)
+    if n_pairs or arm != "spin_drop":
+        stage = Stage("spin", opponent, items, steps, lr, beta, folder, tag, a.optimizer, lora=True,
+                      mix_alpha=a.mix_alpha if arm == "spin_mix" else 0.0)
+        model_dir = timed(run, "train", lambda: run_stage(run, stage))
+    else:  # spin_drop when the verifier accepts every sample: nothing to push down, p_t is kept
+        log(f"[{tag}] no pair left to train on: the next model is the opponent itself")
+        model_dir = opponent
     row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta, f"{arm}-{t + 1}"))
     row.update(arm=arm, iteration=t + 1, train_samples_equal_gt=same, train_samples_correct=correct,
-               train_pairs=len(items), steps=steps)
+               train_pairs=n_pairs, steps=steps if model_dir != opponent else 0)
     before = next(r for r in reversed(run.table) if r["arm"] in (arm, "start"))
     if row["gt_logp_per_token"] < before["gt_logp_per_token"] - 1e-3:
         log(f"WARNING: held-out ground-truth log-likelihood fell during {arm} iteration {t} "

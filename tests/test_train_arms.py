@@ -139,3 +139,12 @@ def test_spin_drop_keeps_exactly_the_rejected_samples():
     kept = judged_wrong(exs)
     assert kept == [e for i, e in enumerate(exs) if i % 2 == 0]
     assert all(not score(e.prompt, e.generated) for e in kept)
+
+
+def test_spin_drop_fills_a_batch_with_few_pairs():
+    from train import fill_one_batch
+    few = list(range(14))
+    filled = fill_one_batch(few, 64)
+    assert len(filled) == 70 and all(filled.count(i) == 5 for i in few)
+    assert fill_one_batch(list(range(64)), 64) == list(range(64))
+    assert fill_one_batch([], 64) == []
