@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -72,8 +73,12 @@ def run_seed(regime, seed, runs, threads):
     env = dict(os.environ, SPIN_THREADS=str(threads), PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    t0 = time.time()
     with open(out + ".log", "a") as log:
         p = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, env=env, stdout=log, stderr=log)
+    if os.path.isdir(out):  # every attempt's wall time, a failed or resumed one too
+        with open(os.path.join(out, "compare_wall_s.txt"), "a") as f:
+            f.write(f"{time.time() - t0:.1f}\n")
     if p.returncode != 0:
         raise SystemExit(f"{regime} seed {seed}: train.py failed ({p.returncode}); see {out}.log")
     return out
@@ -82,6 +87,18 @@ def run_seed(regime, seed, runs, threads):
 def finished(out):
     path = os.path.join(out, "metrics.jsonl")
     return os.path.exists(path) and any('"type": "timing"' in line for line in open(path))
+
+
+def seed_wall_s(out, recs):
+    """The seed's wall time, summed over its attempts (a killed or failed one, then its resume),
+    read from the run folder, so a seed read back quotes what it took when it ran. Runs made
+    before attempts were recorded: the stage timings of the process that finished it."""
+    path = os.path.join(out, "compare_wall_s.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            return sum(float(line) for line in f if line.strip())
+    timing = next(r for r in reversed(recs) if r["type"] == "timing")
+    return sum(v for k, v in timing.items() if k != "type")
 
 
 def outcomes(out):
@@ -123,10 +140,7 @@ def summarise(regime, seeds, runs, n_boot=10000):
                                        "p_value": m.p_value})
     for seed, (_, recs) in zip(seeds, per_seed):
         chosen = next((r for r in recs if r["type"] == "sft_chosen"), {})
-        # The run's own stage timings (of the process that finished it), so a seed read back quotes
-        # the same wall time as when it ran.
-        timing = next(r for r in recs if r["type"] == "timing")
-        wall = sum(v for k, v in timing.items() if k != "type")
+        wall = seed_wall_s(os.path.join(runs, regime, f"seed{seed}"), recs)
         evals = {f"{r['arm']}-{r['iteration']}": r for r in recs if r["type"] == "eval"}
         res["per_seed"].append({
             "seed": seed, "sft_chosen_step": chosen.get("step"), "wall_s": wall,
