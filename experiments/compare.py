@@ -52,7 +52,7 @@ REGIMES = {
     "anyorder3": ["--task", "addition_anyorder", "--task-digits", "3", "--num-prompts", "600", "--sft-steps", "3000"],
     # A control: SFT memorises 250 examples (held-out 80-87%, training 100%); nearly every sample
     # equals the ground truth, so SPIN should have almost nothing to learn from.
-    "addition3-250": ["--task", "addition", "--task-digits", "3", "--num-prompts", "250", "--batch-size", "50",
+    "addition3-250": ["--task", "addition", "--task-digits", "3", "--num-prompts", "250", "--batch-size", "50", "--micro-batch-size", "25",
                       "--sft-lr", "3e-3", "--sft-steps", "3000"],
     # Seconds long, for the test suite: the machinery, not an experiment (its flags override COMMON's).
     "smoke": ["--task", "addition_anyorder", "--task-digits", "2", "--num-prompts", "96", "--eval-prompts", "24",
