@@ -237,7 +237,7 @@ def test_recipe_path_on_a_hugging_face_folder(tmp_path, tied):
     assert p.returncode == 0, p.stderr[-4000:]
     cfg = json.load(open(out / "config.json"))
     assert cfg["beta"] == [0.1, 0.1, 0.1, 5.0] and cfg["mix_previous"] is True and cfg["optimizer"] == "rmsprop"
-    assert "[iter1] beta 0.1, lr " in p.stdout  # each iteration says what it uses
+    assert "[spin1] beta 0.1, lr " in p.stdout  # each iteration says what it uses
     assert os.path.exists(out / "iter1" / "previous_rescored.parquet")
     steps = [r for r in records(out) if r["type"] == "step"]
     assert {r["stage"] for r in steps} == {"spin0", "spin1"}
