@@ -17,10 +17,13 @@ from data.template import render_prompt
 from data.tokenizer import Tokenizer, train_tokenizer
 from model import Mistral, ModelConfig
 
+# ckpt_every 100: a checkpoint costs about as much as a few steps of this tiny model, and a killed
+# demo loses at most ~10 s; checkpoints never change the losses (measured: 20 and 100 bitwise equal,
+# 5m11s and 4m48s under torchrun on the Intel box).
 DEFAULTS = dict(iterations=3, beta="2.0", lr="3e-5", epochs=3.0, batch_size=64, micro_batch_size=32,
                 optimizer="rmsprop", max_new_tokens=32, temperature=1.0, max_length=128,
                 max_prompt_length=64, mix_previous=True, eval_prompts=500, baseline=True,
-                ckpt_every=20, gen_batch_size=256, num_prompts=2000, sft_steps=400, sft_lr=3e-3,
+                ckpt_every=100, gen_batch_size=256, num_prompts=2000, sft_steps=400, sft_lr=3e-3,
                 demo_dim=96, demo_layers=3, vocab=384, task="addition", task_digits=3, val_prompts=0)
 
 
