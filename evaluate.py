@@ -72,10 +72,11 @@ def evaluate(model_dir, examples, fmt, *, beta, device, dtype, max_length, max_p
             tok = fmt.tok
             outs = generate.sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_ids,
                                    greedy=True, batch_size=batch_size, vocab_limit=tok.vocab_size)
-            for j, ((ex, _), o) in enumerate(zip(mine, outs)):  # a special token inside the answer makes it wrong
+            # a special token inside the answer makes it wrong
+            for (ex, _), o, rec in zip(mine, outs, records[-len(mine):]):
                 hit = task.score(ex.prompt, tok.decode([x for x in o.tokens if x not in tok.eos_ids]))
                 sums["exact"] += hit
-                records[len(records) - len(mine) + j]["exact"] = int(hit)
+                rec["exact"] = int(hit)
     del model
     if details is not None:
         write_details(details, records)

@@ -348,7 +348,7 @@ def merge_parts(out_path, n_parts, settings):
 
 
 def claim_parts(out_path, settings):
-    """The parts folder of out_path, for a run with these settings. The settings guard the parts
+    """Make out_path's parts folder this run's: the settings guard the parts
     made with them; a run that made none (it failed first) is replaced by this one, so a
     corrected rerun is not refused."""
     parts = _parts_dir(out_path)

@@ -133,15 +133,20 @@ def sft_micro_batch(model, micro, run, gt_tokens):
     return {"loss": nll.item(), "n": (tgt != -100).sum().item()}, int(mask.sum())
 
 
+def split_batch(G, mb, world):
+    """A global batch of G pairs as (pairs per rank, micro-batch), or the error naming the flags."""
+    if G % world or (G // world) % min(mb, G // world):
+        raise InputError(f"--batch-size {G} must split evenly over {world} ranks x micro-batches of "
+                         f"--micro-batch-size {mb}")
+    return G // world, min(mb, G // world)
+
+
 def train_stage(run, stage):
     """The global batch at step s is a fixed function of (seed, s), so 1 and N processes see the
     same data and give the same losses. Returns the trained (sharded) model and its config."""
     args, rank, world = run.args, parallel.rank(), parallel.world()
-    G, mb = args.batch_size, args.micro_batch_size
-    if G % world or (G // world) % min(mb, G // world):
-        raise InputError(f"--batch-size {G} must split evenly over {world} ranks x micro-batches of {mb} "
-                         "(--micro-batch-size)")
-    local, mb = G // world, min(mb, G // world)
+    G = args.batch_size
+    local, mb = split_batch(G, args.micro_batch_size, world)
     per_epoch = len(stage.items) // G
     if per_epoch == 0:
         raise InputError(f"{stage.tag}: {len(stage.items)} examples is fewer than one global batch of {G}: "

@@ -53,7 +53,7 @@ from model import Mistral, ModelConfig
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
-from stage import Stage, run_stage, train_stage
+from stage import Stage, run_stage, split_batch, train_stage
 from train_args import ARMS, parse_args
 
 
@@ -138,10 +138,8 @@ def tokenize(run, examples):
 def check_batches(args, n_train, train_path):
     """The batch flags against the world size and the data, before any stage starts (stage.py
     would only find out at its first step)."""
-    G, mb, world = args.batch_size, args.micro_batch_size, parallel.world()
-    if G % world or (G // world) % min(mb, G // world):
-        raise InputError(f"--batch-size {G} must split evenly over {world} ranks x micro-batches of "
-                         f"--micro-batch-size {mb}")
+    G = args.batch_size
+    split_batch(G, args.micro_batch_size, parallel.world())
     if n_train < G:
         raise InputError(f"{train_path}: {n_train} training prompts is fewer than one global batch "
                          f"(--batch-size {G}): pass a smaller --batch-size or more data")
