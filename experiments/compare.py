@@ -33,6 +33,7 @@ import numpy as np
 
 import report
 from checkpoint import atomic_file, write_json
+from errors import ArgumentParser, positive_int, run_command
 from experiments import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,16 +151,26 @@ def summarise(regime, seeds, runs, n_boot=10000):
     return res
 
 
+def seed_list(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of distinct seeds >= 0, e.g. 0,1,2")
+    return seeds
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("regime", choices=sorted(REGIMES))
-    ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
-    ap.add_argument("--workers", type=int, default=1, help="seeds run at once, each with --threads threads")
-    ap.add_argument("--threads", type=int, default=None, help="threads per run (default: the cores / workers)")
+    ap.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="comma list of seeds")
+    ap.add_argument("--workers", type=positive_int, default=1, help="seeds run at once, each with --threads threads")
+    ap.add_argument("--threads", type=positive_int, default=None, help="threads per run (default: the cores / workers)")
     ap.add_argument("--runs", default=os.path.join(ROOT, "experiments", "runs"))
     ap.add_argument("--results", default=os.path.join(ROOT, "experiments", "results"))
     a = ap.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
+    seeds = a.seeds
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
     with ThreadPoolExecutor(a.workers) as pool:
         list(pool.map(lambda s: run_seed(a.regime, s, a.runs, threads), seeds))
@@ -175,4 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":  # python -m experiments.compare REGIME, from the repository root
-    main()
+    run_command(main)

@@ -42,3 +42,12 @@ def test_one_command_results_and_reruns(tmp_path):
     q = subprocess.run([sys.executable, "report.py", str(tmp_path / "results" / "smoke.json")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert q.returncode == 0 and q.stdout.strip() == table.strip()
+
+
+def test_bad_flags_are_one_line(tmp_path):
+    for flags, named in ((["--seeds", "a,b"], "--seeds"), (["--seeds", "1,1"], "--seeds"), (["--workers", "0"], "--workers"),
+                         (["--threads", "-1"], "--threads")):
+        p = subprocess.run([sys.executable, "-m", "experiments.compare", "smoke", *flags, "--runs", str(tmp_path)],
+                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and named in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not os.listdir(tmp_path)  # refused before any run started
