@@ -50,8 +50,8 @@ class ModelConfig:
 class KVCache:
     """Per layer (B, Hkv, S, D) keys and values. Every row holds the same number of filled
     slots (left padding keeps them aligned), so one length serves the batch. The interface the
-    model uses, `offset`, `update`, `advance`, is all a cache with another layout has to give
-    (kernels/cuda_graph.py's static-shape cache is one)."""
+    model uses (`empty`, `offset`, `reserve`, `update`, `advance`) is all that a cache with
+    another layout, a subclass, has to give."""
 
     def __init__(self, k, v, starts):
         self.k, self.v = k, v  # lists over layers of (B, Hkv, S, D)

@@ -21,7 +21,7 @@ def make_hf(tmp_path, **kw):
 @pytest.mark.parametrize("tied", [False, True])
 def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
     _, folder = make_hf(tmp_path, tie_word_embeddings=tied)
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert len(weights) == 7 * model.config.num_hidden_layers + 1
