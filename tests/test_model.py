@@ -415,3 +415,75 @@ def test_unsupported_config_fields_are_refused_by_name(field, value, message):
     with pytest.raises(ValueError, match=message) as e:
         config_from_dict(raw, source="cfg.json")
     assert "cfg.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_file_is_the_architecture_alone():
+    """model.py imports only torch and the standard library, and names no fast path: those are
+    swapped in by kernels.install."""
+    import ast
+    import sys
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model.py")
+    with open(path) as f:
+        source = f.read()
+    roots = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots.add(node.module.split(".")[0])
+    assert roots - set(sys.stdlib_module_names) == {"torch"}, roots
+    for word in ("mkldnn", "onednn", "triton", "cuda_graph", "cuda graph", "cpu_linear"):
+        assert word not in source.lower(), word
+
+
+def test_install_keeps_the_reference_numbers(tmp_path):
+    """kernels.install(model, "torch") against the plain model: the same logits (decode-sized,
+    so the oneDNN linears and the one-query attention run), per-token log-probs and gradients
+    (the chunked log-prob head), and the same Parameter objects (tied weights stay tied)."""
+    from kernels.cpu_linear import Linear
+    _, folder = make_hf(tmp_path, sliding_window=5, tie_word_embeddings=True)
+    plain, fast = load_model(folder), kernels.install(load_model(folder), "torch")
+    assert plain.kernels == "reference" and fast.kernels == "torch"
+    assert type(plain.lm_head) is torch.nn.Linear and type(fast.lm_head) is Linear
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in fast.named_parameters()]
+    ids = torch.randint(0, VOCAB, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    targets[1, :3] = -100
+    with torch.no_grad():
+        for m in (plain, fast):
+            cache = KVCache.allocate(m.config, batch=2, max_len=12)
+            m.out = [m(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
+            m.out += [m(ids[:, t:t + 1], cache=cache) for t in range(6, 11)]
+    assert (torch.cat(plain.out, 1) - torch.cat(fast.out, 1)).abs().max().item() <= 1e-4
+    grads = []
+    for m in (plain, fast):
+        lp = m(ids, attention_mask=mask, targets=targets)
+        lp.sum().backward()
+        grads.append((lp.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (lp0, g0), (lp1, g1) = grads
+    assert lp0.dtype == lp1.dtype == torch.float32
+    assert (lp0 - lp1).abs().max().item() <= 1e-4
+    for n in g0:
+        assert (g0[n] - g1[n]).abs().max().item() <= 1e-4 * (g0[n].abs().max().item() + 1), n
+
+
+def test_install_reads_spin_kernels_once(tmp_path, monkeypatch):
+    """impl="auto" takes SPIN_KERNELS at install (how torchrun's children obey it); an explicit
+    impl wins; a bad value is a clear error; changing the variable later changes nothing."""
+    _, folder = make_hf(tmp_path)
+    monkeypatch.setenv("SPIN_KERNELS", "torch")
+    model = kernels.install(load_model(folder))
+    assert model.kernels == "torch"
+    assert model.model.layers[0].self_attn.attend.keywords == {"impl": "torch"}
+    assert model.head_logprobs.keywords == {"impl": "torch"}
+    assert kernels.install(load_model(folder), "triton").kernels == "triton"
+    monkeypatch.setenv("SPIN_KERNELS", "fast")
+    assert model.model.layers[0].self_attn.attend.keywords == {"impl": "torch"}
+    with pytest.raises(ValueError, match="SPIN_KERNELS"):
+        kernels.install(load_model(folder))
+    monkeypatch.delenv("SPIN_KERNELS")
+    assert kernels.install(load_model(folder)).kernels == "auto"
