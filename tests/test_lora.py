@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import generate
+import kernels
 import lora
+from hf import load_model
 from kernels.cpu_linear import cpu_decode_weights
 from model import Mistral
 
@@ -75,11 +77,12 @@ def train_steps(model, steps=5, lr=3e-2):
 def lora_model(folder, targets=ALL, rank=4, alpha=8.0, dropout=0.0, seed=0):
     model = load_model(folder)
     settings = lora.LoraSettings.from_flags(rank, alpha, targets, dropout)
-    return lora.add_adapters(model, settings, torch.Generator().manual_seed(seed)), settings
+    lora.add_adapters(model, settings, torch.Generator().manual_seed(seed))
+    return kernels.install(model, "torch"), settings  # adapters first, as stage.build_model does
 
 
 def test_step_zero_is_the_base_model_exactly(base_dir):
-    base = load_model(base_dir)
+    base = kernels.install(load_model(base_dir), "torch")
     model, _ = lora_model(base_dir, dropout=0.3)
     model.train()  # dropout active: B = 0 still makes the adapter add exactly 0
     ids, mask, tgt = batch(base.config.vocab_size)
@@ -138,10 +141,10 @@ def test_merged_model_equals_the_unmerged_forward(base_dir, tmp_path):
 
 
 def test_unmerged_adapters_on_the_cpu_decode_path(base_dir):
-    """No grad, few rows: a LoraLinear's base and A products go through cpu_linear.linear (oneDNN,
-    packed inside cpu_decode_weights), its update through addmm_. Greedy decoding of the unmerged
-    model, packed, must give the merged model's tokens, and its logits must agree with the plain
-    (autograd) path."""
+    """No grad, few rows, installed: a LoraLinear's base product is F.linear, its A product goes
+    through cpu_linear.linear (oneDNN, packed inside cpu_decode_weights), its update through
+    addmm_. Greedy decoding of the unmerged model, packed, must give the merged model's tokens,
+    and its logits must agree with the plain (autograd) path."""
     model, settings = lora_model(base_dir)
     model = train_steps(model)
     merged = Mistral(model.config)
