@@ -33,7 +33,6 @@ below visit only those, so time falls with the window.
 import math
 
 import torch
-import torch.nn.functional as F
 
 from kernels.common import (INTERPRET, LOG2E, TL_DTYPES, dot_dtype, dot_precision, resolve_impl, strides, tl, triton,
                      visible)
