@@ -3,9 +3,9 @@ folders are written: atomically.
 
     atomic_file(path, mode)          a file that appears whole or not at all
     atomic_folder(path)              the same for a folder (a Hugging Face export, say)
-    load_hf_state / save_hf          Hugging Face safetensors folders (never pickle)
     save_ckpt / load_ckpt            torch.distributed.checkpoint of a sharded training state
-    export                           gather a sharded model on rank 0 and write a HF folder
+
+Hugging Face folders (reading, writing, exporting a sharded model) are hf.py's.
 
 A crash (or SIGKILL) at any instant leaves either the old content or the new one, never a
 file or folder that looks complete but is not: everything is written under a hidden sibling
@@ -19,28 +19,13 @@ import shutil
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 import parallel
 from errors import Diverged, InputError, MissingInput, UserError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype, source="dtype"):
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise InputError(f"{source}: dtype {dtype} is not supported ({', '.join(DTYPES)})")
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"{source}: dtype '{dtype}' is not supported ({', '.join(DTYPES)})")
-    return DTYPES[dtype]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,156 +102,6 @@ def _umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face safetensors folders
-
-def checkpoint_files(path):
-    """The safetensors files of a folder, and a map tensor name -> file."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        with open(index) as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise InputError(f"{index}: not a valid safetensors index ({e!r})") from None
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not os.path.isfile(os.path.join(path, name)):
-                raise MissingInput(f"{index} names shard '{name}', which does not exist in {path}")
-    elif os.path.isfile(single):
-        files = ["model.safetensors"]
-    else:
-        pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))) if os.path.isdir(path) else []
-        hint = (f" (found {', '.join(pickles)}: pickle checkpoints are never loaded, since unpickling runs code; "
-                "convert the folder once with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
-                ".save_pretrained(DIR))") if pickles else ""
-        gguf = sorted(f for f in os.listdir(path) if f.endswith(".gguf")) if os.path.isdir(path) else []
-        if gguf:  # quantized llama.cpp weights: transformers dequantizes them (tools/smollm2.py does)
-            hint = (f" (found {', '.join(gguf)}: GGUF files are not read; convert them once with transformers "
-                    "as tools/smollm2.py does: from_pretrained(DIR, gguf_file=NAME), its state dict into a fresh "
-                    "model of the same config, save_pretrained)")
-        raise MissingInput(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
-    names = {}
-    for name in files:
-        file = os.path.join(path, name)
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    names[key] = file
-        except Exception as e:  # safetensors raises its own error type for truncated headers
-            raise InputError(f"{file}: cannot read safetensors file ({e})") from None
-    return names
-
-
-def check_model_folder(path, flag="--model"):
-    """Say what is wrong with a model folder before anything is read from it: not there, a file,
-    no config.json, no safetensors weights (a folder of pickles). Its tokenizer is checked by the
-    tokenizer's reader."""
-    what = "a Hugging Face model folder (config.json, *.safetensors and the tokenizer files)"
-    if not os.path.exists(path):
-        raise MissingInput(f"{flag} {path}: no such folder; expected {what}")
-    if not os.path.isdir(path):
-        raise InputError(f"{flag} {path}: is a file; expected {what}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        found = ", ".join(sorted(os.listdir(path))[:8]) or "nothing"
-        raise MissingInput(f"{flag} {path}: no config.json (found {found}); expected {what}")
-    try:
-        checkpoint_files(path)
-    except UserError as e:
-        raise type(e)(f"{flag} {e}") from None
-
-
-def load_hf_state(path, expected, dtype, device=None, tied=False):
-    """Read every tensor of a HF folder into `dtype` on `device`, after checking that the names
-    and shapes are exactly `expected` ({name: shape}). With tied embeddings the file holds no
-    lm_head.weight; it comes back as the embedding. Returns a state dict."""
-    expected = dict(expected)
-    if tied:
-        expected.pop("lm_head.weight", None)
-    names = checkpoint_files(path)
-    missing = sorted(set(expected) - set(names))
-    unexpected = sorted(set(names) - set(expected))
-    misshaped = []
-    by_file = {}
-    for key, file in names.items():
-        by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for key in keys:
-                if key in expected:
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != expected[key]:
-                        misshaped.append(f"{key}: file {shape}, model {expected[key]}")
-    if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(v)}): {', '.join(v[:20])}{' ...' if len(v) > 20 else ''}"
-                 for label, v in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if v]
-        raise InputError(f"{path}: checkpoint does not match the config; " + "; ".join(parts))
-    state = {}
-    for file, keys in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in keys:
-                    t = f.get_tensor(key)
-                    if not t.is_floating_point():
-                        raise InputError(f"{file}: tensor '{key}' has unsupported dtype {t.dtype}")
-                    state[key] = t.to(device=device, dtype=dtype)
-        except ValueError:
-            raise
-        except Exception as e:
-            raise InputError(f"{file}: cannot read tensors ({e})") from None
-    if tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
-
-
-def save_hf(state_dict, config, path, max_shard_bytes=2 * 1024**3, extra_files=None, tied=False):
-    """Write a HF folder: config.json (the dict `config`) + safetensors, sharded with an index
-    above max_shard_bytes, plus extra_files {name: source path}, e.g. the tokenizer."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    if tied:
-        tensors.pop("lm_head.weight", None)  # stored once, as transformers does
-    dtypes = {t.dtype for t in tensors.values()}
-    dtype_name = next((n for n, d in DTYPES.items() if d in dtypes), config.get("dtype", "float32"))
-    shards, current, size = [], {}, 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = t
-        size += nbytes
-    shards.append(current)
-    with atomic_folder(path) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dict(config, dtype=dtype_name, torch_dtype=dtype_name), f, indent=2)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        for name, src in (extra_files or {}).items():
-            shutil.copy(src, os.path.join(tmp, name))
-        mask = _umask()  # safetensors writes owner-only files: give them the usual mode
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
-
-
-def export(model, config, folder, extra_files, dtype):
-    """Gather a (sharded) model's full weights on rank 0 and write a HF folder (plus the
-    tokenizer files) atomically. Every rank must call it."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    parallel.on_rank0(lambda: save_hf(
-        {k.replace("._checkpoint_wrapped_module", ""): v.to(dtype) for k, v in state.items()},
-        config.to_hf(), folder, extra_files=extra_files, tied=config.tie_word_embeddings))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import parallel
 from data import readers, task
 from data.template import render_prompt
 from data.tokenizer import Tokenizer, train_tokenizer
+from hf import save_model
 from model import Mistral, ModelConfig
 
 # ckpt_every 100: a checkpoint costs about as much as a few steps of this tiny model, and a killed
@@ -59,7 +60,7 @@ def prepare(out, args):
                 if p.dim() == 2:
                     std = 0.02 / math.sqrt(2 * L) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                     p.normal_(0.0, std)
-        model.save_pretrained(init_dir, extra_files={"tokenizer.model": tok_path})
+        save_model(model, init_dir, extra_files={"tokenizer.model": tok_path})
 
     parallel.on_rank0(build)
     return os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "heldout.jsonl"), init_dir

@@ -19,28 +19,30 @@ import os
 import torch
 
 import generate
+import kernels
 import parallel
 from checkpoint import atomic_file
 from data import task
 from data.pairs import tokenized_pairs
 from data.readers import read_examples
-from model import Mistral
+from hf import load_model
 from spin_loss import spin_loss
 
 
 def evaluate(model_dir, examples, fmt, *, beta, device, dtype, max_length, max_prompt_length,
-             batch_size, max_new_tokens, has_task, details=None):
+             batch_size, max_new_tokens, has_task, details=None, impl="auto"):
     """Held-out metrics of the model in model_dir. `examples`: an eval_synthetic file (the
     opponent's samples and log-probs, read in the SPIN layout), or a list of Examples; the reward
     metrics need the opponent's samples, so examples without them give only the ground-truth
     log-likelihood and the task metric (how the SFT start is chosen). Every rank must call it.
     details: a .jsonl path where rank 0 writes one line per example (its index, exact match,
     ground-truth log-prob and tokens, whether the reward ranks the ground truth first), the
-    outcomes paired comparisons between models need (experiments/stats.py)."""
+    outcomes paired comparisons between models need (experiments/stats.py). impl: the kernels
+    (kernels.install)."""
     if isinstance(examples, (str, os.PathLike)):
         examples, _ = read_examples(examples, layout="spin")
     rewards = all(ex.generated is not None for ex in examples)
-    model = Mistral.from_pretrained(model_dir, device=device, dtype=dtype)
+    model = kernels.install(load_model(model_dir, device=device, dtype=dtype), impl)
     sums = dict(gt_logp=0.0, gt_tokens=0.0, accuracy=0.0, margin=0.0, equal=0.0, n=0.0, exact=0.0)
     records = []
     for part in parallel.parts_of(len(examples), parallel.rank(), parallel.world()):

@@ -19,7 +19,6 @@ How this departs from the official SPIN generation (uclaml/SPIN, spin/batch_deco
    (data/pairs.py), and stored as columns, instead of by a second model at every training step.
 4. Part files are written as the run goes; a rerun skips the parts that exist.
 """
-import contextlib
 import hashlib
 import json
 import os
@@ -32,16 +31,18 @@ import pyarrow.parquet as pq
 import torch
 
 import parallel
-from checkpoint import atomic_file, check_model_folder, write_json
+import kernels
+from checkpoint import atomic_file, write_json
 from data.pairs import OPPONENT_COLUMNS, collate_prompts, left_pad, tokenize_example, tokenized_pairs, truncate
 from data.readers import DataError, Example, read_examples, write_examples
 from data.template import ChatFormat, PrefixError, load_chat_template
 from data.tokenizer import load_tokenizer
 from errors import (ArgumentParser, InputError, non_negative_int, positive_int, probability,
                     run_command)
-from kernels import use_kernels
+from hf import check_model_folder, load_model, read_config
 from kernels.cpu_linear import cpu_decode_weights
-from model import KVCache, Mistral, ModelConfig
+from kernels.cuda_graph import graphed_step
+from model import KVCache
 
 # ----------------------------------------------------------------------------------------------
 # Sampling
@@ -128,44 +129,6 @@ def _uniforms(seed, keys, n):
     rows = [torch.rand(n, generator=torch.Generator().manual_seed(_seed_of(seed, k)), dtype=torch.float64)
             for k in keys]
     return torch.stack(rows)
-
-
-def graphed_step(model, cache, B, graphed=True):
-    """One decode step captured in a CUDA graph: nxt (B,) -> logits (B, V) float32, replayed
-    from static buffers. An eager step of a 32-layer model launches ~1000 kernels from Python,
-    which at batch 1 can take longer than the GPU needs to read the weights; a replay is one
-    launch. The cache switches to static shapes (KVCache.make_static) so that no kernel
-    argument depends on the length. The returned logits buffer is overwritten by the next call.
-    graphed=False runs the same static-cache steps eagerly, warm-up included (tests, any device)."""
-    device = cache.k[0].device
-    room = cache.capacity - cache.length  # checked on the host: on the device an overrun is fatal
-    cache.make_static()
-    tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # the static input
-    side = torch.cuda.Stream(device) if graphed else None
-    if graphed:
-        side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side) if graphed else contextlib.nullcontext():
-        for _ in range(2):  # warm-up outside the graph (cuBLAS handles, allocator)
-            model(tok, cache=cache)
-            cache.pos.sub_(1)  # undo the advance; the slot it wrote is rewritten by the real step
-    if graphed:
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the step, cache writes and pos advance included
-            out = model(tok, cache=cache)[:, -1].float()
-
-    def step(nxt):
-        nonlocal room
-        if room < 1:
-            raise ValueError(f"static KV cache of {cache.capacity} slots is full")
-        room -= 1
-        tok.copy_(nxt[:, None])
-        if not graphed:
-            return model(tok, cache=cache)[:, -1].float()
-        graph.replay()
-        return out
-
-    return step
 
 
 @torch.inference_mode()
@@ -465,19 +428,19 @@ def _pair_of_sample(fmt, ex, text, max_length, max_prompt_length):
 
 
 def rescore(model_dir, in_path, out_path, fmt, *, device, dtype, max_length, max_prompt_length, batch_size,
-            columns=OPPONENT_COLUMNS):
+            columns=OPPONENT_COLUMNS, impl="auto"):
     """Write in_path's rows again with the log-prob columns `columns` (real, generated) computed
     by the model in model_dir: iteration t-1's pairs mixed into iteration t (the official recipe)
     need log-probs under p_t (OPPONENT_COLUMNS); the geometric-mixture arm needs them under the
     base model too (data/pairs.BASE_COLUMNS). Other columns are kept. Rows whose tokenisation
     leaves no response are dropped, as training would skip them. Work is split in fixed parts
-    (parallel.parts_of); every rank must call it."""
+    (parallel.parts_of); every rank must call it. impl: the kernels (kernels.install)."""
     if os.path.exists(out_path):
         return
     examples, _ = read_examples(in_path, layout="spin")
     kept = tokenized_pairs(fmt, examples, max_length=max_length, max_prompt_length=max_prompt_length)
     rank, world = parallel.rank(), parallel.world()
-    model = Mistral.from_pretrained(model_dir, device=device, dtype=dtype)
+    model = kernels.install(load_model(model_dir, device=device, dtype=dtype), impl)
     got = []
     for part in parallel.parts_of(len(kept), rank, world):
         prompts = [kept[i][1].prompt_ids for i in part]
@@ -534,7 +497,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     ap.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
-                    help="auto: Triton kernels on GPUs, torch paths on CPUs (sets SPIN_KERNELS)")
+                    help="auto: Triton kernels on GPUs, torch paths on CPUs (default: SPIN_KERNELS, else auto)")
     args = ap.parse_args(argv)
     args.chat = bool(args.prompt or args.interactive)
     if args.chat and (args.data or args.out):
@@ -592,7 +555,7 @@ def chat(model, fmt, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.kernels = use_kernels(args.kernels)
+    args.kernels = kernels.use_kernels(args.kernels)  # the flag, else SPIN_KERNELS, else auto
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = torch.device("cpu")
@@ -601,9 +564,9 @@ def main(argv=None):
         torch.cuda.set_device(device)
     check_model_folder(args.model)  # a missing folder or one of pickles, named before its tokenizer
     fmt = load_format(args.model, args.tokenizer, args.chat_template)
-    check_vocab(fmt.tok, ModelConfig.from_hf(args.model).vocab_size, f"{args.model} with {fmt.tok.path}")
+    check_vocab(fmt.tok, read_config(args.model).vocab_size, f"{args.model} with {fmt.tok.path}")
     if args.chat:
-        chat(Mistral.from_pretrained(args.model, dtype=args.dtype, device=device), fmt, args)
+        chat(kernels.install(load_model(args.model, dtype=args.dtype, device=device), args.kernels), fmt, args)
         return None
     if world_size > 1:
         parallel.init_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
@@ -615,7 +578,7 @@ def main(argv=None):
     if report.skipped:
         print(report.summary(), file=sys.stderr)
     examples = examples[:args.num_prompts] if args.num_prompts else examples
-    model = Mistral.from_pretrained(args.model, dtype=args.dtype, device=device)
+    model = kernels.install(load_model(args.model, dtype=args.dtype, device=device), args.kernels)
     summary = generate_dataset(
         model, fmt, examples, args.out, iteration=args.iteration, seed=args.seed, rank=rank,
         world_size=world_size, part_size=args.part_size, max_new_tokens=args.max_new_tokens,

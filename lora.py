@@ -19,9 +19,9 @@ PEFT's saved names, less its `base_model.model.` prefix. Those keys are all a DC
 a LoRA run needs to hold besides the optimiser state (stage.py).
 
 Why the merged folder is the opponent: generation, evaluation and lm-eval then load an ordinary
-model, and the CPU decode path (kernels/cpu_linear.py) packs one weight per layer instead of
-three. An unmerged LoraLinear is still correct there: its base and A products go through
-cpu_linear.linear (oneDNN, packed or not) and the rank-r update is one addmm (tests/test_lora.py).
+model, with one weight per layer instead of three (and kernels.install's CPU decode path for
+it). An unmerged LoraLinear is still correct anywhere: its base product is F.linear, what
+training computes (tests/test_lora.py).
 """
 import json
 import os
@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import save
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import parallel
-from checkpoint import atomic_folder, save_hf
-from kernels.cpu_linear import Linear, linear
+from checkpoint import atomic_folder
+from hf import config_to_hf, save_hf
 
 # --lora-targets short names -> the model's (and PEFT's target_modules) module names.
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -80,17 +81,17 @@ class LoraSettings:
         return cls.from_flags(args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
 
 
-class LoraLinear(Linear):
-    """A cpu_linear.Linear with a low-rank update beside its frozen weight."""
+class LoraLinear(nn.Linear):
+    """An nn.Linear (no bias) with a low-rank update beside its frozen weight."""
 
-    def __init__(self, base: Linear, settings: LoraSettings):
+    def __init__(self, base: nn.Linear, settings: LoraSettings):
         # Built on meta, so that no throwaway weight is allocated or initialised (which would
         # draw from the global RNG); the base's Parameter itself is then adopted: a loaded model
         # stays loaded, a meta model stays meta.
         with torch.device("meta"):
-            super().__init__(base.in_features, base.out_features)
-            self.lora_A = Linear(base.in_features, settings.rank)  # (r, in)
-            self.lora_B = Linear(settings.rank, base.out_features)  # (out, r)
+            super().__init__(base.in_features, base.out_features, bias=False)
+            self.lora_A = nn.Linear(base.in_features, settings.rank, bias=False)  # (r, in)
+            self.lora_B = nn.Linear(settings.rank, base.out_features, bias=False)  # (out, r)
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.lora_A.to_empty(device=base.weight.device)  # fp32, whatever the base's dtype
@@ -101,7 +102,7 @@ class LoraLinear(Linear):
         self.lora_dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
 
     def forward(self, x):  # x (..., in) in the base weight's dtype -> (..., out)
-        y = linear(x, self.weight)
+        y = F.linear(x, self.weight)
         # The adapter may be fp32 beside a bf16 base (stage.py keeps the frozen base in the
         # compute dtype): A x is computed in the adapter's dtype, the update added in the base's.
         # Under FSDP's MixedPrecisionPolicy both arrive in the compute dtype: the casts are no-ops.
@@ -127,7 +128,7 @@ def add_adapters(model, settings: LoraSettings, generator=None):
     model.requires_grad_(False)
     wanted = {TARGETS[t] for t in settings.targets}
     found = [(name, m) for name, m in model.named_modules()
-             if name.rsplit(".", 1)[-1] in wanted and type(m) is Linear]
+             if name.rsplit(".", 1)[-1] in wanted and isinstance(m, nn.Linear) and not isinstance(m, LoraLinear)]
     if not found:
         raise ValueError(f"LoRA: no layer named {sorted(wanted)} in the model")
     for name, m in found:
@@ -235,7 +236,7 @@ def export(model, config, settings: LoraSettings, folder, extra_files, dtype, ba
     def write():
         save_adapter(state, settings, os.path.join(folder, "adapter"), os.path.abspath(base))
         merged = {k: v.to(dtype) for k, v in merged_state(state, settings).items()}
-        save_hf(merged, config.to_hf(), os.path.join(folder, "model"), extra_files=extra_files,
+        save_hf(merged, config_to_hf(config), os.path.join(folder, "model"), extra_files=extra_files,
                 tied=config.tie_word_embeddings)
 
     parallel.on_rank0(write)

@@ -1,33 +1,25 @@
-"""Mistral, written by hand in plain PyTorch, loading and saving Hugging Face checkpoints.
+"""Mistral, written by hand in plain PyTorch: the architecture alone.
 
 Architecture (Jiang et al. 2023, "Mistral 7B"): token embedding -> N x [RMSNorm -> grouped-query
 attention with rotary embeddings and a sliding window -> residual -> RMSNorm -> SwiGLU MLP ->
 residual] -> RMSNorm -> LM head. Module attribute names equal the Hugging Face keys
 (`model.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load strictly with no rename table.
-Reading and writing the files is checkpoint.py's; the kernels are kernels/'s, chosen by
-SPIN_KERNELS (kernels/__init__.py).
+Reading and writing Hugging Face folders is hf.py's. Everything here is the plain reference;
+faster kernels replace parts of a built model in one call, kernels.install(model, impl).
 
 The model is stateless: a KVCache object is passed into forward, never stored on the module.
 Batches are left-padded (see DESIGN.md): `attention_mask` is zeros then ones per row.
 """
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import DTYPES, load_hf_state, resolve_dtype, save_hf
-from errors import InputError, MissingInput
-from kernels.attention import attention, attention_torch
-from kernels.cpu_linear import Linear
-from kernels.logprob import linear_logprobs
-
 
 # ----------------------------------------------------------------------------------------------
-# Config
+# Config (read from a checkpoint's config.json by hf.read_config)
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -51,112 +43,20 @@ class ModelConfig:
     eos_token_id: int = 2
     model_type: str = "mistral"  # or "llama": the same architecture here, kept for exports
 
-    @classmethod
-    def from_hf(cls, path):
-        """Read a Hugging Face `config.json` (a file, or the folder holding it)."""
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise MissingInput(f"{file}: no config.json (expected a Hugging Face model folder)")
-        try:
-            with open(file) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{file}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=file)
-
-    @classmethod
-    def from_dict(cls, raw, source="config"):
-        def need(key):
-            if key not in raw or raw[key] is None:
-                raise InputError(f"{source}: missing required field '{key}'")
-            return raw[key]
-
-        def refuse(field, value, supported):
-            raise InputError(f"{source}: field '{field}' is {value!r}, which this model does not implement "
-                             f"({supported}); use a checkpoint without it")
-
-        model_type = raw.get("model_type", "mistral")
-        if model_type not in ("mistral", "llama"):
-            refuse("model_type", model_type, "mistral or llama")
-        if raw.get("hidden_act", "silu") != "silu":
-            refuse("hidden_act", raw["hidden_act"], "silu")
-        for field in ("attention_bias", "mlp_bias"):  # Llama configs may ask for biases
-            if raw.get(field):
-                refuse(field, raw[field], "projections without bias")
-        if raw.get("partial_rotary_factor", 1.0) != 1.0:
-            refuse("partial_rotary_factor", raw["partial_rotary_factor"], "rotary on the whole head, 1.0")
-        # Two spellings in the wild: Mistral-7B / Zephyr / Llama 3 files have top-level rope_theta,
-        # rope_scaling and torch_dtype; transformers 5 writes rope_parameters {rope_theta, rope_type,
-        # ...} and dtype.
-        rope = dict(raw.get("rope_scaling") or {}, **(raw.get("rope_parameters") or {}))
-        rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        if dtype not in DTYPES:
-            raise InputError(f"{source}: dtype '{dtype}' is not supported ({', '.join(DTYPES)})")
-        heads = need("num_attention_heads")
-        kv_heads = raw.get("num_key_value_heads") or heads
-        hidden = need("hidden_size")
-        head_dim = raw.get("head_dim") or hidden // heads
-        if heads % kv_heads:
-            raise InputError(f"{source}: num_attention_heads {heads} is not a multiple of "
-                             f"num_key_value_heads {kv_heads}")
-        eos = raw.get("eos_token_id", 2)
-        return cls(
-            vocab_size=need("vocab_size"), hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"), num_attention_heads=heads,
-            num_key_value_heads=kv_heads, head_dim=head_dim,
-            max_position_embeddings=raw.get("max_position_embeddings", 32768),
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=float(rope_theta),
-            rope_scaling=_rope_scaling(rope, source),
-            sliding_window=raw.get("sliding_window"),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False), dtype=dtype,
-            bos_token_id=raw.get("bos_token_id", 1),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos, model_type=model_type,
-        )
-
-    def to_hf(self):
-        """The config.json that transformers reads back as a MistralForCausalLM (or Llama)."""
-        d = asdict(self)
-        # Both spellings: transformers 5 reads rope_parameters/dtype, 4.x (what the official
-        # SPIN stack pins) reads rope_theta/rope_scaling/torch_dtype and would silently default.
-        rope = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
-        arch = "LlamaForCausalLM" if self.model_type == "llama" else "MistralForCausalLM"
-        d.update(architectures=[arch], hidden_act="silu", rope_parameters=rope, torch_dtype=self.dtype)
-        if self.model_type == "llama":
-            d.update(attention_bias=False, mlp_bias=False)
-        return d
-
-
-_ROPE_FIELDS = {"linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
-def _rope_scaling(rope, source):
-    """The rope scaling of a config (merged rope_scaling / rope_parameters), checked: None, or a
-    dict of the fields its type needs."""
-    kind = rope.get("rope_type", rope.get("type", "default"))  # "type": older Llama files
-    if kind == "default":
-        return None
-    if kind not in _ROPE_FIELDS:
-        raise InputError(f"{source}: field 'rope_type' (rope scaling) is {kind!r}, which this model does not "
-                         f"implement (default, linear, llama3); use a checkpoint without it")
-    missing = [f for f in _ROPE_FIELDS[kind] if rope.get(f) is None]
-    if missing:
-        raise InputError(f"{source}: rope scaling of type {kind!r} needs the field '{missing[0]}'")
-    return {"rope_type": kind, **{f: rope[f] for f in _ROPE_FIELDS[kind]}}
-
 
 # ----------------------------------------------------------------------------------------------
 # KV cache: plain tensors owned by the caller, never module state.
 
-@dataclass
 class KVCache:
-    k: list  # per layer (B, Hkv, S, D)
-    v: list
-    starts: torch.Tensor  # (B,) left-padding length of each row, set by the first forward
-    length: int = 0  # number of filled slots (shared by all rows: left padding keeps them aligned)
-    pos: torch.Tensor | None = None  # static mode only (make_static): the filled length, 0-dim
+    """Per layer (B, Hkv, S, D) keys and values. Every row holds the same number of filled
+    slots (left padding keeps them aligned), so one length serves the batch. The interface the
+    model uses (`empty`, `offset`, `reserve`, `update`, `advance`) is all that a cache with
+    another layout, a subclass, has to give."""
+
+    def __init__(self, k, v, starts):
+        self.k, self.v = k, v  # lists over layers of (B, Hkv, S, D)
+        self.starts = starts  # (B,) left-padding length of each row, set by the first forward
+        self.length = 0  # filled slots
 
     @classmethod
     def allocate(cls, config, batch, max_len, device=None, dtype=torch.float32):
@@ -172,17 +72,33 @@ class KVCache:
     def capacity(self):
         return self.k[0].shape[2]
 
-    def make_static(self):
-        """Switch to static shapes, for CUDA-graph replay (generate.sample(cuda_graph=True)):
-        from now on the filled length lives in `pos`, a device tensor each forward advances in
-        place, and every forward attends over all slots with the unfilled ones masked, so no
-        shape and no kernel argument depends on the length. `length` stops counting; the
-        caller keeps pos + new tokens within the capacity (nothing checks it on the device)."""
-        self.pos = torch.tensor(self.length, device=self.k[0].device)
+    @property
+    def empty(self):  # before the prefill
+        return self.length == 0
+
+    @property
+    def offset(self):
+        """Slots filled before this forward: the key index of its first query."""
+        return self.length
+
+    def reserve(self, T):
+        if self.length + T > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} slots; {self.length} used + {T} new")
+
+    def update(self, layer, k, v):
+        """Write this chunk's (B, Hkv, T, D) keys and values after the filled slots; return
+        every key and value so far, (B, Hkv, offset + T, D)."""
+        n = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:n] = k
+        self.v[layer][:, :, self.length:n] = v
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+    def advance(self, T):  # after the last layer
+        self.length += T
 
 
 # ----------------------------------------------------------------------------------------------
-# Modules
+# Normalisation and rotary embeddings
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -212,7 +128,8 @@ def rope_frequencies(cfg, device=None):
         return inv_freq
     if s["rope_type"] == "linear":
         return inv_freq / s["factor"]
-    factor, lo, hi, ctx = (s[k] for k in _ROPE_FIELDS["llama3"])
+    factor, lo, hi, ctx = (s[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                          "original_max_position_embeddings"))
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > ctx / lo, inv_freq / factor, inv_freq)
     smooth = (ctx / wavelen - lo) / (hi - lo)  # 0 at the low-frequency edge, 1 at the high one
@@ -237,15 +154,50 @@ def apply_rotary(x, cos, sin):
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+def visibility(Tq, Tk, starts, window, q_offset, device):
+    """Boolean (B or 1, 1, Tq, Tk) mask: query i sits at key index qi = q_offset + i and sees
+    key j iff starts[b] <= j <= qi and, with a window W, qi - W < j (W keys, itself included:
+    Mistral's and transformers' rule). See DESIGN.md "Attention semantics"."""
+    qi = torch.arange(Tq, device=device)[:, None] + q_offset  # (Tq, 1) absolute query index
+    j = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
+    mask = j <= qi  # (Tq, Tk) causal
+    if window is not None:
+        mask = mask & (j > qi - window)
+    mask = mask[None, None]  # (1, 1, Tq, Tk)
+    if starts is not None:
+        mask = mask & (j >= starts.to(device).view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
+    return mask
+
+
+def attention(q, k, v, starts=None, window=None, q_offset=0):
+    """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D): grouped-query attention with
+    scale 1/sqrt(D) under the visibility rule; a query with no visible key (a padding query)
+    outputs exactly 0 and passes no gradient. q_offset: an int, or a 0-dim tensor."""
+    H = q.shape[1]
+    mask = visibility(q.shape[2], k.shape[2], starts, window, q_offset, q.device)  # (B|1, 1, Tq, Tk)
+    # SDPA's handling of an all-False row differs between backends (NaN or 0, and NaN
+    # gradients), so let such rows see every key, then zero their output with where(): the
+    # where also blocks their gradient.
+    empty = ~mask.any(-1, keepdim=True)  # (B|1, 1, Tq, 1)
+    mask = mask | empty
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != k.shape[1])
+    return torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
+
+
 class Attention(nn.Module):
+    attend = staticmethod(attention)  # kernels.install puts a flash/decode kernel here
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         H, Hkv, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = Linear(C, H * D)
-        self.k_proj = Linear(C, Hkv * D)
-        self.v_proj = Linear(C, Hkv * D)
-        self.o_proj = Linear(H * D, C)
+        self.q_proj = nn.Linear(C, H * D, bias=False)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
 
     def forward(self, x, cos, sin, starts, cache, layer):
         B, T, _ = x.shape
@@ -254,33 +206,23 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None and cache.pos is not None:
-            # Static shapes (KVCache.make_static): write at the device-side position, attend over
-            # every slot; slots past the queries are invisible by the causal rule. Always the
-            # torch path: the Triton decode kernel takes the length as a launch argument.
-            idx = cache.pos + torch.arange(T, device=x.device)  # (T,)
-            cache.k[layer].index_copy_(2, idx, k)
-            cache.v[layer].index_copy_(2, idx, v)
-            y = attention_torch(q, cache.k[layer], cache.v[layer], starts, self.cfg.sliding_window, cache.pos)
-        else:
-            q_offset = 0
-            if cache is not None:
-                # Write this chunk after the filled slots, then attend over everything so far.
-                q_offset = cache.length
-                cache.k[layer][:, :, q_offset:q_offset + T] = k
-                cache.v[layer][:, :, q_offset:q_offset + T] = v
-                k = cache.k[layer][:, :, :q_offset + T]  # (B, Hkv, S, D)
-                v = cache.v[layer][:, :, :q_offset + T]
-            y = attention(q, k, v, starts=starts, window=self.cfg.sliding_window, q_offset=q_offset)  # (B, H, T, D)
+        q_offset = 0
+        if cache is not None:  # attend over every key so far, this chunk's included
+            q_offset = cache.offset
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, D)
+        y = self.attend(q, k, v, starts, self.cfg.sliding_window, q_offset)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
+
+# ----------------------------------------------------------------------------------------------
+# MLP, block, model
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):  # SwiGLU (Shazeer 2020)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -307,12 +249,28 @@ class Backbone(nn.Module):  # the `model.` prefix of the checkpoint keys
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def linear_logprobs(hidden, weight, targets, *, ignore_index=-100):
+    """log_softmax(hidden @ weight.T)[n, targets[n]] in fp32 (fp64 for fp64 inputs), (N,);
+    0 where targets == ignore_index. hidden (N, C), weight (V, C), targets (N,).
+    Written plainly: the full (N, V) logits are built (kernels/logprob.py computes the same
+    without keeping them)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(dtype) @ weight.to(dtype).T  # (N, V)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    logp = logits.log_softmax(-1).gather(-1, safe[:, None])[:, 0]  # (N,)
+    return torch.where(valid, logp, 0.0)
+
+
 class Mistral(nn.Module):
+    head_logprobs = staticmethod(linear_logprobs)  # kernels.install puts a fused kernel here
+    kernels = "reference"  # what kernels.install put in, for a reader (and a run's record)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -320,8 +278,8 @@ class Mistral(nn.Module):
                 logits_to_keep=None):
         """input_ids (B, T) -> logits (B, T, V); or, given targets (B, T), per-token log-probs
         (B, T) fp32 where entry t is log p(targets[:, t] | input_ids[:, :t+1]) and targets == -100
-        gives 0. The log-prob path goes through the fused kernel and never builds the logits;
-        it lives in forward (not a separate method) so FSDP's hooks unshard the LM head for it.
+        gives 0. The log-prob route lives in forward, not in a method of its own, because FSDP2's
+        hooks unshard the root module's parameters (the LM head) only around forward.
 
         attention_mask (B, T): left padding (zeros then ones). With a cache it may only be
         given on the first call (the prefill); later calls append real tokens to every row.
@@ -330,19 +288,18 @@ class Mistral(nn.Module):
         """
         B, T = input_ids.shape
         cfg = self.config
-        static = cache is not None and cache.pos is not None  # no host value of the length
-        q_offset = 0 if cache is None else cache.pos if static else cache.length  # int, or 0-dim tensor
-        if cache is not None and not static and q_offset + T > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} slots; {q_offset} used + {T} new")
-        if attention_mask is not None:
-            if cache is not None and (static or q_offset > 0):
+        q_offset = 0  # key index of the first query: an int, or a 0-dim tensor for a static cache
+        starts = None  # (B,) left padding of each row
+        if cache is not None:
+            cache.reserve(T)
+            q_offset = cache.offset
+            if attention_mask is not None and not cache.empty:
                 raise ValueError("attention_mask is only accepted on the first (prefill) call with a cache")
+        if attention_mask is not None:
             starts = left_padding(attention_mask)
         elif cache is not None:
             starts = cache.starts
-        else:
-            starts = None
-        if cache is not None and not static and q_offset == 0:
+        if cache is not None and cache.empty:
             cache.starts = starts if starts is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
             starts = cache.starts
         if positions is None:
@@ -353,10 +310,8 @@ class Mistral(nn.Module):
         cos, sin = rotary(positions, rope_frequencies(cfg, input_ids.device), x.dtype)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, starts, cache, i)
-        if static:
-            cache.pos.add_(T)
-        elif cache is not None:
-            cache.length += T
+        if cache is not None:
+            cache.advance(T)
         if targets is None:
             if logits_to_keep is not None:
                 x = x[:, -logits_to_keep:]
@@ -368,36 +323,13 @@ class Mistral(nn.Module):
         flat = targets.reshape(B * T)
         keep = (flat != -100).nonzero().squeeze(1)  # (N,)
         h = x.reshape(B * T, cfg.hidden_size).index_select(0, keep)  # (N, C)
-        lp = linear_logprobs(h, self.lm_head.weight, flat.index_select(0, keep))
+        lp = self.head_logprobs(h, self.lm_head.weight, flat.index_select(0, keep))  # (N,)
         out = torch.zeros(B, T, dtype=lp.dtype, device=lp.device)
         out.view(B * T).index_copy_(0, keep, lp)
         return out  # (B, T); a fresh tensor, not a view, as FSDP's pre-backward hook needs
 
     def token_logprobs(self, input_ids, targets, attention_mask=None):
         return self(input_ids, attention_mask=attention_mask, targets=targets)
-
-    # ------------------------------------------------------------------------------------------
-    # Hugging Face folders
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
-        """Load a Hugging Face folder (single safetensors file or sharded with an index).
-        The model is built on the meta device and each tensor is read, cast and moved on its
-        own, so host memory never holds a second full copy of the weights."""
-        config = ModelConfig.from_hf(path)
-        dtype = resolve_dtype(dtype or config.dtype, source=f"{path}/config.json")
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        state = load_hf_state(path, expected, dtype, device, tied=config.tie_word_embeddings)
-        model.load_state_dict(state, strict=True, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        return model.eval()
-
-    def save_pretrained(self, path, max_shard_bytes=2 * 1024**3, extra_files=None):
-        save_hf(self.state_dict(), self.config.to_hf(), path, max_shard_bytes, extra_files,
-                tied=self.config.tie_word_embeddings)
 
 
 def left_padding(attention_mask):

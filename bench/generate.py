@@ -45,6 +45,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import load_format, sample  # noqa: E402
+import kernels  # noqa: E402
+from hf import load_model  # noqa: E402
 from model import Mistral, ModelConfig  # noqa: E402
 
 CHAT = ["Hi!", "What is the capital of France?", "Write a haiku about the sea and the wind at night.",
@@ -75,7 +77,7 @@ def build(args, device, dtype):
         import transformers
         fmt = load_format(args.model)
         prompts = [fmt.prompt_ids([{"role": "user", "content": c}]) for c in (CHAT * args.batch)[:args.batch]]
-        ours = Mistral.from_pretrained(args.model, dtype=dtype, device=device)
+        ours = load_model(args.model, dtype=dtype, device=device)
         hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
         T = max(map(len, prompts))
         ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # left padding
@@ -93,7 +95,8 @@ def build(args, device, dtype):
         folder = tempfile.mkdtemp(prefix="bench-generate-")
         hf.save_pretrained(folder)
         hf = hf.to(device=device, dtype=dtype)
-        ours = Mistral.from_pretrained(folder, dtype=dtype, device=device)
+        ours = load_model(folder, dtype=dtype, device=device)
+    kernels.install(ours)  # what generate.py runs: auto (SPIN_KERNELS, else by device)
     if not args.model:
         ids = torch.randint(3, 32000, (args.batch, args.prompt_len))
         prompts, mask = ids.tolist(), torch.ones_like(ids)

@@ -214,6 +214,7 @@ def measure(s: Shape, u: Setup, steps_before=2):
     import stage
     from bench.logprob import peak_extra_bytes
     from data.pairs import Pair
+    from hf import save_model
     from model import Mistral, ModelConfig
 
     folder = [None]
@@ -223,7 +224,7 @@ def measure(s: Shape, u: Setup, steps_before=2):
                           num_attention_heads=s.H, num_key_value_heads=s.Hkv, head_dim=s.D,
                           max_position_embeddings=max(4096, u.length), tie_word_embeddings=s.tied)
         torch.manual_seed(0)
-        Mistral(cfg).save_pretrained(folder[0])  # values do not matter for memory
+        save_model(Mistral(cfg), folder[0])  # values do not matter for memory
     dist.broadcast_object_list(folder, src=0)
     args = types.SimpleNamespace(dtype="bfloat16" if u.compute == "bf16" else None, seed=0,
                                  activation_checkpointing=u.checkpointing, loss_type="sigmoid",

@@ -8,9 +8,10 @@ and sees key j iff  starts[b] <= j <= qi  and, with a window W,  qi - W < j  (W 
 included: Mistral's and transformers' rule). A query with no visible key (a padding query,
 qi < starts[b]) outputs exactly 0 and passes no gradient. See DESIGN.md "Attention semantics".
 
-impl: "torch" (the reference, any device), "triton" (CUDA, or the interpreter on CPU),
-"auto" (triton when q is on CUDA, else torch; the environment variable SPIN_KERNELS overrides
-"auto", see kernels/__init__.py).
+impl: "torch" (the reference plus a one-query fast path, any device), "triton" (CUDA, or the
+interpreter on CPU), "auto" (triton when q is on CUDA, else torch). A q_offset given as a 0-dim
+tensor (the static cache of kernels/cuda_graph.py) always takes the torch path: the Triton
+kernels take the offset as a launch argument.
 
 ## Motivation
 
@@ -32,43 +33,23 @@ below visit only those, so time falls with the window.
 import math
 
 import torch
-import torch.nn.functional as F
 
-from kernels import (INTERPRET, LOG2E, TL_DTYPES, dot_dtype, dot_precision, resolve_impl, strides, tl, triton,
+from kernels.common import (INTERPRET, LOG2E, TL_DTYPES, dot_dtype, dot_precision, resolve_impl, strides, tl, triton,
                      visible)
 from kernels.attention_decode import decode_attention
+from model import attention as reference_attention, visibility
 
 # --------------------------------------------------------------------------------------
-# The reference: SDPA with an explicit boolean mask (the CPU path and the test oracle's twin)
+# The reference is the model's: SDPA with an explicit boolean mask (model.attention). On CPU
+# a decode step takes the written-out product below instead.
 # --------------------------------------------------------------------------------------
-
-
-def visibility(Tq, Tk, starts, window, q_offset, device):
-    """Boolean (B or 1, 1, Tq, Tk) mask of the rule in the module docstring."""
-    qi = torch.arange(Tq, device=device)[:, None] + q_offset  # (Tq, 1) absolute query index
-    j = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
-    mask = j <= qi  # (Tq, Tk) causal
-    if window is not None:
-        mask = mask & (j > qi - window)
-    mask = mask[None, None]  # (1, 1, Tq, Tk)
-    if starts is not None:
-        mask = mask & (j >= starts.to(device).view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
-    return mask
 
 
 def attention_torch(q, k, v, starts=None, window=None, q_offset=0):
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    mask = visibility(Tq, Tk, starts, window, q_offset, q.device)  # (B|1, 1, Tq, Tk)
-    if Tq == 1 and q.dtype == torch.float32 and not torch.is_grad_enabled():
-        return _decode_torch(q, k, v, mask)
-    # A padding query (qi < starts[b]) sees no key. SDPA's handling of an all-False row
-    # differs between backends (NaN or 0, and NaN gradients), so let such rows see every
-    # key, then zero their output with where(): the where also blocks their gradient.
-    empty = ~mask.any(-1, keepdim=True)  # (B|1, 1, Tq, 1)
-    mask = mask | empty
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != k.shape[1])
-    return torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
+    """model.attention, except a one-query fp32 step without autograd (a decode step)."""
+    if q.shape[2] == 1 and q.dtype == torch.float32 and not torch.is_grad_enabled():
+        return _decode_torch(q, k, v, visibility(1, k.shape[2], starts, window, q_offset, q.device))
+    return reference_attention(q, k, v, starts, window, q_offset)
 
 
 def _decode_torch(q, k, v, mask):
@@ -102,7 +83,7 @@ def _decode_torch(q, k, v, mask):
 #   so no inf - inf appears; its output is 0 and its LSE is stored as 0 (never used, since
 #   the backward multiplies by vis).
 # * DOT: operand dtype of tl.dot. The input dtype on GPUs (fp32 accumulation); fp32 for
-#   bf16 under the interpreter, whose bf16 arithmetic is wrong (shared/TRITON_ON_CPU.md).
+#   bf16 under the interpreter, whose bf16 arithmetic is wrong (kernels/common.py).
 
 
 @triton.jit
@@ -435,6 +416,8 @@ def _check(q, k, v, starts, window, q_offset):
 
 
 def attention(q, k, v, *, starts=None, window=None, q_offset=0, impl="auto"):
+    if isinstance(q_offset, torch.Tensor):  # a static cache: no host value of the offset to check
+        return attention_torch(q, k, v, starts, window, q_offset)
     _check(q, k, v, starts, window, q_offset)
     if resolve_impl(impl, q.is_cuda) == "torch":
         return attention_torch(q, k, v, starts, window, q_offset)

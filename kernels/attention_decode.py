@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from kernels import INTERPRET, LOG2E, dot_dtype, dot_precision, strides, tl, triton, visible
+from kernels.common import INTERPRET, LOG2E, dot_dtype, dot_precision, strides, tl, triton, visible
 
 
 @triton.jit

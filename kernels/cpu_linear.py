@@ -1,7 +1,7 @@
 """Linear layers for a CPU decode step: oneDNN directly, on weights packed once.
 
     linear(x, w)                 F.linear(x, w), or oneDNN for a CPU decode-sized product
-    Linear                       nn.Linear whose forward is linear(): what the model's layers are
+    Linear                       nn.Linear whose forward is linear(): what kernels.install puts in
     cpu_decode_weights(model, rows)   within the block, linear() reads packed weight copies
 
 ## Motivation
@@ -62,8 +62,16 @@ class Linear(nn.Linear):
     """nn.Linear without bias whose forward takes linear()'s CPU decode path. Parameter names
     stay `weight`, so checkpoints load unchanged; a module can still be replaced (lora.py)."""
 
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features, out_features, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    @classmethod
+    def adopt(cls, layer: nn.Linear):
+        """A Linear holding `layer`'s own weight Parameter (so tied, loaded, meta or sharded
+        weights stay what they are); built on meta, so nothing is allocated or drawn."""
+        new = cls(layer.in_features, layer.out_features, device="meta")
+        new.weight = layer.weight
+        return new
 
     def forward(self, x):
         return linear(x, self.weight)
@@ -76,7 +84,7 @@ def cpu_decode_weights(model, rows):
     change inside the block. The copies cost the weights' memory again, so models with more than
     PACK_BUDGET_BYTES of linear weights (and GPU or half-precision models, or more than
     DECODE_ROWS rows, which never take the oneDNN path) run unpacked."""
-    ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    ws = [m.weight for m in model.modules() if isinstance(m, Linear)]  # the layers kernels.install put in
     # Plain tensors only: an FSDP-sharded weight (a DTensor) is left to F.linear.
     ok = ONEDNN and ws and rows <= DECODE_ROWS and all(
         type(w.detach()) is torch.Tensor and w.device.type == "cpu" and w.dtype == torch.float32 for w in ws) \

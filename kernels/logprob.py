@@ -3,8 +3,8 @@
 SPIN scores every response token of the real and the generated answer:
     logp[n] = log_softmax(hidden[n] @ weight.T)[targets[n]]
 
-Motivation: the usual naive version (bf16 GEMM, then upcast; `linear_logprobs_naive`
-below upcasts first, for an exact reference) writes the full logits.
+Motivation: the usual naive version (bf16 GEMM, then upcast; `linear_logprobs_naive`, the
+model's own `model.linear_logprobs`, upcasts first, for an exact reference) writes the full logits.
     logits = hidden @ weight.T          # (N, V)   write N*V*2 B (bf16)
     logits = logits.float()             # (N, V)   read N*V*2, write N*V*4
     logp = logits.log_softmax(-1)       # (N, V)   read 2x N*V*4, write N*V*4 (kept for backward)
@@ -18,14 +18,16 @@ dlogits = g * (onehot - softmax), which is cheap to recompute tile by tile from 
 
 Two fused paths with the same semantics:
   impl="torch"  chunks tokens so that one fp32 chunk of logits stays below
-                TORCH_TILE_ELEMENTS; any device; the CPU path of the model.
+                TORCH_TILE_ELEMENTS; any device; the CPU path of an installed model.
   impl="triton" (below) never writes a logits tile to memory at all.
 """
 
 
 import torch
 
-from kernels import INTERPRET, resolve_impl, tl, triton
+from kernels.common import INTERPRET, resolve_impl, tl, triton
+# The reference is the model's own head: full fp32 logits, log_softmax, gather.
+from model import linear_logprobs as linear_logprobs_naive  # noqa: F401
 
 # The torch path holds one fp32 (rows, V) logits chunk, rows = TORCH_TILE_ELEMENTS // V
 # (at least one), and on CPU takes its (log-)softmax in place (two chunks elsewhere).
@@ -34,17 +36,6 @@ from kernels import INTERPRET, resolve_impl, tl, triton
 TORCH_TILE_ELEMENTS = 1 << 23
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def linear_logprobs_naive(hidden, weight, targets, *, ignore_index=-100):
-    """The reference: full fp32 logits. For readers and tests only (bench/logprob.py's naive
-    baseline does its GEMM in the input dtype, as a real naive path on a GPU would)."""
-    dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for tests
-    logits = hidden.to(dtype) @ weight.to(dtype).T  # (N, V)
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, 0)
-    logp = logits.log_softmax(-1).gather(-1, safe[:, None])[:, 0]  # (N,)
-    return torch.where(valid, logp, 0.0)
 
 
 def _check_inputs(hidden, weight, targets, ignore_index):
@@ -360,7 +351,7 @@ def linear_logprobs(hidden, weight, targets, *, ignore_index=-100, impl="auto"):
 
     hidden (N, C), weight (V, C) in fp32/fp16/bf16 (same dtype), targets (N,) int64.
     Differentiable in hidden and weight; gradients come back in the input dtype.
-    impl: "torch", "triton", or "auto" (triton on CUDA, torch otherwise; SPIN_KERNELS overrides).
+    impl: "torch", "triton", or "auto" (triton on CUDA, torch otherwise).
     """
     impl = resolve_impl(impl, hidden.is_cuda)
     _check_inputs(hidden, weight, targets, ignore_index)

@@ -236,28 +236,32 @@ def test_auto_is_torch_on_cpu_and_errors_are_clear():
         attention(q, k, k, impl="cuda")
 
 
-def test_spin_kernels_env_overrides_auto(monkeypatch):
-    """SPIN_KERNELS (set by train.py/generate.py --kernels) replaces "auto": "torch" everywhere,
-    "triton" for CUDA tensors, and for CPU tensors only under the interpreter. An explicit
-    impl still wins; a bad value is a clear error; both kernel families ask resolve_impl."""
+def test_install_fixes_the_impl_and_entry_points_read_no_environment(monkeypatch):
+    """kernels.install decides once what the model's attention and log-prob head ask for;
+    the entry points' "auto" is Triton for CUDA tensors only and never reads SPIN_KERNELS.
+    "triton" outside the interpreter means CUDA tensors (CPU ones take the torch path), as
+    --kernels triton always did; inside it, CPU tensors run the kernels too."""
     import kernels
     import kernels.attention as A
     import kernels.logprob as L
-    from kernels import resolve_impl
+    from kernels.common import HAS_TRITON, resolve_impl
+    from model import Mistral, ModelConfig
 
-    monkeypatch.setattr(kernels, "INTERPRET", False)  # a CPU run outside the tests
-
-    assert resolve_impl("auto", on_cuda=True) == "triton" and resolve_impl("auto", on_cuda=False) == "torch"
-    monkeypatch.setenv("SPIN_KERNELS", "torch")
-    assert resolve_impl("auto", on_cuda=True) == "torch" and resolve_impl("triton", on_cuda=True) == "triton"
-    monkeypatch.setenv("SPIN_KERNELS", "triton")
-    assert resolve_impl("auto", on_cuda=True) == "triton" and resolve_impl("auto", on_cuda=False) == "torch"
-    assert resolve_impl("torch", on_cuda=True) == "torch"
-    monkeypatch.setattr(kernels, "INTERPRET", True)  # the tests' way to run kernels on CPU tensors
-    assert resolve_impl("auto", on_cuda=False) == "triton"
-    monkeypatch.setenv("SPIN_KERNELS", "fast")
-    with pytest.raises(ValueError, match="SPIN_KERNELS"):
-        resolve_impl("auto", on_cuda=True)
+    monkeypatch.setenv("SPIN_KERNELS", "torch")  # ignored by the entry points
+    assert resolve_impl("auto", on_cuda=True) == ("triton" if HAS_TRITON else "torch")
+    assert resolve_impl("auto", on_cuda=False) == "torch" and resolve_impl("triton", on_cuda=False) == "triton"
+    with pytest.raises(ValueError):
+        resolve_impl("fast", on_cuda=False)
+    monkeypatch.delenv("SPIN_KERNELS")
+    cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    for interpret, choice, asked in ((False, "triton", "auto"), (True, "triton", "triton"),
+                                     (False, "torch", "torch"), (True, "auto", "auto")):
+        monkeypatch.setattr(kernels, "INTERPRET", interpret)
+        m = kernels.install(Mistral(cfg), choice)
+        assert m.kernels == choice
+        assert m.head_logprobs.keywords["impl"] == asked
+        assert m.model.layers[0].self_attn.attend.keywords["impl"] == asked
     # The plumbing: both entry points route by what resolve_impl answers.
     asked, calls = [], []
     fake = lambda impl, on_cuda: asked.append(impl) or "triton"  # noqa: E731
@@ -270,3 +274,16 @@ def test_spin_kernels_env_overrides_auto(monkeypatch):
     attention(q, k, k)
     L.linear_logprobs(torch.randn(5, 16), torch.randn(40, 16), torch.randint(0, 40, (5,)))
     assert asked == ["auto", "auto"] and calls == ["attn", "logprob"]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_tensor_offset_takes_the_torch_path_over_every_slot(grad):
+    """A static cache (kernels/cuda_graph.py) passes its length as a 0-dim tensor and every
+    slot as keys: the result is the one of the filled keys alone, with any impl."""
+    q = torch.randn(2, 4, 1, 16)
+    k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    starts = torch.tensor([0, 3])
+    with torch.set_grad_enabled(grad):
+        want = attention(q, k[:, :, :7], v[:, :, :7], starts=starts, window=4, q_offset=6, impl="torch")
+        got = attention(q, k, v, starts=starts, window=4, q_offset=torch.tensor(6), impl="triton")
+    assert (got - want).abs().max().item() <= 1e-6

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import kernels.cpu_linear as cl
 from kernels.cpu_linear import cpu_decode_weights
-from model import Mistral
+import kernels
+from hf import load_model
 
 pytest.importorskip("transformers")
 from hf_tiny import random_hf_mistral  # noqa: E402
@@ -21,9 +22,9 @@ def make_hf(tmp_path, **kw):
 @pytest.mark.parametrize("tied", [False, True])
 def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
     _, folder = make_hf(tmp_path, tie_word_embeddings=tied)
-    model = Mistral.from_pretrained(folder)
+    model = kernels.install(load_model(folder), "torch")  # puts cpu_linear.Linear in
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, cl.Linear)}
     assert len(weights) == 7 * model.config.num_hidden_layers + 1
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -57,3 +58,6 @@ def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
             assert not cl.PACKED
             x = torch.randn(3, 1, W.shape[1], generator=g)
             assert torch.equal(cl.linear(x, W), F.linear(x, W))
+        assert not any(cl.PACKED)
+    with cpu_decode_weights(load_model(folder), rows=8):  # a plain model has no layer to pack for
+        assert not cl.PACKED

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from generate import graphed_step as _real_graphed_step
 from generate import draw, filter_logits, generate_dataset, main, merge_parts, sample, score
 from data.template import ChatFormat
-from model import Mistral
+import kernels
+from hf import load_model
 
 transformers = pytest.importorskip("transformers")
 from hf_tiny import random_hf_mistral  # noqa: E402
@@ -27,7 +28,7 @@ def make_hf(folder, vocab=VOCAB, seed=0, **kw):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     hf, folder = make_hf(str(tmp_path_factory.mktemp("gen") / "ckpt"), sliding_window=6)
-    return hf, Mistral.from_pretrained(folder)
+    return hf, kernels.install(load_model(folder))  # as generate.main runs it
 
 
 def prompts_of(lengths, seed=1):
@@ -206,7 +207,7 @@ def _static_vs_eager(model, kw, graphed, monkeypatch):
 
 @pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0)])
 def test_static_cache_decode_equals_eager(ckpt, kw, monkeypatch):
-    """The CUDA-graph path's steps without the graph (make_static, warm-up and its undo, steps
+    """The CUDA-graph path's steps without the graph (StaticKVCache, warm-up and its undo, steps
     at a device-side position) on CPU."""
     _static_vs_eager(ckpt[1], kw, False, monkeypatch)
 
@@ -298,7 +299,7 @@ def world(tmp_path_factory):
     examples[4] = Example([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "story?"}],
                           "once upon a time")
-    return tok, Mistral.from_pretrained(folder), folder, examples
+    return tok, kernels.install(load_model(folder)), folder, examples
 
 
 KW = dict(max_new_tokens=6, temperature=1.0, seed=3, part_size=4, batch_size=3, progress=False)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import generate
+import kernels
 import lora
+from hf import load_model
 from kernels.cpu_linear import cpu_decode_weights
 from model import Mistral
 
@@ -73,13 +75,14 @@ def train_steps(model, steps=5, lr=3e-2):
 
 
 def lora_model(folder, targets=ALL, rank=4, alpha=8.0, dropout=0.0, seed=0):
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     settings = lora.LoraSettings.from_flags(rank, alpha, targets, dropout)
-    return lora.add_adapters(model, settings, torch.Generator().manual_seed(seed)), settings
+    lora.add_adapters(model, settings, torch.Generator().manual_seed(seed))
+    return kernels.install(model, "torch"), settings  # adapters first, as stage.build_model does
 
 
 def test_step_zero_is_the_base_model_exactly(base_dir):
-    base = Mistral.from_pretrained(base_dir)
+    base = kernels.install(load_model(base_dir), "torch")
     model, _ = lora_model(base_dir, dropout=0.3)
     model.train()  # dropout active: B = 0 still makes the adapter add exactly 0
     ids, mask, tgt = batch(base.config.vocab_size)
@@ -114,7 +117,7 @@ def test_gradients_reach_only_the_adapters(base_dir):
 def test_merged_model_equals_the_unmerged_forward(base_dir, tmp_path):
     model, settings = lora_model(base_dir)
     model = train_steps(model)
-    base = Mistral.from_pretrained(base_dir)
+    base = load_model(base_dir)
     ids, mask, tgt = batch(model.config.vocab_size, seed=5)
     with torch.no_grad():
         want = model(ids, attention_mask=mask)
@@ -122,7 +125,7 @@ def test_merged_model_equals_the_unmerged_forward(base_dir, tmp_path):
         assert moved > 1e-2  # training moved the model, so the comparison below means something
         # lora.export: the path a run takes (here one process, no sharding).
         lora.export(model, model.config, settings, str(tmp_path / "out"), {}, torch.float32, base_dir)
-        merged = Mistral.from_pretrained(str(tmp_path / "out" / "model"))
+        merged = load_model(str(tmp_path / "out" / "model"))
         assert not any(isinstance(m, lora.LoraLinear) for m in merged.modules())
         # x (W + s B A)^T and x W^T + s (x A^T) B^T round differently: 1e-5 relative to the
         # values' scale (these peaked random models have logits and log-probs of tens).
@@ -138,10 +141,10 @@ def test_merged_model_equals_the_unmerged_forward(base_dir, tmp_path):
 
 
 def test_unmerged_adapters_on_the_cpu_decode_path(base_dir):
-    """No grad, few rows: a LoraLinear's base and A products go through cpu_linear.linear (oneDNN,
-    packed inside cpu_decode_weights), its update through addmm_. Greedy decoding of the unmerged
-    model, packed, must give the merged model's tokens, and its logits must agree with the plain
-    (autograd) path."""
+    """No grad, few rows, installed: a LoraLinear's base product is F.linear, its A product goes
+    through cpu_linear.linear (oneDNN, packed inside cpu_decode_weights), its update through
+    addmm_. Greedy decoding of the unmerged model, packed, must give the merged model's tokens,
+    and its logits must agree with the plain (autograd) path."""
     model, settings = lora_model(base_dir)
     model = train_steps(model)
     merged = Mistral(model.config)
@@ -167,7 +170,7 @@ def test_bf16_base_with_fp32_adapters(base_dir):
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
     ids, mask, tgt = batch(model.config.vocab_size)
-    base = lora.cast_frozen_(Mistral.from_pretrained(base_dir).requires_grad_(False), torch.bfloat16)
+    base = lora.cast_frozen_(load_model(base_dir).requires_grad_(False), torch.bfloat16)
     model.train()
     lp = model(ids, attention_mask=mask, targets=tgt)
     assert torch.equal(lp, base(ids, attention_mask=mask, targets=tgt))  # B = 0: exactly the bf16 base

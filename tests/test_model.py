@@ -6,7 +6,10 @@ import os
 import pytest
 import torch
 
+import kernels
+from hf import config_from_dict, load_model, read_config, save_model
 from kernels.cpu_linear import cpu_decode_weights
+from kernels.cuda_graph import StaticKVCache
 from model import KVCache, Mistral, ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -41,7 +44,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(tmp_path, case):
     hf, folder = make_hf(tmp_path, **CASES[case])
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     ids = torch.randint(0, VOCAB, (2, 19))
     ours = model(ids).float()
     ref = hf_logits(hf, ids)
@@ -52,20 +55,20 @@ def test_sharded_checkpoint(tmp_path):
     hf, folder = make_hf(tmp_path, max_shard_size="20KB")
     assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
     assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) > 1
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     ids = torch.randint(0, VOCAB, (1, 11))
     assert (model(ids).float() - hf_logits(hf, ids)).abs().max().item() <= 1e-4
 
 
 def test_config_spellings(tmp_path):
     _, folder = make_hf(tmp_path, sliding_window=7, head_dim=24)
-    new = ModelConfig.from_hf(folder)
+    new = read_config(folder)
     raw = json.load(open(os.path.join(folder, "config.json")))
     # The spelling of real Mistral-7B / Zephyr files.
     raw["rope_theta"] = raw.pop("rope_parameters")["rope_theta"]
     raw["torch_dtype"] = "bfloat16"
     raw.pop("dtype", None)
-    old = ModelConfig.from_dict(raw)
+    old = config_from_dict(raw)
     assert old.rope_theta == new.rope_theta == 10000.0
     assert old.dtype == "bfloat16"
     assert new.sliding_window == old.sliding_window == 7 and new.head_dim == 24
@@ -74,7 +77,7 @@ def test_config_spellings(tmp_path):
 def test_bf16_within_bf16_tolerance(tmp_path):
     hf, folder = make_hf(tmp_path, sliding_window=6)
     hf = hf.to(torch.bfloat16)
-    model = Mistral.from_pretrained(folder, dtype=torch.bfloat16)
+    model = load_model(folder, dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     ids = torch.randint(0, VOCAB, (2, 17))
     ours, ref = model(ids).float(), hf_logits(hf, ids)
@@ -85,7 +88,7 @@ def test_bf16_within_bf16_tolerance(tmp_path):
 @pytest.mark.parametrize("window", [None, 4])
 def test_left_padding_matches_unpadded_and_transformers(tmp_path, window):
     hf, folder = make_hf(tmp_path, sliding_window=window)
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     lengths = [13, 5, 9]
     T = max(lengths)
     seqs = [torch.randint(0, VOCAB, (n,)) for n in lengths]
@@ -106,7 +109,7 @@ def test_left_padding_matches_unpadded_and_transformers(tmp_path, window):
 
 def test_right_padding_is_refused(tmp_path):
     _, folder = make_hf(tmp_path)
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     mask = torch.tensor([[1, 1, 0]])
     with pytest.raises(ValueError, match="left-padded"):
         model(torch.zeros(1, 3, dtype=torch.long), attention_mask=mask)
@@ -114,13 +117,17 @@ def test_right_padding_is_refused(tmp_path):
 
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("mode", ["autograd", "no_grad", "packed", "static", "static_autograd"])
-def test_cached_decode_equals_full_forward(tmp_path, window, mode):
-    """Without autograd a CPU decode step takes the fast paths (oneDNN linears, on packed weights
-    inside cpu_decode_weights; one-query attention without SDPA); after make_static the cache
-    length lives on the device and every slot is attended (the CUDA-graph path). All must
-    equal the plain full forward, which runs with autograd on (F.linear, SDPA)."""
+@pytest.mark.parametrize("installed", [False, True])
+def test_cached_decode_equals_full_forward(tmp_path, window, mode, installed):
+    """Without autograd a CPU decode step of an installed model takes the fast paths (oneDNN
+    linears, on packed weights inside cpu_decode_weights; one-query attention without SDPA); in
+    a StaticKVCache the cache length lives on the device and every slot is attended (the
+    CUDA-graph path). All must equal the plain full forward, which runs with autograd on
+    (F.linear, SDPA)."""
     _, folder = make_hf(tmp_path, sliding_window=window)
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
+    if installed:
+        kernels.install(model, "torch")
     ids = torch.randint(0, VOCAB, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # row 1 is left-padded by 4
@@ -132,7 +139,7 @@ def test_cached_decode_equals_full_forward(tmp_path, window, mode):
     with grad, packed:
         steps = [model(ids[:, :prefix], attention_mask=mask[:, :prefix], cache=cache)]
         if mode.startswith("static"):
-            cache.make_static()
+            cache = StaticKVCache(cache)
         for t in range(prefix, 12):  # one token at a time
             steps.append(model(ids[:, t:t + 1], cache=cache))
     cached = torch.cat(steps, dim=1)
@@ -145,7 +152,7 @@ def test_cached_decode_equals_full_forward(tmp_path, window, mode):
 
 def test_token_logprobs_equal_log_softmax(tmp_path):
     _, folder = make_hf(tmp_path)
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     ids = torch.randint(0, VOCAB, (2, 9))
     targets = torch.roll(ids, -1, dims=1)
     targets[:, -1] = -100
@@ -159,25 +166,25 @@ def test_token_logprobs_equal_log_softmax(tmp_path):
 
 
 @pytest.mark.parametrize("shard", [False, True])
-def test_save_pretrained_round_trip_through_transformers(tmp_path, shard):
+def test_save_model_round_trip_through_transformers(tmp_path, shard):
     _, folder = make_hf(tmp_path, sliding_window=6, head_dim=24)
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     out = os.path.join(tmp_path, "export")
-    model.save_pretrained(out, max_shard_bytes=30_000 if shard else 2**31)
+    save_model(model, out, max_shard_bytes=30_000 if shard else 2**31)
     assert os.path.exists(os.path.join(out, "model.safetensors.index.json")) == shard
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, VOCAB, (2, 10))
     assert (model(ids) - hf_logits(back, ids)).abs().max().item() <= 1e-5
-    again = Mistral.from_pretrained(out)
+    again = load_model(out)
     assert torch.equal(again(ids), model(ids))
 
 
 def test_save_is_atomic_replace(tmp_path):
     _, folder = make_hf(tmp_path)
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     out = os.path.join(tmp_path, "export")
-    model.save_pretrained(out)
-    model.save_pretrained(out)  # replacing an existing export leaves exactly one folder
+    save_model(model, out)
+    save_model(model, out)  # replacing an existing export leaves exactly one folder
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "export"]
 
 
@@ -190,7 +197,7 @@ def test_exports_get_the_umask_mode(tmp_path):
     old = os.umask(0o022)
     try:
         out = os.path.join(tmp_path, "export")
-        Mistral.from_pretrained(folder).save_pretrained(out)
+        save_model(load_model(folder), out)
         data = write_examples(os.path.join(tmp_path, "d.parquet"), [Example([{"role": "user", "content": "p"}], "r", "g")], "spin")
     finally:
         os.umask(old)
@@ -210,7 +217,7 @@ def test_meta_build_has_no_stray_buffers():
 
 def test_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Mistral.from_pretrained(str(tmp_path))
+        load_model(str(tmp_path))
 
 
 def test_missing_weights_and_pickle_refused(tmp_path):
@@ -218,7 +225,7 @@ def test_missing_weights_and_pickle_refused(tmp_path):
     os.remove(os.path.join(folder, "model.safetensors"))
     open(os.path.join(folder, "pytorch_model.bin"), "wb").close()
     with pytest.raises(FileNotFoundError, match="pickle"):
-        Mistral.from_pretrained(folder)
+        load_model(folder)
 
 
 def rewrite(folder, fn):
@@ -238,7 +245,7 @@ def test_missing_unexpected_misshaped_listed(tmp_path):
         t["model.norm.weight"] = torch.zeros(7)
     rewrite(folder, damage)
     with pytest.raises(ValueError) as e:
-        Mistral.from_pretrained(folder)
+        load_model(folder)
     msg = str(e.value)
     assert folder in msg
     assert "missing (1): model.layers.1.mlp.up_proj.weight" in msg
@@ -252,7 +259,7 @@ def test_index_naming_missing_shard(tmp_path):
     victim = sorted(set(index["weight_map"].values()))[-1]
     os.remove(os.path.join(folder, victim))
     with pytest.raises(FileNotFoundError, match=victim):
-        Mistral.from_pretrained(folder)
+        load_model(folder)
 
 
 def test_truncated_safetensors(tmp_path):
@@ -261,7 +268,7 @@ def test_truncated_safetensors(tmp_path):
     data = open(file, "rb").read()
     open(file, "wb").write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors"):
-        Mistral.from_pretrained(folder)
+        load_model(folder)
 
 
 def test_unsupported_dtype(tmp_path):
@@ -270,26 +277,25 @@ def test_unsupported_dtype(tmp_path):
     cfg["dtype"] = "float8_e4m3fn"
     json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
     with pytest.raises(ValueError, match="float8_e4m3fn.*not supported"):
-        Mistral.from_pretrained(folder)
+        load_model(folder)
     with pytest.raises(ValueError, match="not supported"):
-        Mistral.from_pretrained(folder, dtype="int8")
+        load_model(folder, dtype="int8")
 
 
 def test_integer_tensor_refused(tmp_path):
     _, folder = make_hf(tmp_path)
     rewrite(folder, lambda t: t.__setitem__("model.norm.weight", torch.zeros(48, dtype=torch.int8)))
     with pytest.raises(ValueError, match="model.norm.weight.*unsupported dtype"):
-        Mistral.from_pretrained(folder)
+        load_model(folder)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device, monkeypatch):
+def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device):
     """The model with the Triton kernels (interpreted on CPU) gives the torch path's logits,
     per-token log-probs and gradients, with left padding and a window shorter than the rows."""
     _, folder = make_hf(tmp_path, sliding_window=6, num_attention_heads=4, num_key_value_heads=1,
                         hidden_size=64, head_dim=16)
-    model = Mistral.from_pretrained(folder, device=device)
     ids = torch.randint(0, VOCAB, (2, 21), device=device)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
@@ -297,9 +303,9 @@ def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device, monkeypat
     targets[:, -1] = -100
     targets[1, :7] = -100
     results = []
-    for impl in ("torch", "triton"):  # the one channel that chooses kernels (kernels/__init__.py)
-        monkeypatch.setenv("SPIN_KERNELS", impl)
-        model.zero_grad()
+    for impl in ("torch", "triton"):
+        model = kernels.install(load_model(folder, device=device), impl)
+        assert model.kernels == impl
         lp = model(ids, attention_mask=mask, targets=targets)
         lp.sum().backward()
         logits = model(ids, attention_mask=mask).detach()
@@ -315,7 +321,7 @@ def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device, monkeypat
 
 def test_logits_to_keep(tmp_path):
     _, folder = make_hf(tmp_path)
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     ids = torch.randint(0, VOCAB, (2, 9))
     assert torch.allclose(model(ids, logits_to_keep=3), model(ids)[:, -3:], atol=1e-6)
 
@@ -331,12 +337,14 @@ def test_cpu_paths_run_without_triton():
         "sys.modules['triton'] = None\n"
         "sys.modules['triton.language'] = None\n"
         "import torch\n"
-        "from kernels import HAS_TRITON, resolve_impl\n"
+        "import kernels\n"
         "from kernels.attention import attention\n"
+        "from kernels.common import HAS_TRITON, resolve_impl\n"
         "from model import Mistral, ModelConfig\n"
         "assert not HAS_TRITON and resolve_impl('auto', on_cuda=True) == 'torch'\n"
         "m = Mistral(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
         "                        num_attention_heads=2, num_key_value_heads=1, head_dim=16))\n"
+        "kernels.install(m)\n"
         "ids = torch.randint(0, 64, (2, 9))\n"
         "m(ids).float().sum().backward()\n"
         "assert torch.isfinite(m.token_logprobs(ids, ids)).all()\n"
@@ -372,7 +380,7 @@ def test_llama_rope_scaling_matches_transformers(tmp_path, scaling):
     hf, folder = make_hf(tmp_path, **kw)
     cfg = json.load(open(os.path.join(folder, "config.json")))
     assert cfg["model_type"] == "llama"
-    model = Mistral.from_pretrained(folder)
+    model = load_model(folder)
     assert model.config.rope_scaling["rope_type"] == scaling and model.config.tie_word_embeddings
     ids = torch.randint(0, VOCAB, (2, 40))
     assert (model(ids).float() - hf_logits(hf, ids)).abs().max().item() <= 1e-4
@@ -384,7 +392,7 @@ def test_llama_rope_scaling_matches_transformers(tmp_path, scaling):
     assert (ours[1, 13:] - ref[1, 13:]).abs().max().item() <= 1e-4
     # and the config survives our export: transformers reads back the same scaling
     out = os.path.join(tmp_path, "export")
-    model.save_pretrained(out)
+    save_model(model, out)
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(back).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
@@ -405,5 +413,77 @@ def test_unsupported_config_fields_are_refused_by_name(field, value, message):
                num_attention_heads=2, model_type="llama")
     raw[field] = value
     with pytest.raises(ValueError, match=message) as e:
-        ModelConfig.from_dict(raw, source="cfg.json")
+        config_from_dict(raw, source="cfg.json")
     assert "cfg.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_file_is_the_architecture_alone():
+    """model.py imports only torch and the standard library, and names no fast path: those are
+    swapped in by kernels.install."""
+    import ast
+    import sys
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model.py")
+    with open(path) as f:
+        source = f.read()
+    roots = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots.add(node.module.split(".")[0])
+    assert roots - set(sys.stdlib_module_names) == {"torch"}, roots
+    for word in ("mkldnn", "onednn", "triton", "cuda_graph", "cuda graph", "cpu_linear"):
+        assert word not in source.lower(), word
+
+
+def test_install_keeps_the_reference_numbers(tmp_path):
+    """kernels.install(model, "torch") against the plain model: the same logits (decode-sized,
+    so the oneDNN linears and the one-query attention run), per-token log-probs and gradients
+    (the chunked log-prob head), and the same Parameter objects (tied weights stay tied)."""
+    from kernels.cpu_linear import Linear
+    _, folder = make_hf(tmp_path, sliding_window=5, tie_word_embeddings=True)
+    plain, fast = load_model(folder), kernels.install(load_model(folder), "torch")
+    assert plain.kernels == "reference" and fast.kernels == "torch"
+    assert type(plain.lm_head) is torch.nn.Linear and type(fast.lm_head) is Linear
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in fast.named_parameters()]
+    ids = torch.randint(0, VOCAB, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    targets[1, :3] = -100
+    with torch.no_grad():
+        for m in (plain, fast):
+            cache = KVCache.allocate(m.config, batch=2, max_len=12)
+            m.out = [m(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
+            m.out += [m(ids[:, t:t + 1], cache=cache) for t in range(6, 11)]
+    assert (torch.cat(plain.out, 1) - torch.cat(fast.out, 1)).abs().max().item() <= 1e-4
+    grads = []
+    for m in (plain, fast):
+        lp = m(ids, attention_mask=mask, targets=targets)
+        lp.sum().backward()
+        grads.append((lp.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (lp0, g0), (lp1, g1) = grads
+    assert lp0.dtype == lp1.dtype == torch.float32
+    assert (lp0 - lp1).abs().max().item() <= 1e-4
+    for n in g0:
+        assert (g0[n] - g1[n]).abs().max().item() <= 1e-4 * (g0[n].abs().max().item() + 1), n
+
+
+def test_install_reads_spin_kernels_once(tmp_path, monkeypatch):
+    """impl="auto" takes SPIN_KERNELS at install (how torchrun's children obey it); an explicit
+    impl wins; a bad value is a clear error; changing the variable later changes nothing."""
+    _, folder = make_hf(tmp_path)
+    monkeypatch.setenv("SPIN_KERNELS", "torch")
+    model = kernels.install(load_model(folder))
+    assert model.kernels == "torch"
+    assert model.model.layers[0].self_attn.attend.keywords == {"impl": "torch"}
+    assert model.head_logprobs.keywords == {"impl": "torch"}
+    assert kernels.install(load_model(folder), "triton").kernels == "triton"
+    monkeypatch.setenv("SPIN_KERNELS", "fast")
+    assert model.model.layers[0].self_attn.attend.keywords == {"impl": "torch"}
+    with pytest.raises(ValueError, match="SPIN_KERNELS"):
+        kernels.install(load_model(folder))
+    monkeypatch.delenv("SPIN_KERNELS")
+    assert kernels.install(load_model(folder)).kernels == "auto"
