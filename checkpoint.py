@@ -352,9 +352,10 @@ def save_ckpt(stage_dir, step, model, opt, sched):
     model_sd, opt_sd = get_state_dict(model, opt, options=TRAINED_ONLY)
     # Never a checkpoint a resume would only repeat a divergence from.
     check_finite({"model": model_sd, "optim": opt_sd}, stage_dir, f"step {step}", "this checkpoint was not saved")
-    # Every rank writes about as much as this one; 1 MiB for metadata. A shared folder's free
-    # space is checked by each rank against the whole.
-    need = _state_bytes({"model": model_sd, "optim": opt_sd}) * parallel.world() + 2**20
+    # Every rank writes about as much as this one, plus 64 KiB of metadata (meta.json, .metadata
+    # and the tensors' headers: ~40 KiB for the demo); each rank checks the whole against the
+    # folder's free space, as the ranks of one machine share it.
+    need = _state_bytes({"model": model_sd, "optim": opt_sd}) * parallel.world() + 2**16
     try:
         with writing(ckpt):
             check_space(ckpt, need, f"the checkpoint of step {step}")
