@@ -42,12 +42,17 @@ def lock_folder(out):
         f.close()
         raise UserError(f"{out} is in use by a live run ({_holder(path)}); wait for it to end, or stop it "
                         "(README: stopping a run), then pass --resume to continue it") from None
-    f.truncate(0)
     holder = {"pid": os.getpid(), "host": socket.gethostname()}
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: its parent is torchrun
         holder["torchrun_pid"] = os.getppid()
-    f.write(json.dumps(holder) + "\n")
-    f.flush()
+    try:
+        with writing(path):
+            f.truncate(0)
+            f.write(json.dumps(holder) + "\n")
+            f.flush()
+    except BaseException:
+        f.close()
+        raise
     return f
 
 
