@@ -333,15 +333,16 @@ def _state_bytes(state):
 
 
 def check_space(folder, need, what):
-    """Refuse (DiskError) a write of about `need` bytes into `folder` that its filesystem has no
-    room for: said before the write, not as a C++ error in the middle of it."""
+    """The DiskError for a write of about `need` bytes into `folder` that its filesystem has no
+    room for, or None: said before the write, not as a C++ error in the middle of it."""
     os.makedirs(folder, exist_ok=True)
     free = shutil.disk_usage(folder).free
-    if free < need:
-        e = write_error(errno.ENOSPC, folder)
-        e.args = (f"no space left on device: {folder}: {what} needs {need / 2**20:.1f} MiB, "
-                  f"{free / 2**20:.1f} MiB are free; free some space, then run the same command with --resume",)
-        raise e
+    if free >= need:
+        return None
+    e = write_error(errno.ENOSPC, folder)
+    e.args = (f"no space left on device: {folder}: {what} needs {need / 2**20:.1f} MiB, "
+              f"{free / 2**20:.1f} MiB are free; free some space, then run the same command with --resume",)
+    return e
 
 
 def save_ckpt(stage_dir, step, model, opt, sched):
@@ -358,7 +359,11 @@ def save_ckpt(stage_dir, step, model, opt, sched):
     need = _state_bytes({"model": model_sd, "optim": opt_sd}) * parallel.world() + 2**16
     try:
         with writing(ckpt):
-            check_space(ckpt, need, f"the checkpoint of step {step}")
+            short = check_space(ckpt, need, f"the checkpoint of step {step}")
+            # Every rank learns whether any is short of space (ranks on other machines may write
+            # other disks), so none is left waiting in dcp.save for one that stopped.
+            if parallel.reduce_sums({"short": float(short is not None)})["short"]:
+                raise short or parallel.PeerFailed("another rank has no space for its checkpoint shards")
             dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=tmp)
             parallel.barrier()
             if parallel.rank() == 0:

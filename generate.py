@@ -592,14 +592,14 @@ def chat(model, fmt, args):
             messages = list(system)
             continue
         messages.append({"role": "user", "content": line})
-        if len(fmt.prompt_ids(messages)) + args.max_new_tokens > limit:
-            print(f"(the conversation no longer fits the model's {limit} positions with --max-new-tokens "
-                  f"{args.max_new_tokens}: starting over)", file=sys.stderr)
-            messages = list(system) + [messages[-1]]
-            if len(fmt.prompt_ids(messages)) + args.max_new_tokens > limit:
-                print("(that message alone is too long: shorten it)", file=sys.stderr)
-                messages = list(system)
-                continue
+        if len(fmt.prompt_ids(messages)) + args.max_new_tokens > limit and len(messages) > len(system) + 1:
+            print(f"(the conversation has outgrown the model's {limit} positions: starting over)", file=sys.stderr)
+            messages = list(system) + messages[-1:]
+        if (n := len(fmt.prompt_ids(messages))) + args.max_new_tokens > limit:
+            print(f"(that message is {n} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the model's "
+                  f"{limit} positions: shorten it)", file=sys.stderr)
+            messages.pop()
+            continue
         out = sample(model, [fmt.prompt_ids(messages)], prompt_ids=[turn], **kw)[0]
         answer = answer_text(fmt.tok, out.tokens)
         print(answer, flush=True)

@@ -207,6 +207,11 @@ def test_generate_prompt_lengths_checked(model_dir):
     p = cli("generate.py", "--model", model_dir, "--prompt", "hi", "--prompt", "what is 1 plus 1? " * 40,
             "--max-new-tokens", "100")
     assert_user_error(p, "--prompt 2: ", "tokens + --max-new-tokens 100 exceed the model's 256 positions")
+    p = subprocess.run([sys.executable, "generate.py", "--model", str(model_dir), "--interactive", "--max-new-tokens",
+                        "100"], input="what is 1 plus 1? " * 40 + "\nwhat is 1 plus 1?\n", cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "tokens; with --max-new-tokens 100 it exceeds the model's 256 positions: shorten it)" in p.stderr
 
 
 def test_shape_mismatch_names_a_few_and_a_count(model_dir, tmp_path):
