@@ -190,9 +190,9 @@ def stop_on_sigterm(argv=None):
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
         if parallel.rank() == 0:
-            where = (f"{_LAST_STEP['stage']} step {_LAST_STEP['step']}" if _LAST_STEP
-                     else "before its first training step of this process")
-            print(f"{os.path.basename(argv[0])}: stopped by SIGTERM at {where}; resume with: "
+            where = (f"at {_LAST_STEP['stage']} step {_LAST_STEP['step']}" if _LAST_STEP
+                     else "before its first training step")
+            print(f"{os.path.basename(argv[0])}: stopped by SIGTERM {where}; resume with: "
                   f"{launcher}{shlex.join(resume)}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGTERM)
 
