@@ -7,7 +7,7 @@ traceback, as always.
     InputError       ... bad content (a ValueError, so older `except ValueError` still works)
     MissingInput     ... a file or folder that is not there (a FileNotFoundError)
     Diverged         ... a training stage that went NaN/inf (the message names the checkpoint to resume from)
-    DiskError        ... a write the system refused (disk full, permission, read-only): write_error
+    DiskError        ... a write the system refused (disk full, permission, read-only): `writing(path)`
     ArgumentParser   argparse, except that under torchrun only rank 0 prints a flag error
     positive_int ... argparse `type=` checks that name the flag (argparse adds "argument --x:")
     run_command      the boundary every entry point (train.py, generate.py, report.py) runs in
@@ -211,9 +211,9 @@ def run_command(main):
     except OSError as e:
         if e.errno in _WRITE_CAUSES and e.filename:  # refused by the system, outside a `writing` block
             # A permission error may come from a read: a file that exists and cannot be read says which.
-            unreadable = os.path.exists(e.filename) and not os.access(e.filename, os.R_OK)
-            line = (f"cannot read {e.filename}: permission denied" if unreadable and e.errno in (errno.EACCES, errno.EPERM)
-                    else str(write_error(e.errno, e.filename)))
+            denied = e.errno in (errno.EACCES, errno.EPERM)
+            unreadable = denied and os.path.exists(e.filename) and not os.access(e.filename, os.R_OK)
+            line = f"cannot read {e.filename}: permission denied" if unreadable else str(write_error(e.errno, e.filename))
             if parallel.first_report(line):
                 print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
             sys.exit(1)

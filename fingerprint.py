@@ -70,6 +70,7 @@ def first_change(old, new):
             elif was["size"] != now["size"]:
                 what = f"changed size ({was['size']} -> {now['size']} bytes)"
             else:
-                what = f"changed content (same {now['size']} bytes, sha256 {was['sha256'][:12]}... -> {now['sha256'][:12]}...)"
+                what = (f"changed content (same {now['size']} bytes, sha256 {was['sha256'][:12]}... -> "
+                        f"{now['sha256'][:12]}...)")
             return f"--{flag.replace('_', '-')}: {file} {what} since this run started"
     return None
