@@ -1,9 +1,11 @@
 """The run folder under real faults, through the CLIs: a disk that fills up (a small tmpfs), a
 folder the user cannot write (root without CAP_DAC_OVERRIDE, via setpriv), SIGTERM, a torn last
-line in metrics.jsonl. Each is one line naming the path and the cause, leaves nothing
-half-written, and --resume afterwards gives the losses of an uninterrupted run."""
+line in metrics.jsonl, inputs edited before a --resume. Each is one line naming the path and the
+cause and leaves nothing half-written; --resume after a full disk gives the losses of an
+uninterrupted run."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,9 +76,14 @@ def test_full_disk_is_one_line_and_resume_gives_the_same_losses(small_disk, refe
     line = assert_user_error(p, f"no space left on device: {small_disk}", "the checkpoint of step 3 needs", "--resume")
     assert sorted(os.listdir(small_disk)) == ["step-1", "step-2"] and not leftovers(out), leftovers(out)
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space is freed
+    with open(out / "metrics.jsonl", "a") as f:  # and, as if a kill had torn it, a half-written record
+        f.write('{"type": "step", "stage": "sft", "st')
     p = train(out, "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {small_disk}/step-2" in p.stdout
+    assert p.stdout.count("dropped a torn last line") == 1, p.stdout
+    with open(out / "metrics.jsonl") as f:
+        assert any(json.loads(l)["type"] == "resume" for l in f)  # every line whole
     assert losses(out) == reference, line
 
 
@@ -112,7 +119,7 @@ def test_full_disk_in_the_middle_of_a_checkpoint_write(tmp_path):
             torch.distributed.destroy_process_group()
 
 
-def test_sigterm_says_where_and_a_torn_metrics_line_is_dropped_on_resume(tmp_path, reference):
+def test_sigterm_says_where_and_how_to_resume(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--out", str(out), *SFT], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -124,18 +131,9 @@ def test_sigterm_says_where_and_a_torn_metrics_line_is_dropped_on_resume(tmp_pat
     assert proc.returncode == 143, stderr[-3000:]
     lines = [l for l in stderr.splitlines() if "stopped by SIGTERM" in l]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    assert f"train.py: stopped by SIGTERM at sft step " in lines[0]
+    assert lines[0].startswith("train.py: stopped by SIGTERM at sft step "), lines[0]
     assert lines[0].endswith(f"; resume with: python train.py --out {out} {' '.join(SFT)} --resume"), lines[0]
     assert not leftovers(out), leftovers(out)
-    with open(out / "metrics.jsonl", "a") as f:  # a run killed while writing a record
-        f.write('{"type": "step", "stage": "sft", "st')
-    p = train(out, "--resume")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("dropped a torn last line") == 1, p.stdout
-    with open(out / "metrics.jsonl") as f:
-        recs = [json.loads(l) for l in f]  # every line whole
-    assert any(r["type"] == "resume" for r in recs)
-    assert losses(out) == reference
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
@@ -157,9 +155,10 @@ def test_read_only_folders_are_one_line(tmp_path, model_dir):
     assert os.listdir(ro) == []
 
 
-def test_changed_inputs_are_refused_on_resume(tmp_path, model_dir):
+def test_changed_inputs_are_refused_on_resume(tmp_path, model_dir, monkeypatch):
     """config.json records size + sha256 of every input; a resume that finds one changed names it.
     The paths may be written differently (./x, another working directory): content decides."""
+    from errors import InputError
     from run_folder import open_run
     from train import parse_args
 
@@ -172,25 +171,21 @@ def test_changed_inputs_are_refused_on_resume(tmp_path, model_dir):
     assert cfg["inputs"]["data"]["files"][""]["size"] == data.stat().st_size
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(cfg["inputs"]["model"]["files"])
     # The same run from its parent folder, with relative paths and a trailing slash: accepted.
-    rel = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from run_folder import "
-                          "open_run; from train import parse_args; open_run(parse_args(sys.argv[2:]), 1).close()",
-                          ROOT, "--out", "run/", "--resume", "--model", os.path.relpath(model_dir, tmp_path),
-                          "--data", "./d.jsonl", "--eval-data", "h.jsonl"], cwd=tmp_path, env=env(),
-                         capture_output=True, text=True, timeout=120)
-    assert rel.returncode == 0, rel.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    open_run(parse_args(["--out", "run/", "--resume", "--model", os.path.relpath(model_dir, tmp_path),
+                         "--data", "./d.jsonl", "--eval-data", "h.jsonl"]), world=1).close()
+    with open(model_dir / "config.json", "a") as f:
+        f.write("\n")
+    try:
+        with pytest.raises(InputError, match=re.escape(f"--model: {model_dir}/config.json changed size")):
+            open_run(parse_args(["--out", str(out), "--resume", *flags]), world=1)
+    finally:
+        (model_dir / "config.json").write_text((model_dir / "config.json").read_text()[:-1])
 
     held.write_text(held.read_text().replace("40 plus 40", "41 plus 40"))  # same size, other content
     p = cli("train.py", "--out", out, "--resume", *flags)
     assert_user_error(p, f"--eval-data: {held} changed content (same {held.stat().st_size} bytes",
                       "another --out, without --resume")
-    held.write_text(held.read_text().replace("41 plus 40", "40 plus 40"))
-    with open(model_dir / "config.json", "a") as f:
-        f.write("\n")
-    try:
-        p = cli("train.py", "--out", out, "--resume", *flags)
-        assert_user_error(p, f"--model: {model_dir}/config.json changed size")
-    finally:
-        (model_dir / "config.json").write_text((model_dir / "config.json").read_text()[:-1])
 
 
 def test_same_data_and_eval_data_is_a_warning(tmp_path, model_dir):
@@ -202,8 +197,6 @@ def test_same_data_and_eval_data_is_a_warning(tmp_path, model_dir):
 
 
 def test_generate_prompt_lengths_checked(model_dir):
-    p = cli("generate.py", "--model", model_dir, "--prompt", "what is 1 plus 1?", "--max-new-tokens", "256")
-    assert_user_error(p, "--max-new-tokens 256 leaves no room for a prompt in the model's 256 positions")
     p = cli("generate.py", "--model", model_dir, "--prompt", "hi", "--prompt", "what is 1 plus 1? " * 40,
             "--max-new-tokens", "100")
     assert_user_error(p, "--prompt 2: ", "tokens + --max-new-tokens 100 exceed the model's 256 positions")
