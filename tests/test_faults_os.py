@@ -228,3 +228,18 @@ def test_report_drops_a_torn_last_line(tmp_path, capsys):
     path.write_text('{"type": "resume"}\n{"type": "step", "st')
     assert report.read_metrics(str(path)) == [{"type": "resume"}]
     assert capsys.readouterr().err.count("dropped a torn last line (line 2)") == 1
+
+
+def test_read_only_filesystem_names_the_file(tmp_path):
+    from checkpoint import write_json
+    from errors import DiskError
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not can(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)]):
+        pytest.skip("needs root and tmpfs to make a read-only filesystem")
+    try:
+        with pytest.raises(DiskError, match=f"^cannot write {mnt}/a/x.json: read-only file system$"):
+            write_json(mnt / "a" / "x.json", {})
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
