@@ -12,6 +12,7 @@ file or folder that looks complete but is not: everything is written under a hid
 name and renamed into place, and a rename is atomic on POSIX filesystems.
 """
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -25,7 +26,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 import parallel
-from errors import Diverged, InputError, MissingInput, UserError
+from errors import Diverged, InputError, MissingInput, UserError, write_error, writing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,14 +43,16 @@ def _tmp_sibling(path):
 @contextlib.contextmanager
 def atomic_file(path, mode="w"):
     """open(path, mode) for writing, except that the file appears at `path` only when the block
-    ends without an exception."""
+    ends without an exception. A write the system refuses (disk full, permission) is a DiskError
+    naming `path`."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
+        with writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(tmp, mode) as f:
+                yield f
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -76,14 +79,16 @@ def publish_folder(tmp, path):
 @contextlib.contextmanager
 def atomic_folder(path):
     """Yields an empty temporary folder beside `path`; when the block ends without an exception
-    it becomes `path` (publish_folder), otherwise it is deleted."""
+    it becomes `path` (publish_folder), otherwise it is deleted. A write the system refuses
+    (disk full, permission) is a DiskError naming `path`."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _tmp_sibling(path)
-    os.mkdir(tmp)
     try:
-        yield tmp
-        publish_folder(tmp, path)
+        with writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.mkdir(tmp)
+            yield tmp
+            publish_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -149,19 +154,62 @@ def check_finite(state, stage_dir, when, consequence):
         raise parallel.PeerFailed("another rank found NaN or inf in its shards")
 
 
+def _state_bytes(state):
+    """The bytes of this rank's shards of a (nested) state dict: what dcp.save writes for it."""
+    items = state.values() if isinstance(state, dict) else state if isinstance(state, list) else ()
+    total = 0
+    for v in items:
+        if isinstance(v, torch.Tensor):
+            local = v.to_local() if hasattr(v, "to_local") else v
+            total += local.numel() * local.element_size()
+        else:
+            total += _state_bytes(v)
+    return total
+
+
+def check_space(folder, need, what):
+    """The DiskError for a write of about `need` bytes into `folder` that its filesystem has no
+    room for, or None: said before the write, not as a C++ error in the middle of it."""
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free >= need:
+        return None
+    e = write_error(errno.ENOSPC, folder)
+    e.args = (f"no space left on device: {folder}: {what} needs {need / 2**20:.1f} MiB, "
+              f"{free / 2**20:.1f} MiB are free; free some space, then run the same command with --resume",)
+    return e
+
+
 def save_ckpt(stage_dir, step, model, opt, sched):
+    """Every rank writes its shards into ckpt/.tmp-step-N; rank 0 adds meta.json and renames it
+    step-N. A write that fails (a full disk, say) deletes the partial folder and is a DiskError."""
     ckpt = os.path.join(stage_dir, "ckpt")
     tmp, final = os.path.join(ckpt, f".tmp-step-{step}"), os.path.join(ckpt, f"step-{step}")
     model_sd, opt_sd = get_state_dict(model, opt, options=TRAINED_ONLY)
     # Never a checkpoint a resume would only repeat a divergence from.
     check_finite({"model": model_sd, "optim": opt_sd}, stage_dir, f"step {step}", "this checkpoint was not saved")
-    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=tmp)
-    parallel.barrier()
+    # Every rank writes about as much as this one, plus 64 KiB of metadata (meta.json, .metadata
+    # and the tensors' headers: ~40 KiB for the demo); each rank checks the whole against the
+    # folder's free space, as the ranks of one machine share it.
+    need = _state_bytes({"model": model_sd, "optim": opt_sd}) * parallel.world() + 2**16
+    try:
+        with writing(ckpt):
+            short = check_space(ckpt, need, f"the checkpoint of step {step}")
+            # Every rank learns whether any is short of space (ranks on other machines may write
+            # other disks), so none is left waiting in dcp.save for one that stopped.
+            if parallel.reduce_sums({"short": float(short is not None)})["short"]:
+                raise short or parallel.PeerFailed("another rank has no space for its checkpoint shards")
+            dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=tmp)
+            parallel.barrier()
+            if parallel.rank() == 0:
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump({"step": step, "scheduler": sched.state_dict(),
+                               "rng_cpu": torch.get_rng_state().tolist()}, f)
+                publish_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written folder a later run might read
+        raise
     if parallel.rank() == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "scheduler": sched.state_dict(),
-                       "rng_cpu": torch.get_rng_state().tolist()}, f)
-        publish_folder(tmp, final)
         done = sorted(int(d[5:]) for d in os.listdir(ckpt) if d.startswith("step-"))
         for old in done[:-2]:  # keep the newest two
             shutil.rmtree(os.path.join(ckpt, f"step-{old}"), ignore_errors=True)

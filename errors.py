@@ -7,6 +7,7 @@ traceback, as always.
     InputError       ... bad content (a ValueError, so older `except ValueError` still works)
     MissingInput     ... a file or folder that is not there (a FileNotFoundError)
     Diverged         ... a training stage that went NaN/inf (the message names the checkpoint to resume from)
+    DiskError        ... a write the system refused (disk full, permission, read-only): `writing(path)`
     ArgumentParser   argparse, except that under torchrun only rank 0 prints a flag error
     positive_int ... argparse `type=` checks that name the flag (argparse adds "argument --x:")
     run_command      the boundary every entry point (train.py, generate.py, report.py) runs in
@@ -17,8 +18,11 @@ quiet, and a rank whose collective breaks because a peer has already failed and 
 quietly too (parallel.peer_failed) instead of printing "Connection closed by peer".
 """
 import argparse
+import contextlib
+import errno
 import math
 import os
+import shutil
 import sys
 
 import parallel
@@ -40,6 +44,81 @@ class MissingInput(UserError, FileNotFoundError):
 class Diverged(UserError, FloatingPointError):
     """A loss, gradient, weight or optimiser state went NaN or inf: the settings, not the code,
     are at fault; the message names the checkpoint to resume from."""
+
+
+class DiskError(UserError, OSError):
+    """The system refused a write: the message names the path and the cause in plain words."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Writes the system refuses: one line naming the path and the cause, never a traceback
+
+_WRITE_CAUSES = {
+    errno.ENOSPC: "no space left on device: {path}",
+    errno.EDQUOT: "disk quota exceeded: {path}",
+    errno.EACCES: "cannot write {path}: permission denied",
+    errno.EPERM: "cannot write {path}: permission denied",
+    errno.EROFS: "cannot write {path}: read-only file system",
+    errno.EIO: "cannot write {path}: input/output error (a failing disk or a lost network mount)",
+}
+_HINT = {errno.ENOSPC: "; free some space, then run the same command with --resume (a run) or again",
+         errno.EDQUOT: "; free some space, then run the same command with --resume (a run) or again"}
+
+
+def _free_bytes(path):
+    """Free space for an unprivileged writer on the filesystem holding path (or its nearest
+    existing parent), or None."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def write_cause(exc, path):
+    """The errno behind a failed write of `path`, or None when it is not the system's refusal.
+    Writers in C++ or Rust (torch's checkpoint writer, safetensors) lose the errno: torch reports
+    a full disk as `[enforce fail at inline_container.cc] unexpected pos`, safetensors as
+    `No space left on device (os error 28)`; then the text, and the free space, tell."""
+    if isinstance(exc, DiskError):
+        return None
+    if isinstance(exc, OSError) and exc.errno in _WRITE_CAUSES:
+        return exc.errno
+    for inner, _ in getattr(exc, "failures", {}).values():  # dcp's CheckpointException: every rank's
+        if (code := write_cause(inner, path)) is not None:
+            return code
+    text = str(exc)
+    for code in _WRITE_CAUSES:
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return code
+    if isinstance(exc, (RuntimeError, OSError)):  # errno lost on the way: a full disk is the usual cause
+        free = _free_bytes(path)
+        if free is not None and free < 1 << 20:
+            return errno.ENOSPC
+    return None
+
+
+def write_error(code, path):
+    e = DiskError(_WRITE_CAUSES[code].format(path=path) + _HINT.get(code, ""))
+    e.errno = code
+    return e
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around a write of `path`: a write the system refuses becomes one DiskError naming `path`
+    (not the hidden temporary name the write went to). Cleaning up is the caller's."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        code = write_cause(e, path)
+        if code is None:
+            raise
+        raise write_error(code, path) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,9 +191,10 @@ def positive_list(text):
 # The boundary
 
 def run_command(main):
-    """Run an entry point's main(). A UserError prints one line (once over all ranks) and exits 1;
-    a rank that fails because another rank failed first exits 1 without a word; anything else
-    is a bug in this code and keeps its traceback."""
+    """Run an entry point's main(). A UserError prints one line (once over all ranks) and exits 1,
+    and so does a write the system refused (disk full, permission denied, read-only: an OSError
+    naming its path); a rank that fails because another rank failed first exits 1 without a
+    word; anything else is a bug in this code and keeps its traceback."""
     prog = os.path.basename(sys.argv[0])
     try:
         main()
@@ -128,6 +208,19 @@ def run_command(main):
         if parallel.first_report("interrupted"):
             print(f"{prog}: interrupted; --resume continues from the last checkpoint", file=sys.stderr, flush=True)
         sys.exit(130)
+    except OSError as e:
+        if e.errno in _WRITE_CAUSES and e.filename:  # refused by the system, outside a `writing` block
+            # A permission error may come from a read: a file that exists and cannot be read says which.
+            denied = e.errno in (errno.EACCES, errno.EPERM)
+            unreadable = denied and os.path.exists(e.filename) and not os.access(e.filename, os.R_OK)
+            line = f"cannot read {e.filename}: permission denied" if unreadable else str(write_error(e.errno, e.filename))
+            if parallel.first_report(line):
+                print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        if parallel.peer_failed():
+            sys.exit(1)
+        parallel.first_report(None)
+        raise
     except Exception:
         if parallel.peer_failed():  # e.g. a collective broken by a rank that failed and said why
             sys.exit(1)

@@ -525,9 +525,18 @@ def chat(model, fmt, args):
     kw = dict(max_new_tokens=args.max_new_tokens, eos_id=fmt.tok.eos_ids, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
               batch_size=args.batch_size, vocab_limit=fmt.tok.vocab_size)
+    limit = model.config.max_position_embeddings
+    if args.max_new_tokens >= limit:  # as generate_dataset checks --data's lengths
+        raise InputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{limit} positions (max_position_embeddings)")
     if args.prompt:
         convs = [system + [{"role": "user", "content": p}] for p in args.prompt]
-        outs = sample(model, [fmt.prompt_ids(c) for c in convs], **kw)
+        ids = [fmt.prompt_ids(c) for c in convs]
+        for i, p in enumerate(ids):
+            if len(p) + args.max_new_tokens > limit:
+                raise InputError(f"--prompt {i + 1}: {len(p)} tokens + --max-new-tokens {args.max_new_tokens} exceed "
+                                 f"the model's {limit} positions: shorten it or pass a smaller --max-new-tokens")
+        outs = sample(model, ids, **kw)
         for p, o in zip(args.prompt, outs):
             answer = answer_text(fmt.tok, o.tokens)
             print(json.dumps({"prompt": p, "answer": answer}) if args.format == "jsonl" else f">>> {p}\n{answer}\n",
@@ -546,6 +555,14 @@ def chat(model, fmt, args):
             messages = list(system)
             continue
         messages.append({"role": "user", "content": line})
+        if len(fmt.prompt_ids(messages)) + args.max_new_tokens > limit and len(messages) > len(system) + 1:
+            print(f"(the conversation has outgrown the model's {limit} positions: starting over)", file=sys.stderr)
+            messages = list(system) + messages[-1:]
+        if (n := len(fmt.prompt_ids(messages))) + args.max_new_tokens > limit:
+            print(f"(that message is {n} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the model's "
+                  f"{limit} positions: shorten it)", file=sys.stderr)
+            messages.pop()
+            continue
         out = sample(model, [fmt.prompt_ids(messages)], prompt_ids=[turn], **kw)[0]
         answer = answer_text(fmt.tok, out.tokens)
         print(answer, flush=True)

@@ -217,8 +217,8 @@ def load_hf_state(path, expected, dtype, device=None, tied=False):
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != expected[key]:
                         misshaped.append(f"{key}: file {shape}, model {expected[key]}")
-    if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(v)}): {', '.join(v[:20])}{' ...' if len(v) > 20 else ''}"
+    if missing or unexpected or misshaped:  # how many, and the first three of each: one readable line
+        parts = [f"{label} ({len(v)}): {', '.join(v[:3])}{f' and {len(v) - 3} more' if len(v) > 3 else ''}"
                  for label, v in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if v]
         raise InputError(f"{path}: checkpoint does not match the config; " + "; ".join(parts))
     state = {}

@@ -302,6 +302,13 @@ def read_metrics(path):
     no record at all is refused."""
     with open(path, errors="replace") as f:
         lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+    if lines and not lines[-1][1].endswith("\n"):  # a run stopped mid-write: its torn last line
+        try:
+            json.loads(lines[-1][1])
+        except json.JSONDecodeError:
+            print(f"{path}: dropped a torn last line (line {lines[-1][0]}), left by a run stopped while writing it",
+                  file=sys.stderr)
+            lines.pop()
     records, bad = [], []
     for i, line in lines:
         try:

@@ -404,6 +404,7 @@ def main(argv=None):
     args = parse_args(argv)
     args.kernels = use_kernels(args.kernels)
     rank, world, device = parallel.setup()
+    run_folder.stop_on_sigterm()  # rank 0 says where the run stopped and how to resume it
     # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
     # checks it; every rank learns the verdict, so none waits forever.
     parallel.on_rank0(lambda: run_folder.open_run(args, world))

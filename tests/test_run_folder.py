@@ -123,3 +123,27 @@ def test_a_run_that_produced_nothing_is_replaced(tmp_path):
     os.mkdir(os.path.join(out, "data"))
     with pytest.raises(UserError, match="already holds a run"):
         open_run(parse_args(["--out", out, "--seed", "3"]), world=1)
+
+
+def test_resume_takes_the_folder_however_it_is_named(tmp_path, monkeypatch):
+    """--out is the folder opened, not a string: a trailing slash, ./, another working directory
+    or a moved run folder all resume."""
+    out = tmp_path / "runs" / "x"
+    open_run(parse_args(["--out", str(out)]), world=1).close()
+    monkeypatch.chdir(tmp_path)
+    for name in ("runs/x/", "./runs/x", str(out)):
+        open_run(parse_args(["--out", name, "--resume"]), world=1).close()
+    os.rename(tmp_path / "runs", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    open_run(parse_args(["--out", "x", "--resume"]), world=1).close()
+
+
+def test_resume_drops_a_torn_metrics_line_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    open_run(parse_args(["--out", str(out)]), world=1).close()
+    with open(out / "metrics.jsonl", "w") as f:
+        f.write('{"type": "step", "step": 1}\n{"type": "step", "st')
+    open_run(parse_args(["--out", str(out), "--resume"]), world=1).close()
+    assert capsys.readouterr().out.count("dropped a torn last line (20 bytes)") == 1
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["type"] for r in recs] == ["step", "resume"]
