@@ -17,13 +17,15 @@ TINY = ["--num-prompts", "96", "--eval-prompts", "16", "--sft-steps", "6", "--sf
         "--beta", "0.5", "--gen-batch-size", "64"]
 
 
-def run(out, *extra, procs=1, check=True):
+def run(out, *extra, procs=1, faults=(), check=True):
+    """train.py, or with faults (e.g. ["--kill-at", "spin1:5"]) train.py's main under tests/faults.py."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
+    script = ["-m", "tests.faults", *faults, "--"] if faults else ["train.py"]
     if procs == 1:
-        cmd = [sys.executable, "train.py"]
+        cmd = [sys.executable, *script]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "train.py"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *script]
     p = subprocess.run(cmd + ["--out", str(out), *TINY, *extra], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
@@ -148,7 +150,7 @@ def test_kill_and_resume_gives_the_same_losses(single, double, tmp_path, procs, 
     one process: the sharded checkpoint is read back through checkpoint.load_ckpt's safe reader."""
     uninterrupted = single[0] if resume_procs == 1 else double
     out = tmp_path / "killed"
-    p = run(out, "--baseline", "1", "--kill-at", "spin1:5", procs=procs, check=False)
+    p = run(out, "--baseline", "1", procs=procs, faults=["--kill-at", "spin1:5"], check=False)
     assert p.returncode != 0  # SIGKILLed in the middle of iteration 1's training
     assert os.path.isdir(out / "iter1" / "ckpt" / "step-3") and not os.path.exists(out / "iter1" / "model")
     run(out, "--baseline", "1", "--resume", procs=resume_procs)
