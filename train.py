@@ -195,16 +195,20 @@ def prepare(cfg, device):
     return run, init_dir
 
 
+def folder_settings(cfg, extra_settings=None):
+    """What run_folder.open_run records in config.json and compares on --resume: the flat settings
+    (config.settings), plus extra_settings (a study's flags), read as attributes."""
+    return SimpleNamespace(**settings(cfg), **(extra_settings or {}))
+
+
 def start(cfg, extra_settings=None):
     """Everything before the first stage: processes, the run folder, the data. Returns the Run and
-    the starting HF folder. extra_settings: more {name: value} for config.json (a study's flags)."""
+    the starting HF folder."""
     cfg = replace(cfg, run=replace(cfg.run, kernels=use_kernels(cfg.run.kernels)))
     rank, world, device = parallel.setup()
     # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
-    # checks it; every rank learns the verdict, so none waits forever. open_run reads the flat
-    # settings (config.json's keys) as attributes.
-    flat = SimpleNamespace(**settings(cfg), **(extra_settings or {}))
-    parallel.on_rank0(lambda: run_folder.open_run(flat, world))
+    # checks it; every rank learns the verdict, so none waits forever.
+    parallel.on_rank0(lambda: run_folder.open_run(folder_settings(cfg, extra_settings), world))
     return prepare(cfg, device)
 
 

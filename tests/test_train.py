@@ -282,12 +282,12 @@ def test_clip_grad_norm_matches_torch(scale):
 def test_resume_may_change_kernels_but_not_settings(tmp_path):
     from errors import InputError, UserError
     from run_folder import open_run
-    from train import parse_args
+    from train import folder_settings, parse_args
 
     out = str(tmp_path / "run")
-    open_run(parse_args(["--out", out]), world=1).close()
-    open_run(parse_args(["--out", out, "--resume", "--kernels", "torch"]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out])), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out, "--resume", "--kernels", "torch"])), world=1).close()
     with pytest.raises(InputError, match="seed 0 -> 1"):
-        open_run(parse_args(["--out", out, "--resume", "--seed", "1"]), world=1)
+        open_run(folder_settings(parse_args(["--out", out, "--resume", "--seed", "1"])), world=1)
     with pytest.raises(UserError, match="already holds a run"):  # the resume above recorded itself
-        open_run(parse_args(["--out", out, "--seed", "2"]), world=1)
+        open_run(folder_settings(parse_args(["--out", out, "--seed", "2"])), world=1)
