@@ -23,17 +23,23 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import parallel
 import lora
+import parallel
 import run_folder
-from config import TrainSettings
 from checkpoint import check_finite, export, last_checkpoint, load_ckpt, resolve_dtype, resume_hint, save_ckpt
+from config import TrainSettings
 from data import pairs
-from lora import LoraSettings
 from errors import Diverged, InputError
+from lora import LoraSettings
 from model import Mistral, ModelConfig
 from parallel import log
 from spin_loss import sequence_logps, spin_loss
+
+
+def load_model(folder, device, dtype):
+    """A plain (unsharded) model from a HF folder: the frozen copies, and the weights build_model
+    broadcasts."""
+    return Mistral.from_pretrained(folder, device=device, dtype=dtype)
 
 
 def build_model(folder, settings, compute, device, lora_settings=None):
@@ -66,7 +72,7 @@ def build_model(folder, settings, compute, device, lora_settings=None):
     # Only rank 0 reads the files; the shards arrive by broadcast, so no rank holds two copies.
     full = {}
     if parallel.rank() == 0:
-        full = Mistral.from_pretrained(folder, dtype=torch.float32, device="cpu").state_dict() | fresh
+        full = load_model(folder, "cpu", torch.float32).state_dict() | fresh
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, config
 
@@ -162,7 +168,7 @@ def train_stage(run, stage):
     start = load_ckpt(stage.folder, model, opt, sched)
     live = None
     if s.live_reference and stage.kind == "spin":
-        live = Mistral.from_pretrained(stage.init_dir, device=run.device, dtype=run.compute)
+        live = load_model(stage.init_dir, run.device, run.compute)
     end = stage.steps if stage.stop_at is None else min(stage.stop_at, stage.steps)
     for step in range(start, end):
         t0 = time.time()

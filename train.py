@@ -16,7 +16,9 @@ Launch:
         --eval-data test.parquet                      # the paper's recipe (see README)
 
 Read main() from the bottom of this file: it calls the stages below in order. The flags and
-their two presets (the paper's recipe, the embedded demo) are in train_args.py.
+their two presets (the paper's recipe, the embedded demo) are in train_args.py; they resolve to
+the typed settings of config.py. The study that compares SPIN with variants of it from one SFT
+start (experiments/) reuses these functions through `Arm`.
 
 How this departs from the paper and the official code (uclaml/SPIN):
     1. The opponent's log-probs are computed once, at generation time, not by a second model
@@ -48,11 +50,11 @@ from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
 from evaluate import evaluate
 from kernels import use_kernels
-from model import Mistral, ModelConfig
+from model import ModelConfig
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
-from stage import Stage, run_stage, split_batch
+from stage import Stage, load_model, run_stage, split_batch
 from train_args import parse_args
 
 
@@ -100,7 +102,7 @@ def compute_dtype(name, device):
 
 def load_frozen(run, model_dir):
     """A plain (unsharded) copy of a HF folder for generation and scoring."""
-    return Mistral.from_pretrained(model_dir, device=run.device, dtype=run.compute)
+    return load_model(model_dir, run.device, run.compute)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +287,8 @@ def spin_iteration(run, t, opponent, variant=SPIN):
     n_all = len(tokenize(run, examples)[0])
     correct = None
     if c.run.demo:  # how many of the opponent's training answers the demo's task accepts
-        correct = sum(bool(task.score(ex.prompt, ex.generated)) for ex in examples) / max(len(examples), 1)
+        wrong = sum(not task.score(ex.prompt, ex.generated) for ex in examples)
+        correct = 1 - wrong / max(len(examples), 1)
     if variant.keep is not None:
         examples = variant.keep(examples)
     items, rep = tokenize(run, examples)
