@@ -12,6 +12,7 @@ import os
 import torch
 
 import parallel
+from config import Preset
 from data import readers, task
 from data.template import render_prompt
 from data.tokenizer import Tokenizer, train_tokenizer
@@ -21,11 +22,11 @@ from model import Mistral, ModelConfig
 # ckpt_every 100: a checkpoint costs about as much as a few steps of this tiny model, and a killed
 # demo loses at most ~10 s; checkpoints never change the losses (measured: 20 and 100 bitwise equal,
 # 5m11s and 4m48s under torchrun on the Intel box).
-DEFAULTS = dict(iterations=3, beta="2.0", lr="3e-5", epochs=3.0, batch_size=64, micro_batch_size=32,
-                optimizer="rmsprop", max_new_tokens=32, temperature=1.0, max_length=128,
-                max_prompt_length=64, mix_previous=True, eval_prompts=500, baseline=True,
-                ckpt_every=100, gen_batch_size=256, num_prompts=2000, sft_steps=400, sft_lr=3e-3,
-                demo_dim=96, demo_layers=3, vocab=384, task="addition", task_digits=3, val_prompts=0)
+DEFAULTS = Preset(iterations=3, beta=[2.0], lr=[3e-5], epochs=3.0, batch_size=64, micro_batch_size=32,
+                  optimizer="rmsprop", max_new_tokens=32, temperature=1.0, max_length=128,
+                  max_prompt_length=64, mix_previous=True, eval_prompts=500, baseline=True,
+                  ckpt_every=100, gen_batch_size=256, num_prompts=2000, sft_steps=400, sft_lr=3e-3,
+                  demo_dim=96, demo_layers=3, vocab=384, task="addition", task_digits=3, val_prompts=0)
 
 
 def tiny_config(vocab_size, dim, layers, max_length, bos_id, eos_id):
@@ -36,24 +37,26 @@ def tiny_config(vocab_size, dim, layers, max_length, bos_id, eos_id):
                        bos_token_id=bos_id, eos_token_id=eos_id)
 
 
-def prepare(out, args):
+def prepare(cfg):
     """Task files, tokenizer and initial model in the run folder (rank 0 writes them; a previous
-    attempt's finished folder is reused). Returns (train file, held-out file, init folder); with
-    --val-prompts the data folder also holds val.jsonl."""
+    attempt's finished folder is reused). cfg: a config.Config. Returns (train file, held-out file,
+    init folder); with val_prompts the data folder also holds val.jsonl."""
+    out, d, data = cfg.run.out, cfg.demo, cfg.data
     data_dir, tok_dir, init_dir = (os.path.join(out, d) for d in ("data", "tokenizer", "init"))
 
     def build():
         if os.path.exists(init_dir):
             return
-        train_path, _ = task.write_task(data_dir, seed=args.seed, n_train=args.num_prompts, n_heldout=args.eval_prompts,
-                                        digits=args.task_digits, kind=args.task, n_val=args.val_prompts)
+        train_path, _ = task.write_task(data_dir, seed=cfg.run.seed, n_train=data.num_prompts,
+                                        n_heldout=data.eval_prompts, digits=d.task_digits, kind=d.task,
+                                        n_val=d.val_prompts)
         examples, _ = readers.read_examples(train_path)
         tok_path = train_tokenizer([render_prompt(ex.prompt) + ex.response for ex in examples], tok_dir,
-                                   vocab_size=args.vocab)
+                                   vocab_size=d.vocab)
         tok = Tokenizer(tok_path)
-        L = args.demo_layers
-        config = tiny_config(tok.vocab_size, args.demo_dim, L, args.max_length, tok.bos_id, tok.eos_id)
-        torch.manual_seed(args.seed)
+        L = d.demo_layers
+        config = tiny_config(tok.vocab_size, d.demo_dim, L, data.max_length, tok.bos_id, tok.eos_id)
+        torch.manual_seed(cfg.run.seed)
         model = Mistral(config)
         with torch.no_grad():  # GPT-2 style init; residual projections scaled by depth
             for name, p in model.named_parameters():

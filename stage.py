@@ -1,7 +1,8 @@
 """One training stage under FSDP2, from a Hugging Face folder to a Hugging Face folder: SPIN on
 (real, generated) pairs against stored opponent log-probs, or SFT (cross-entropy on the ground
-truth). train.py describes each stage with a `Stage` and calls `run_stage`; the `run` argument
-of these functions is train.Run (settings, device, tokenizer, run folder).
+truth). train.py describes each stage with a `Stage` (its data, steps, learning rate and the
+run's config.TrainSettings) and calls `run_stage`; the `run` argument of these functions is
+train.Run, of which they read the device, compute dtype, tokenizer and run folder.
 
 Model set-up follows a fixed order (as torchtitan): build on meta -> activation checkpointing ->
 fully_shard each block -> fully_shard the root -> allocate the shards -> load the weights.
@@ -22,20 +23,25 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import parallel
 import lora
-from checkpoint import check_finite, export, last_checkpoint, load_ckpt, resolve_dtype, resume_hint, save_ckpt
+import parallel
+import run_folder
+import kernels
+from checkpoint import check_finite, last_checkpoint, load_ckpt, resume_hint, save_ckpt
+from config import TrainSettings
 from data import pairs
 from errors import Diverged, InputError
-from model import Mistral, ModelConfig
+from lora import LoraSettings
+from hf import export, load_model, read_config, resolve_dtype
+from model import Mistral
 from parallel import log
-from run_folder import record
 from spin_loss import sequence_logps, spin_loss
 
 
-def build_model(folder, args, device, lora_settings=None):
-    config = ModelConfig.from_hf(folder)
-    compute = resolve_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+def build_model(folder, settings, compute, device, impl, lora_settings=None):
+    """A sharded, trainable copy of the HF folder; compute: the run's compute dtype (train.compute_dtype);
+    impl: the kernels (kernels.install)."""
+    config = read_config(folder)
     with torch.device("meta"):
         model = Mistral(config)
     fresh = {}
@@ -49,8 +55,11 @@ def build_model(folder, args, device, lora_settings=None):
         lora.add_adapters(model, lora_settings)
         lora.cast_frozen_(model, compute)
         if parallel.rank() == 0:
-            fresh = lora.initial_adapters(model, torch.Generator().manual_seed(args.seed))
-    if args.activation_checkpointing:
+            fresh = lora.initial_adapters(model, torch.Generator().manual_seed(settings.seed))
+    # The fast paths go in before checkpointing and fully_shard wrap the modules (FSDP keeps the
+    # modules it wraps): on CPUs the chunked log-prob head, on GPUs the Triton kernels.
+    kernels.install(model, impl)
+    if settings.activation_checkpointing:
         for i, block in enumerate(model.model.layers):
             model.model.layers[i] = checkpoint_wrapper(block)
     # Trained parameters stay fp32 (the optimiser's master copy); on GPUs compute runs in bf16 and
@@ -63,7 +72,7 @@ def build_model(folder, args, device, lora_settings=None):
     # Only rank 0 reads the files; the shards arrive by broadcast, so no rank holds two copies.
     full = {}
     if parallel.rank() == 0:
-        full = Mistral.from_pretrained(folder, dtype=torch.float32, device="cpu").state_dict() | fresh
+        full = load_model(folder, dtype=torch.float32, device="cpu").state_dict() | fresh
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, config
 
@@ -71,7 +80,7 @@ def build_model(folder, args, device, lora_settings=None):
 # ----------------------------------------------------------------------------------------------
 # One stage
 
-@dataclass
+@dataclass(kw_only=True)
 class Stage:
     kind: str  # "spin" or "sft"
     init_dir: str  # the HF folder it starts from (for SPIN: the opponent p_t)
@@ -82,7 +91,8 @@ class Stage:
     folder: str  # checkpoints go to folder/ckpt, the export to folder/model
     tag: str  # its name in metrics.jsonl
     optimizer: str
-    lora: bool = False  # train LoRA adapters (--lora-rank > 0) instead of every parameter
+    settings: TrainSettings  # batch, micro-batch, clip, warmup, checkpoints, seed, loss type
+    lora: LoraSettings | None = None  # train these low-rank adapters instead of every parameter
     mix_alpha: float = 0.0  # SPIN against the geometric mixture of p_t and the base (spin_loss alpha)
     stop_at: int | None = None  # stop after this many steps, checkpointed, to be continued (SFT selection)
 
@@ -114,7 +124,7 @@ def spin_micro_batch(model, micro, run, stage, live, n_local):
     base = {}
     if stage.mix_alpha > 0:  # the base (SFT start) model's log-probs, stored by generate.rescore
         base = dict(zip(pairs.BASE_COLUMNS, (b[k].to(run.device) for k in pairs.BASE_COLUMNS)), alpha=stage.mix_alpha)
-    loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=run.args.loss_type, **base)
+    loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=stage.settings.loss_type, **base)
     (loss * n / n_local).backward()  # spin_loss averages over this micro-batch; FSDP over ranks
     sums["loss"] = loss.item() * n
     for k in ("rewards/real", "rewards/generated", "rewards/accuracies", "logps/real", "logps/generated"):
@@ -144,31 +154,31 @@ def split_batch(G, mb, world):
 def train_stage(run, stage):
     """The global batch at step s is a fixed function of (seed, s), so 1 and N processes see the
     same data and give the same losses. Returns the trained (sharded) model and its config."""
-    args, rank, world = run.args, parallel.rank(), parallel.world()
-    G = args.batch_size
-    local, mb = split_batch(G, args.micro_batch_size, world)
+    s, rank, world = stage.settings, parallel.rank(), parallel.world()
+    G = s.batch_size
+    local, mb = split_batch(G, s.micro_batch_size, world)
     per_epoch = len(stage.items) // G
     if per_epoch == 0:
         raise InputError(f"{stage.tag}: {len(stage.items)} examples is fewer than one global batch of {G}: "
                          "pass a smaller --batch-size or more data")
-    model, config = build_model(stage.init_dir, args, run.device, lora_settings(run, stage))
+    model, config = build_model(stage.init_dir, s, run.compute, run.device, run.cfg.run.kernels, stage.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, stage.optimizer, stage.lr, stage.steps, args.warmup_ratio)
+    opt, sched = make_optimizer(params, stage.optimizer, stage.lr, stage.steps, s.warmup_ratio)
     start = load_ckpt(stage.folder, model, opt, sched)
     live = None
-    if args.live_reference and stage.kind == "spin":
-        live = Mistral.from_pretrained(stage.init_dir, device=run.device, dtype=run.infer)
+    if s.live_reference and stage.kind == "spin":
+        live = kernels.install(load_model(stage.init_dir, device=run.device, dtype=run.compute), run.cfg.run.kernels)
     end = stage.steps if stage.stop_at is None else min(stage.stop_at, stage.steps)
     for step in range(start, end):
         t0 = time.time()
         epoch, pos = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch)
+        g = torch.Generator().manual_seed(s.seed * 1000003 + epoch)
         batch = [stage.items[i] for i in torch.randperm(len(stage.items), generator=g)[pos * G:(pos + 1) * G].tolist()]
         mine = batch[rank * local:(rank + 1) * local]
         # Every random draw of the step (LoRA's dropout masks) is a function of (seed, stage, step,
         # rank) too, so a resumed run draws what the uninterrupted one did on every rank.
-        torch.manual_seed(zlib.crc32(f"{args.seed}/{stage.tag}/{step}/{rank}".encode()))
+        torch.manual_seed(zlib.crc32(f"{s.seed}/{stage.tag}/{step}/{rank}".encode()))
         gt_tokens = sum(len(it.real_ids) for it in batch)
         sums, live_diff, ntok = {}, 0.0, 0
         for m0 in range(0, local, mb):
@@ -180,13 +190,13 @@ def train_stage(run, stage):
                 got, n = sft_micro_batch(model, mine[m0:m0 + mb], run, gt_tokens)
             sums = {k: sums.get(k, 0.0) + v for k, v in got.items()}
             ntok += n
-        gnorm = parallel.clip_grad_norm(params, args.clip)
+        gnorm = parallel.clip_grad_norm(params, s.clip)
         tot = parallel.reduce_sums(sums)
         loss = tot["loss"] / tot["n"]
         if not math.isfinite(loss) or not math.isfinite(gnorm.item()):
             raise Diverged(f"{stage.tag} step {step + 1}: loss {loss}, grad norm {gnorm.item()}: stopped before "
                            "this update. " + resume_hint(stage.folder, last_checkpoint(stage.folder)))
-        if step > start and step % args.ckpt_every == 0:
+        if step > start and step % s.ckpt_every == 0:
             # The checkpoint of `step` updates is written only now that those weights have given a
             # finite loss and gradient on the next batch (save_ckpt also checks every value), so
             # a checkpoint on disk is one a resume can continue from.
@@ -197,8 +207,6 @@ def train_stage(run, stage):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if (args.nan_at or "").split(":")[:2] == [stage.tag, str(step + 1)]:
-            inject_nan(args.nan_at, params, opt)
         rec = {"type": "step", "stage": stage.tag, "step": step + 1, "steps": stage.steps, "loss": loss,
                "lr": lr_used, "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / (time.time() - t0),
                "peak_mem_mb": peak_memory_mb(run.device)}
@@ -206,9 +214,7 @@ def train_stage(run, stage):
             rec.update(spin_metrics(tot, stage.beta))
             if live is not None:
                 rec["live_reference_max_abs_diff"] = parallel.reduce_sums({"d": live_diff}, op="max")["d"]
-        record(run.out, rec)
-        if args.kill_at == f"{stage.tag}:{step + 1}":
-            os.kill(os.getpid(), 9)
+        run_folder.record(run.out, rec)
     # The last updates have no next loss to vouch for them (a NaN in an embedding row no batch
     # uses shows in no loss): the weights are checked before they become the next opponent.
     check_finite(dict(model.named_parameters()), stage.folder, f"{stage.tag} step {end}",
@@ -227,25 +233,10 @@ def spin_metrics(tot, beta):
     return rec
 
 
-def inject_nan(hook, params, opt):
-    """Test hook (--nan-at STAGE:STEP[:weights]): a NaN left by this update in a weight or the optimiser state."""
-    if hook.split(":")[2:] == ["weights"]:  # the first trained weight: row 0 (<unk>, which no batch uses) of the embedding
-        t = params[0]
-    else:  # in the optimiser state
-        t = next(v for v in next(iter(opt.state.values())).values()
-                 if torch.is_tensor(v) and v.is_floating_point() and v.dim())
-    with torch.no_grad():
-        (t.to_local() if hasattr(t, "to_local") else t).view(-1)[:1].fill_(float("nan"))
-
-
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def lora_settings(run, stage):
-    return lora.LoraSettings.from_args(run.args) if stage.lora else None
 
 
 def run_stage(run, stage):
@@ -255,11 +246,10 @@ def run_stage(run, stage):
         os.makedirs(stage.folder, exist_ok=True)
         log(f"[{stage.tag}] {stage.kind}: {stage.steps} steps from {stage.init_dir}")
         model, config = train_stage(run, stage)
-        settings = lora_settings(run, stage)
-        if settings is None:
+        if stage.lora is None:
             export(model, config, model_dir, run.tok_files, resolve_dtype(run.dtype_name))
         else:  # folder/adapter (PEFT), then folder/model: the merged model, the next opponent
-            lora.export(model, config, settings, stage.folder, run.tok_files, resolve_dtype(run.dtype_name),
+            lora.export(model, config, stage.lora, stage.folder, run.tok_files, resolve_dtype(run.dtype_name),
                         stage.init_dir)
         del model
         # The export is the stage's result; its checkpoints (weights plus optimiser state,

@@ -16,7 +16,9 @@ Launch:
         --eval-data test.parquet                      # the paper's recipe (see README)
 
 Read main() from the bottom of this file: it calls the stages below in order. The flags and
-their two presets (the paper's recipe, the embedded demo) are in train_args.py.
+their two presets (the paper's recipe, the embedded demo) are in train_args.py; they resolve to
+the typed settings of config.py. The study that compares SPIN with variants of it from one SFT
+start (experiments/) reuses these functions through `Arm`.
 
 How this departs from the paper and the official code (uclaml/SPIN):
     1. The opponent's log-probs are computed once, at generation time, not by a second model
@@ -27,13 +29,11 @@ How this departs from the paper and the official code (uclaml/SPIN):
     4. One command runs every iteration; each stage is skipped when its output exists, and a
        killed stage resumes from its last checkpoint.
 """
-import argparse
-import dataclasses
-import json
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -42,19 +42,19 @@ import generate
 import parallel
 import report
 import run_folder
-from checkpoint import check_model_folder, export, resolve_dtype, write_json
+from config import Config, TrainSettings, settings
 from data import pairs, readers, task
 from errors import InputError, run_command
 from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
 from evaluate import evaluate
-from kernels import use_kernels
-from model import Mistral, ModelConfig
+import kernels
+from hf import check_model_folder, load_model, read_config, resolve_dtype
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
-from stage import Stage, run_stage, split_batch, train_stage
-from train_args import ARMS, parse_args
+from stage import Stage, run_stage, split_batch
+from train_args import parse_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,22 +62,21 @@ from train_args import ARMS, parse_args
 
 @dataclass
 class Run:
-    args: argparse.Namespace
+    cfg: Config
     device: torch.device
-    infer: torch.dtype  # every frozen copy (generation, scoring, evaluation, live reference)
+    compute: torch.dtype  # every model's compute dtype, trained or frozen (compute_dtype)
     fmt: ChatFormat  # the tokenizer and chat template every stage tokenises through
     tok_files: dict  # {name in an export: source path}: the tokenizer files and chat template
     dtype_name: str  # the dtype exports are written in: the starting checkpoint's
     train_ex: list
     held_ex: list
-    val_ex: list | None = None  # prompts that choose the SFT checkpoint (--sft-eval-every)
-    base: str | None = None  # the SFT start every arm begins from (a HF folder)
+    base: str | None = None  # the SFT start every iteration 0 plays against (a HF folder)
     timings: dict = field(default_factory=dict)
-    table: list = field(default_factory=list)  # eval rows, one per iteration and arm
+    table: list = field(default_factory=list)  # eval rows, one per iteration
 
     @property
     def out(self):
-        return self.args.out
+        return self.cfg.run.out
 
     @property
     def tok(self):
@@ -91,12 +90,19 @@ def timed(run, name, fn):
     return result
 
 
-def inference_dtype(args, device):
-    """The dtype of every frozen copy, so stored and recomputed log-probs always come from the
-    same precision."""
-    if args.dtype:
-        return resolve_dtype(args.dtype)
+def compute_dtype(name, device):
+    """The one compute dtype of the run: the trained copies compute in it (their fp32 parameters
+    are cast by FSDP) and every frozen copy is held in it, so stored and recomputed log-probs
+    always come from the same precision."""
+    if name:
+        return resolve_dtype(name)
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_frozen(run, model_dir):
+    """A plain (unsharded) copy of a HF folder for generation and scoring, with the run's kernels
+    (kernels/__init__.py: the Triton kernels on GPUs, the fused torch paths on CPUs)."""
+    return kernels.install(load_model(model_dir, device=run.device, dtype=run.compute), run.cfg.run.kernels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,13 +111,13 @@ def inference_dtype(args, device):
 def run_generation(run, model_dir, examples, out_path, iteration, seed):
     if os.path.exists(out_path):
         return
-    a = run.args
-    model = Mistral.from_pretrained(model_dir, device=run.device, dtype=run.infer)
+    g, d = run.cfg.gen, run.cfg.data
+    model = load_frozen(run, model_dir)
     generate.generate_dataset(model, run.fmt, examples, out_path, iteration=iteration, seed=seed,
                               rank=parallel.rank(), world_size=parallel.world(),
-                              max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                              top_p=a.top_p, top_k=a.top_k, batch_size=a.gen_batch_size,
-                              max_prompt_length=a.max_prompt_length, max_length=a.max_length,
+                              max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                              top_p=g.top_p, top_k=g.top_k, batch_size=g.gen_batch_size,
+                              max_prompt_length=d.max_prompt_length, max_length=d.max_length,
                               model_id=model_dir)
     del model
     parallel.barrier()
@@ -119,50 +125,50 @@ def run_generation(run, model_dir, examples, out_path, iteration, seed):
 
 def run_evaluation(run, model_dir, examples, beta, details=None):
     """evaluate.py on a HF folder; details: a row name, whose per-example outcomes go to
-    eval/<name>.jsonl (what paired statistics between arms need)."""
-    a = run.args
+    eval/<name>.jsonl (what paired statistics between runs need)."""
+    g, d = run.cfg.gen, run.cfg.data
     path = None if details is None else os.path.join(run.out, "eval", f"{details}.jsonl")
-    return evaluate(model_dir, examples, run.fmt, beta=beta, device=run.device, dtype=run.infer,
-                    max_length=a.max_length, max_prompt_length=a.max_prompt_length,
-                    batch_size=a.gen_batch_size, max_new_tokens=a.max_new_tokens, has_task=a.demo, details=path)
+    return evaluate(model_dir, examples, run.fmt, beta=beta, device=run.device, dtype=run.compute,
+                    max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                    batch_size=g.gen_batch_size, max_new_tokens=g.max_new_tokens, has_task=run.cfg.run.demo,
+                    details=path, impl=run.cfg.run.kernels)
 
 
 def tokenize(run, examples):
-    return pairs.tokenize_examples(run.fmt, examples, max_length=run.args.max_length,
-                                   max_prompt_length=run.args.max_prompt_length, on_empty="skip")
+    return pairs.tokenize_examples(run.fmt, examples, max_length=run.cfg.data.max_length,
+                                   max_prompt_length=run.cfg.data.max_prompt_length, on_empty="skip")
 
 
 # ----------------------------------------------------------------------------------------------
 # Setting up a run: the demo's task and model (or the user's), the data
 
-def check_batches(args, n_train, train_path):
+def check_batches(settings: TrainSettings, n_train, train_path):
     """The batch flags against the world size and the data, before any stage starts (stage.py
     would only find out at its first step)."""
-    G = args.batch_size
-    split_batch(G, args.micro_batch_size, parallel.world())
+    G = settings.batch_size
+    split_batch(G, settings.micro_batch_size, parallel.world())
     if n_train < G:
         raise InputError(f"{train_path}: {n_train} training prompts is fewer than one global batch "
                          f"(--batch-size {G}): pass a smaller --batch-size or more data")
 
 
-def prepare(args, device):
+def prepare(cfg, device):
     """The run's starting folder, tokenizer and data, checked before any long stage starts."""
-    if args.demo:
+    d = cfg.data
+    if cfg.run.demo:
         run_t0 = time.time()
-        train_path, eval_path, init_dir = demo.prepare(args.out, args)
-        if args.val_prompts:
-            args.val_data = os.path.join(os.path.dirname(train_path), "val.jsonl")
+        train_path, eval_path, init_dir = demo.prepare(cfg)
         prepare_s = time.time() - run_t0
     else:
-        train_path, eval_path, init_dir = args.data, args.eval_data, args.model
+        train_path, eval_path, init_dir = d.data, d.eval_data, cfg.run.model
         check_model_folder(init_dir)  # a missing folder or one of pickles, named before its tokenizer
     tok = load_tokenizer(init_dir)
-    fmt = ChatFormat(tok, load_chat_template(init_dir, tok, args.chat_template))
+    fmt = ChatFormat(tok, load_chat_template(init_dir, tok, cfg.run.chat_template))
     log(f"tokenizer {tok.path} ({tok.vocab_size} tokens, generation stops at {list(tok.eos_ids)}); "
         f"chat template: {fmt.name}")
-    train_ex, held_ex = readers.load_splits(train_path, eval_path, num_prompts=args.num_prompts,
-                                            eval_prompts=args.eval_prompts, seed=args.seed,
-                                            on_error=args.on_bad_row, log=log)
+    train_ex, held_ex = readers.load_splits(train_path, eval_path, num_prompts=d.num_prompts,
+                                            eval_prompts=d.eval_prompts, seed=cfg.run.seed,
+                                            on_error=d.on_bad_row, log=log)
     for name, exs in (("training", train_ex), ("held-out", held_ex)):
         kept, reasons = pairs.splittable(fmt, exs)
         if len(kept) < len(exs):
@@ -173,217 +179,172 @@ def prepare(args, device):
             raise InputError(f"{eval_path if name == 'held-out' and eval_path else train_path}: no {name} example "
                              f"is left whose answer {fmt.name} can split from the prompt (see the examples "
                              "above); pass --chat-template FILE with a template that can")
-    check_batches(args, len(train_ex), train_path)  # fail now, not after generating for an hour
-    config = ModelConfig.from_hf(init_dir)
+    check_batches(cfg.train, len(train_ex), train_path)  # fail now, not after generating for an hour
+    config = read_config(init_dir)
     generate.check_vocab(tok, config.vocab_size, init_dir)  # fail now, not mid-SFT
-    need = max(args.max_length, args.max_prompt_length + args.max_new_tokens)
+    need = max(d.max_length, d.max_prompt_length + cfg.gen.max_new_tokens)
     if need > config.max_position_embeddings:  # fail now, not after an hour of SFT
         raise InputError(f"{init_dir}: the model has {config.max_position_embeddings} positions, but "
-                         f"--max-length {args.max_length} / --max-prompt-length {args.max_prompt_length} + "
-                         f"--max-new-tokens {args.max_new_tokens} need {need}")
+                         f"--max-length {d.max_length} / --max-prompt-length {d.max_prompt_length} + "
+                         f"--max-new-tokens {cfg.gen.max_new_tokens} need {need}")
     folder = os.path.dirname(tok.path)
     tok_files = {name: os.path.join(folder, name) for name in tok.files}
-    if args.chat_template:  # exports carry the template the run used; transformers prefers this file
-        tok_files["chat_template.jinja"] = args.chat_template
-    run = Run(args, device, inference_dtype(args, device), fmt, tok_files, config.dtype, train_ex, held_ex)
-    if args.val_data:
-        run.val_ex, rep = readers.read_examples(args.val_data, on_error=args.on_bad_row)
-        run.val_ex = pairs.splittable(fmt, [readers.Example(e.prompt, e.response) for e in run.val_ex])[0]
-        log(f"validation data (chooses the SFT checkpoint): {rep.summary()}")
-    if args.demo:
+    if cfg.run.chat_template:  # exports carry the template the run used; transformers prefers this file
+        tok_files["chat_template.jinja"] = cfg.run.chat_template
+    run = Run(cfg, device, compute_dtype(cfg.run.dtype, device), fmt, tok_files, config.dtype, train_ex, held_ex)
+    if cfg.run.demo:
         run.timings["prepare"] = prepare_s
     return run, init_dir
+
+
+def folder_settings(cfg, extra_settings=None):
+    """What run_folder.open_run records in config.json and compares on --resume: the flat settings
+    (config.settings), plus extra_settings (a study's flags), read as attributes."""
+    return SimpleNamespace(**settings(cfg), **(extra_settings or {}))
+
+
+def start(cfg, extra_settings=None):
+    """Everything before the first stage: processes, the run folder, the data. Returns the Run and
+    the starting HF folder."""
+    cfg = replace(cfg, run=replace(cfg.run, kernels=kernels.use_kernels(cfg.run.kernels)))
+    rank, world, device = parallel.setup()
+    run_folder.stop_on_sigterm()  # rank 0 says where the run stopped and how to resume it
+    # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
+    # checks it; every rank learns the verdict, so none waits forever.
+    parallel.on_rank0(lambda: run_folder.open_run(folder_settings(cfg, extra_settings), world))
+    return prepare(cfg, device)
 
 
 # ----------------------------------------------------------------------------------------------
 # The stages, in the order main() runs them
 
-def sft_warm_start(run, init_dir):
-    """The demo's warm start (or the whole job with --sft): SFT on the training data, for
-    --sft-steps, or to its validation optimum with --sft-eval-every."""
-    a = run.args
+def sft_stage(run, init_dir):
+    """The demo's warm start (or the whole job with --sft): SFT on the training data."""
+    c = run.cfg
     items, rep = tokenize(run, run.train_ex)
     log(f"sft data: {rep.summary()}")
-    stage = Stage("sft", init_dir, items, a.sft_steps, a.sft_lr, None, os.path.join(a.out, "sft"), "sft",
-                  a.sft_optimizer, lora=not a.demo)  # the demo's random init trains in full
-    if a.sft_eval_every:
-        return timed(run, "sft", lambda: sft_to_optimum(run, stage))
-    return timed(run, "sft", lambda: run_stage(run, stage))
-
-
-def best_candidate(history, key):
-    """The best score in key; exact-match ties (common: it moves in steps of 1/n) go to the
-    higher likelihood, then to the earlier step."""
-    return max(history, key=lambda h: (h[key], h["gt_logp_per_token"], -h["step"]))
-
-
-def patience_out(history, key, patience):
-    """True once the last `patience` scores have all come after the best one."""
-    return len(history) > patience and best_candidate(history, key)["step"] < history[-patience]["step"]
-
-
-def sft_to_optimum(run, stage):
-    """Early stopping: every --sft-eval-every steps the model is exported and scored on the
-    validation prompts (never the held-out ones the arms are compared on); the best export is
-    kept; training stops after --sft-patience scores without a better one, or at --sft-steps.
-    Scores are recorded (metrics.jsonl, selection.json), so a resumed run skips what it did."""
-    a, final = run.args, os.path.join(stage.folder, "model")
-    if os.path.exists(final):
-        return final
-    key = "exact_match" if a.sft_select == "exact_match" else "gt_logp_per_token"
-    path = os.path.join(stage.folder, "selection.json")
-    history = []  # [{"step", and the scores}] of every candidate so far
-    if os.path.exists(path):
-        with open(path) as f:
-            history = json.load(f)
-    best_of = lambda hs: best_candidate(hs, key)  # noqa: E731
-    for stop in range(a.sft_eval_every, stage.steps + a.sft_eval_every, a.sft_eval_every):
-        stop = min(stop, stage.steps)
-        if patience_out(history, key, a.sft_patience):
-            break
-        if any(h["step"] == stop for h in history):
-            continue
-        candidate = os.path.join(stage.folder, f"candidate-{stop}")
-        if not os.path.exists(candidate):
-            model, config = train_stage(run, dataclasses.replace(stage, stop_at=stop))
-            export(model, config, candidate, run.tok_files, resolve_dtype(run.dtype_name))
-            del model
-        score = run_evaluation(run, candidate, run.val_ex, None)
-        history.append({"step": stop, **score})
-        record(run.out, {"type": "sft_select", "stage": stage.tag, "step": stop, **score})
-        log(f"  [sft] step {stop}: validation {key} {score[key]:.4f}")
-        keep = f"candidate-{best_of(history)['step']}"
-
-        def save_history():  # and drop the candidates that are no longer the best
-            write_json(path, history, indent=1)
-            for d in os.listdir(stage.folder):
-                if d.startswith("candidate-") and d != keep:
-                    shutil.rmtree(os.path.join(stage.folder, d))
-        parallel.on_rank0(save_history)
-    best = best_of(history)
-    log(f"[sft] chose step {best['step']} of {history[-1]['step']} (validation {key} {best[key]:.4f})")
-    record(run.out, {"type": "sft_chosen", "stage": stage.tag, "step": best["step"], key: best[key]})
-
-    def publish():
-        os.rename(os.path.join(stage.folder, f"candidate-{best['step']}"), final)
-        shutil.rmtree(os.path.join(stage.folder, "ckpt"), ignore_errors=True)
-    parallel.on_rank0(publish)
-    return final
+    return Stage(kind="sft", init_dir=init_dir, items=items, steps=c.sft.sft_steps, lr=c.sft.sft_lr, beta=None,
+                 folder=os.path.join(run.out, "sft"), tag="sft", optimizer=c.sft.sft_optimizer, settings=c.train,
+                 lora=None if c.run.demo else c.lora)  # the demo's random init trains in full
 
 
 def evaluate_start(run, base):
     """The SFT starting point, evaluated against its own samples (rewards are 0 by definition)."""
     synth0 = os.path.join(run.out, "iter0", "eval_synthetic.parquet")
-    timed(run, "generate", lambda: run_generation(run, base, run.held_ex, synth0, 0, run.args.seed + 7))
+    timed(run, "generate", lambda: run_generation(run, base, run.held_ex, synth0, 0, run.cfg.run.seed + 7))
     row = timed(run, "evaluate", lambda: run_evaluation(run, base, synth0, 1.0, "start-0"))
     row.update(arm="start", iteration=0, reward_accuracy=None, reward_margin=None)
     run.table.append(row)
     record(run.out, {"type": "eval", **row})
 
 
-def arm_folder(run, arm, t):
-    return os.path.join(run.out, ARMS[arm], f"iter{t}")
+@dataclass(frozen=True)
+class Arm:
+    """What a SPIN iteration trains on and against. The defaults are the paper's SPIN; the study in
+    experiments/ passes other variants to this same function."""
+    name: str = "spin"  # its rows in the eval table; iteration t's stage is f"{name}{t}"
+    folder: str = ""  # its iterations live in <out>/<folder>/iter{t}
+    base_alpha: float = 0.0  # reference p_start^a * p_t^(1-a) (spin_loss alpha), scored by rescoring; 0: p_t
+    keep: Callable | None = None  # (examples) -> the pairs to train on; None: every pair
+    refill: Callable | None = None  # (kept tokenised pairs, global batch) -> what the stage trains on
 
 
-def samples_folder(run, arm, t):
-    """Where arm's iteration-t samples live. Every SPIN arm plays the SFT start at iteration 0,
-    with the same seeds, so they share the spin arm's samples there."""
-    return arm_folder(run, "spin" if t == 0 else arm, t)
+SPIN = Arm()
 
 
-def judged_wrong(examples):
-    """The examples whose generated answer the task's verifier rejects (data/task.score)."""
-    return [ex for ex in examples if not task.score(ex.prompt, ex.generated)]
+def iter_folder(run, folder, t):
+    return os.path.join(run.out, folder, f"iter{t}")
 
 
-def fill_one_batch(items, batch_size):
-    """spin_drop may keep fewer pairs than one global batch (the verifier accepts nearly every
-    sample): repeated, they fill every batch, so the arm still takes its steps."""
-    return items * -(-batch_size // len(items)) if 0 < len(items) < batch_size else items
-
-
-def spin_iteration(run, t, opponent, arm="spin"):
-    """One iteration of a SPIN arm against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
-    a = run.args
-    folder, samples = arm_folder(run, arm, t), samples_folder(run, arm, t)
-    tag = f"{arm}{t}"
-    beta, lr = beta_for_iteration(a.beta, t), a.lr[min(t, len(a.lr) - 1)]
-    repeat = any(1 < len(v) <= t for v in (a.beta, a.lr))  # a list shorter than --iterations
+def spin_iteration(run, t, opponent, variant=SPIN):
+    """One SPIN iteration against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
+    c = run.cfg
+    # Every variant plays the SFT start at iteration 0 with the same seeds, so they share its samples.
+    folder, samples = iter_folder(run, variant.folder, t), iter_folder(run, variant.folder if t else "", t)
+    tag = f"{variant.name}{t}"
+    beta, lr = beta_for_iteration(c.spin.beta, t), c.spin.lr[min(t, len(c.spin.lr) - 1)]
+    repeat = any(1 < len(v) <= t for v in (c.spin.beta, c.spin.lr))  # a list shorter than --iterations
     log(f"[{tag}] beta {beta:g}, lr {lr:g}" + (" (the last value of a shorter --beta/--lr list)" if repeat else ""))
     synth = os.path.join(samples, "synthetic.parquet")
     eval_synth = os.path.join(samples, "eval_synthetic.parquet")
-    timed(run, "generate", lambda: run_generation(run, opponent, run.train_ex, synth, t, a.seed + t))
-    timed(run, "generate", lambda: run_generation(run, opponent, run.held_ex, eval_synth, t, a.seed + 7 + t))
+    seed = c.run.seed
+    # 1. generate: p_t answers every training prompt (and the held-out ones, for evaluation)
+    timed(run, "generate", lambda: run_generation(run, opponent, run.train_ex, synth, t, seed + t))
+    timed(run, "generate", lambda: run_generation(run, opponent, run.held_ex, eval_synth, t, seed + 7 + t))
     rescore = lambda model, src, dst, columns: timed(run, "generate", lambda: generate.rescore(  # noqa: E731
-        model, src, dst, run.fmt, device=run.device, dtype=run.infer, max_length=a.max_length,
-        max_prompt_length=a.max_prompt_length, batch_size=a.gen_batch_size, columns=columns))
-    if arm == "spin_mix":  # the base (SFT start) model's log-probs of both answers, for the mixture
+        model, src, dst, run.fmt, device=run.device, dtype=run.compute, max_length=c.data.max_length,
+        max_prompt_length=c.data.max_prompt_length, batch_size=c.gen.gen_batch_size, columns=columns,
+        impl=c.run.kernels))
+    if variant.base_alpha > 0:  # the start's log-probs of both answers, for the mixture reference
         scored = os.path.join(folder, "synthetic_base.parquet")
         rescore(run.base, synth, scored, pairs.BASE_COLUMNS)
         synth = scored
     files = [synth]
-    if a.mix_previous and t > 0:  # the official recipe: iteration t-1's data, rescored by p_t
-        prev = os.path.join(arm_folder(run, arm, t - 1), "synthetic_base.parquet") if arm == "spin_mix" \
-            else os.path.join(samples_folder(run, arm, t - 1), "synthetic.parquet")
+    if c.data.mix_previous and t > 0:  # the official recipe: iteration t-1's data, rescored by p_t
+        prev = os.path.join(iter_folder(run, variant.folder, t - 1), "synthetic_base.parquet") if variant.base_alpha \
+            else os.path.join(iter_folder(run, variant.folder if t > 1 else "", t - 1), "synthetic.parquet")
         files.append(os.path.join(folder, "previous_rescored.parquet"))
         rescore(opponent, prev, files[-1], pairs.OPPONENT_COLUMNS)
     examples = [ex for f in files for ex in readers.read_examples(f, layout="spin")[0]]
     n_all = len(tokenize(run, examples)[0])
     correct = None
-    if a.demo:  # the task's verifier on the opponent's training samples
-        wrong = judged_wrong(examples)
-        correct = 1 - len(wrong) / max(len(examples), 1)
-        if arm == "spin_drop":  # the hypothesis: SPIN loses by pushing down correct answers
-            examples = wrong
+    if c.run.demo:  # how many of the opponent's training answers the demo's task accepts
+        wrong = sum(not task.score(ex.prompt, ex.generated) for ex in examples)
+        correct = 1 - wrong / max(len(examples), 1)
+    if variant.keep is not None:
+        examples = variant.keep(examples)
     items, rep = tokenize(run, examples)
     same = sum(it.real_ids == it.generated_ids for it in items) / max(len(items), 1)
     log(f"[{tag}] {rep.summary()}; samples equal to the ground truth: {same:.1%}"
         + ("" if correct is None else f"; judged correct by the task: {correct:.1%}"))
-    # Every arm takes the steps the paper's SPIN takes on all its pairs, so arms differ only in
-    # what they train on, not in how long (spin_drop goes over its fewer pairs more often).
-    steps = max(1, int(a.epochs * (n_all // a.batch_size)))
+    # The steps the paper's SPIN takes on all its pairs, whatever the variant keeps: variants differ only
+    # in what they train on, not in how long.
+    steps = max(1, int(c.spin.epochs * (n_all // c.train.batch_size)))
     n_pairs = len(items)
-    if arm == "spin_drop":
-        items = fill_one_batch(items, a.batch_size)
-    if n_pairs or arm != "spin_drop":
-        stage = Stage("spin", opponent, items, steps, lr, beta, folder, tag, a.optimizer, lora=True,
-                      mix_alpha=a.mix_alpha if arm == "spin_mix" else 0.0)
+    if variant.refill is not None:
+        items = variant.refill(items, c.train.batch_size)
+    # 2. train p_{t+1} from p_t on the pairs, 3. export it (run_stage)
+    if n_pairs or variant.keep is None:
+        stage = Stage(kind="spin", init_dir=opponent, items=items, steps=steps, lr=lr, beta=beta, folder=folder,
+                      tag=tag, optimizer=c.spin.optimizer, settings=c.train, lora=c.lora, mix_alpha=variant.base_alpha)
         model_dir = timed(run, "train", lambda: run_stage(run, stage))
-    else:  # spin_drop when the verifier accepts every sample: nothing to push down, p_t is kept
+    else:  # the variant kept no pair: nothing to push down, p_t is kept
         log(f"[{tag}] no pair left to train on: the next model is the opponent itself")
         model_dir = opponent
-    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta, f"{arm}-{t + 1}"))
-    row.update(arm=arm, iteration=t + 1, train_samples_equal_gt=same, train_samples_correct=correct,
+    # 4. evaluate p_{t+1} on the held-out prompts, against p_t's answers to them
+    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta, f"{variant.name}-{t + 1}"))
+    row.update(arm=variant.name, iteration=t + 1, train_samples_equal_gt=same, train_samples_correct=correct,
                train_pairs=n_pairs, steps=steps if model_dir != opponent else 0)
-    before = next(r for r in reversed(run.table) if r["arm"] in (arm, "start"))
+    before = next(r for r in reversed(run.table) if r["arm"] in (variant.name, "start"))
     if row["gt_logp_per_token"] < before["gt_logp_per_token"] - 1e-3:
-        log(f"WARNING: held-out ground-truth log-likelihood fell during {arm} iteration {t} "
-            f"({row['gt_logp_per_token']:.4f} nats/token). Reward accuracy can rise while the model "
-            "gets worse (shared/SPIN_AT_SMALL_SCALE.md): consider a larger beta or a smaller lr.")
+        log(f"WARNING: held-out ground-truth log-likelihood fell during {variant.name} iteration {t} "
+            f"({row['gt_logp_per_token']:.4f} nats/token). Reward accuracy can rise while the model gets "
+            "worse (on a small model at beta 0.1, reward accuracy passed 90% while the ground truth lost "
+            "5-8 nats): consider a larger beta or a smaller lr.")
         row["gt_logp_fell"] = True
     run.table.append(row)
     record(run.out, {"type": "eval", **row})
     return model_dir
 
 
-def sft_iteration(run, t, prev, arm="sft"):
+def sft_iteration(run, t, prev):
     """The baseline the paper compares against: continued SFT from the same start, with the
     same number of steps and the same learning rate as SPIN iteration t."""
-    a = run.args
-    folder = arm_folder(run, arm, t)
+    c = run.cfg
+    folder = iter_folder(run, "baseline", t)
     spin = [r for r in run.table if r["arm"] == "spin" and r["iteration"] == t + 1]
     items, _ = tokenize(run, run.train_ex)
     # The paper's SPIN's steps at t: its pairs (twice as many from t = 1 with --mix-previous).
-    pairs_t = len(items) * (2 if a.mix_previous and t > 0 else 1)
-    steps = spin[-1]["steps"] if spin else max(1, int(a.epochs * (pairs_t // a.batch_size)))
-    stage = Stage("sft", prev, items, steps, a.lr[min(t, len(a.lr) - 1)], None, folder, f"sft{t}", a.optimizer,
-                  lora=True)
+    pairs_t = len(items) * (2 if c.data.mix_previous and t > 0 else 1)
+    steps = spin[-1]["steps"] if spin else max(1, int(c.spin.epochs * (pairs_t // c.train.batch_size)))
+    stage = Stage(kind="sft", init_dir=prev, items=items, steps=steps, lr=c.spin.lr[min(t, len(c.spin.lr) - 1)],
+                  beta=None, folder=folder, tag=f"sft{t}", optimizer=c.spin.optimizer, settings=c.train, lora=c.lora)
     model_dir = timed(run, "baseline", lambda: run_stage(run, stage))
     eval_synth = os.path.join(folder, "eval_synthetic.parquet")
-    timed(run, "generate", lambda: run_generation(run, prev, run.held_ex, eval_synth, t, a.seed + 7 + t))
-    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta_for_iteration(a.beta, t),
-                                                        f"{arm}-{t + 1}"))
-    row.update(arm=arm, iteration=t + 1, steps=steps)
+    timed(run, "generate", lambda: run_generation(run, prev, run.held_ex, eval_synth, t, c.run.seed + 7 + t))
+    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth,
+                                                        beta_for_iteration(c.spin.beta, t), f"sft-{t + 1}"))
+    row.update(arm="sft", iteration=t + 1, steps=steps)
     run.table.append(row)
     record(run.out, {"type": "eval", **row})
     return model_dir
@@ -398,32 +359,30 @@ def finish(run):
         curves = report.plot_training(report.read_metrics(os.path.join(run.out, "metrics.jsonl")),
                                       os.path.join(run.out, "report_training.png"), name)
         print(f"outputs in {run.out}" + "".join(f"; plot {p}" for p in (png, curves) if p))
+    parallel.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    args.kernels = use_kernels(args.kernels)
-    rank, world, device = parallel.setup()
-    run_folder.stop_on_sigterm()  # rank 0 says where the run stopped and how to resume it
-    # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
-    # checks it; every rank learns the verdict, so none waits forever.
-    parallel.on_rank0(lambda: run_folder.open_run(args, world))
-    run, base = prepare(args, device)
-    if args.demo or args.sft:
-        base = sft_warm_start(run, base)
-        if args.sft:
+    cfg = parse_args(argv)
+    run, base = start(cfg)
+    if cfg.run.demo or cfg.sft.sft:  # the demo's warm start from its random init (or --sft alone)
+        stage = sft_stage(run, base)
+        base = timed(run, "sft", lambda: run_stage(run, stage))
+        if cfg.sft.sft:
             log(f"SFT model: {base}")
             torch.distributed.destroy_process_group()
             return
     run.base = base
     evaluate_start(run, base)
-    for arm in args.arms:  # each arm's iterations, from the same start
+    model = base
+    for t in range(cfg.spin.iterations):  # SPIN: p_{t+1} learns to tell the data from p_t's answers
+        model = spin_iteration(run, t, model)
+    if cfg.spin.baseline:  # continued SFT from the same start, step for step
         model = base
-        for t in range(args.iterations):
-            model = (sft_iteration if arm == "sft" else spin_iteration)(run, t, model, arm)
+        for t in range(cfg.spin.iterations):
+            model = sft_iteration(run, t, model)
     finish(run)
-    parallel.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

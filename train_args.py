@@ -1,10 +1,13 @@
 """train.py's command line: its flags, the two presets they default to, and the checks between
-flags, so a mistake is one line naming the flag (errors.ArgumentParser) before any work starts."""
-import argparse
+flags, so a mistake is one line naming the flag (errors.ArgumentParser) before any work starts.
+resolve() turns the parsed flags into the typed settings of config.py, which is all that the
+code below train.main sees."""
 import os
 import time
 
 import demo
+from config import (Config, DataConfig, DemoConfig, GenConfig, Preset, RunConfig, SftConfig, SpinConfig,
+                    TrainSettings)
 from data import task
 from errors import (ArgumentParser, fraction, non_negative_int, positive_float, positive_int, positive_list,
                     probability)
@@ -12,26 +15,10 @@ from lora import LoraSettings
 
 # Two presets. Flags left unset take the preset's value: the paper's recipe when --model is
 # given, the embedded CPU demo otherwise (demo.DEFAULTS, chosen by EXPERIMENTS.md's sweep).
-RECIPE = dict(iterations=4, beta="0.1,0.1,0.1,5.0", lr="5e-7,5e-7,1e-7,1e-7", epochs=2.0,
-              batch_size=64, micro_batch_size=1, optimizer="rmsprop", max_new_tokens=256,
-              temperature=1.0, max_length=1024, max_prompt_length=512, mix_previous=True,
-              eval_prompts=500, baseline=False, ckpt_every=200, gen_batch_size=32)
-
-# The arms of a comparison and where their iterations live. Each starts from the SFT start.
-ARMS = {
-    "spin": "",  # the paper's SPIN: iter{t}/
-    "sft": "baseline",  # continued SFT on the ground truth, the paper's baseline
-    "spin_mix": "spin_mix",  # SPIN against p_base^alpha * p_t^(1-alpha) (Alami et al. 2024; spin_loss)
-    "spin_drop": "spin_drop",  # SPIN without the pairs whose sample the task's verifier accepts
-}
-
-
-def arm_list(text):
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in names if x not in ARMS]
-    if bad or not names or len(set(names)) < len(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of distinct arms among {', '.join(ARMS)}")
-    return names
+RECIPE = Preset(iterations=4, beta=[0.1, 0.1, 0.1, 5.0], lr=[5e-7, 5e-7, 1e-7, 1e-7], epochs=2.0,
+                batch_size=64, micro_batch_size=1, optimizer="rmsprop", max_new_tokens=256,
+                temperature=1.0, max_length=1024, max_prompt_length=512, mix_previous=True,
+                eval_prompts=500, baseline=False, ckpt_every=200, gen_batch_size=32)
 
 
 def add_run_model_data(p):
@@ -48,7 +35,7 @@ def add_run_model_data(p):
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on GPUs, torch paths on CPUs; torch: the torch paths "
-                        "everywhere (sets SPIN_KERNELS; a run may be resumed with another value)")
+                        "everywhere (default: SPIN_KERNELS, else auto; a run may be resumed with another value)")
     # data
     p.add_argument("--data", default=None, help="training prompts with ground truth (parquet/jsonl)")
     p.add_argument("--eval-data", default=None, help="held-out file (default: a split of --data, at most a tenth)")
@@ -89,7 +76,7 @@ def add_spin_lora_generation(p):
     p.add_argument("--ckpt-every", type=positive_int, default=None, help="optimiser steps between checkpoints")
 
 
-def add_sft_arms_demo(p):
+def add_sft_demo(p):
     # SFT: warm start of the demo, and the continued-SFT baseline
     p.add_argument("--sft", action="store_true", help="only run SFT on --data (cross-entropy on the ground truth)")
     p.add_argument("--sft-steps", type=positive_int, default=None)
@@ -98,83 +85,70 @@ def add_sft_arms_demo(p):
                    help="optimiser of the demo's warm start (--sft runs too); the baseline uses --optimizer")
     p.add_argument("--baseline", type=int, default=None, choices=[0, 1],
                    help="also run continued SFT with the same number of steps, as the baseline")
-    p.add_argument("--sft-eval-every", type=non_negative_int, default=0,
-                   help="SFT: score the model on the validation prompts every N steps, keep the best, stop after "
-                        "--sft-patience scores without a better one (0: train --sft-steps and keep the last)")
-    p.add_argument("--sft-patience", type=positive_int, default=5)
-    p.add_argument("--sft-select", choices=["exact_match", "gt_logp"], default="exact_match",
-                   help="what --sft-eval-every maximises: greedy exact match (needs the demo's task) or the "
-                        "ground-truth log-likelihood per token")
-    p.add_argument("--val-data", default=None,
-                   help="validation prompts for --sft-eval-every (the demo draws --val-prompts from its task)")
-    # comparisons from one start (EXPERIMENTS.md): every arm runs --iterations iterations from the SFT
-    # start with the same training prompts and the same number of optimiser steps per iteration
-    p.add_argument("--arms", type=arm_list, default=None,
-                   help=f"comma list of {', '.join(ARMS)} (default: spin, and sft with --baseline 1)")
-    p.add_argument("--mix-alpha", type=probability, default=0.5,
-                   help="spin_mix: weight of the SFT start in the geometric-mixture reference (spin_loss alpha)")
     # embedded demo
     p.add_argument("--demo-dim", type=positive_int, default=None)
     p.add_argument("--demo-layers", type=positive_int, default=None)
     p.add_argument("--vocab", type=positive_int, default=None, help="demo tokenizer vocabulary size")
     p.add_argument("--task", choices=task.KINDS, default=None, help="demo task (data/task.py)")
     p.add_argument("--task-digits", type=positive_int, default=None, help="demo task: size of its numbers")
-    p.add_argument("--val-prompts", type=non_negative_int, default=None,
-                   help="demo: validation prompts drawn from the task, disjoint from training and held-out")
-    # fault injection for the resume tests: SIGKILL this process after STAGE:STEP; a NaN in the
-    # optimiser state (STAGE:STEP) or in a weight (STAGE:STEP:weights) after the update of STAGE:STEP
-    p.add_argument("--kill-at", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--nan-at", default=None, help=argparse.SUPPRESS)
 
 
-def check(p, args):
-    """Fill the preset's values in and refuse combinations of flags that cannot work."""
-    args.demo = args.model is None
-    if args.arms is not None and args.baseline is not None:
-        p.error("--arms and --baseline both choose the arms: give one (--arms spin,sft is --baseline 1)")
-    if not args.demo and (args.task or args.task_digits or args.val_prompts):
+def resolve(p, args):
+    """Fill the preset's values in, refuse combinations of flags that cannot work, and return the
+    typed settings. Study flags (experiments/arms.py adds them to the parser) may be present."""
+    is_demo = args.model is None
+    if not is_demo and (args.task or args.task_digits or getattr(args, "val_prompts", None)):
         p.error("--task, --task-digits and --val-prompts belong to the embedded demo (no --model)")
-    preset = demo.DEFAULTS if args.demo else RECIPE
-    for k, v in preset.items():
+    preset = demo.DEFAULTS if is_demo else RECIPE
+    for k, v in vars(preset).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    for k in ("mix_previous", "baseline"):
-        setattr(args, k, bool(getattr(args, k)))
-    for k in ("beta", "lr"):  # one value per iteration; a shorter list repeats its last value
-        if isinstance(getattr(args, k), str):  # a preset's value
-            setattr(args, k, positive_list(getattr(args, k)))
-    if not args.demo and not args.data:
+    if not is_demo and not args.data:
         p.error("--model needs --data (training prompts with ground truth)")
-    if args.demo and (args.data or args.eval_data):
+    if is_demo and (args.data or args.eval_data):
         p.error("--data needs --model: without --model train.py runs the embedded demo")
     if args.sft and (args.sft_steps is None or args.sft_lr is None):
         p.error("--sft needs --sft-steps and --sft-lr")
     if args.resume and args.out is None:
         p.error("--resume needs --out (the run folder to continue)")
+    lora = None
     if args.lora_rank:
-        args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
         try:
-            LoraSettings.from_args(args)
+            lora = LoraSettings.from_flags(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank,
+                                           args.lora_targets, args.lora_dropout)
         except ValueError as e:
             p.error(str(e))
-    if args.arms is None:
-        args.arms = ["spin"] + (["sft"] if args.baseline else [])
-    args.baseline = "sft" in args.arms
-    if "spin_drop" in args.arms and not args.demo:
-        p.error("--arms spin_drop drops the pairs whose sample a task's verifier accepts: the demo's tasks have one")
-    if args.sft_eval_every and not (args.val_data or args.val_prompts):
-        p.error("--sft-eval-every scores the SFT model on validation prompts: give --val-data (or --val-prompts "
-                "with the demo), never the held-out prompts the arms are compared on")
-    if args.sft_select == "exact_match" and args.sft_eval_every and not args.demo:
-        p.error("--sft-select exact_match needs the demo's task verifier; use --sft-select gt_logp")
-    if args.out is None:
-        args.out = os.path.join("runs", "spin-" + time.strftime("%Y%m%d-%H%M%S"))
-    return args
+    out = args.out or os.path.join("runs", "spin-" + time.strftime("%Y%m%d-%H%M%S"))
+    return Config(
+        run=RunConfig(out=out, resume=args.resume, seed=args.seed, kernels=args.kernels, model=args.model,
+                      chat_template=args.chat_template, dtype=args.dtype),
+        data=DataConfig(data=args.data, eval_data=args.eval_data, num_prompts=args.num_prompts,
+                        eval_prompts=args.eval_prompts, max_length=args.max_length,
+                        max_prompt_length=args.max_prompt_length, on_bad_row=args.on_bad_row,
+                        mix_previous=bool(args.mix_previous)),
+        train=TrainSettings(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                            warmup_ratio=args.warmup_ratio, clip=args.clip, ckpt_every=args.ckpt_every,
+                            seed=args.seed, activation_checkpointing=args.activation_checkpointing,
+                            loss_type=args.loss_type, live_reference=args.live_reference),
+        spin=SpinConfig(iterations=args.iterations, beta=list(args.beta), lr=list(args.lr), epochs=args.epochs,
+                        optimizer=args.optimizer, baseline=bool(args.baseline)),
+        gen=GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      top_k=args.top_k, gen_batch_size=args.gen_batch_size),
+        sft=SftConfig(sft=args.sft, sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_optimizer=args.sft_optimizer),
+        demo=DemoConfig(demo_dim=args.demo_dim, demo_layers=args.demo_layers, vocab=args.vocab, task=args.task,
+                        task_digits=args.task_digits, val_prompts=args.val_prompts) if is_demo else None,
+        lora=lora)
 
 
-def parse_args(argv=None):
+def parser():
     p = ArgumentParser(description="SPIN: Self-Play Fine-Tuning (Chen, Deng, Yuan, Ji, Gu; ICML 2024; arXiv 2401.01335), end to end.")
     add_run_model_data(p)
     add_spin_lora_generation(p)
-    add_sft_arms_demo(p)
-    return check(p, p.parse_args(argv))
+    add_sft_demo(p)
+    return p
+
+
+def parse_args(argv=None):
+    """train.py's flags -> config.Config."""
+    p = parser()
+    return resolve(p, p.parse_args(argv))

@@ -213,6 +213,7 @@ def measure(s: Shape, u: Setup, steps_before=2):
     import parallel
     import stage
     from bench.logprob import peak_extra_bytes
+    from config import TrainSettings
     from data.pairs import Pair
     from hf import save_model
     from model import Mistral, ModelConfig
@@ -226,11 +227,13 @@ def measure(s: Shape, u: Setup, steps_before=2):
         torch.manual_seed(0)
         save_model(Mistral(cfg), folder[0])  # values do not matter for memory
     dist.broadcast_object_list(folder, src=0)
-    args = types.SimpleNamespace(dtype="bfloat16" if u.compute == "bf16" else None, seed=0,
-                                 activation_checkpointing=u.checkpointing, loss_type="sigmoid",
-                                 lora_rank=u.lora_rank, lora_alpha=2.0 * u.lora_rank,
-                                 lora_targets=",".join(u.lora_targets), lora_dropout=u.extra.get("lora_dropout", 0.0))
-    model, _ = stage.build_model(folder[0], args, torch.device("cpu"), lora.LoraSettings.from_args(args))
+    settings = TrainSettings(batch_size=u.pairs, micro_batch_size=u.pairs, warmup_ratio=0.1, clip=1.0, ckpt_every=100,
+                             seed=0, activation_checkpointing=u.checkpointing, loss_type="sigmoid",
+                             live_reference=False)
+    lora_settings = lora.LoraSettings.from_flags(u.lora_rank, 2.0 * u.lora_rank, u.lora_targets,
+                                                 u.extra.get("lora_dropout", 0.0))
+    compute = torch.bfloat16 if u.compute == "bf16" else torch.float32
+    model, _ = stage.build_model(folder[0], settings, compute, torch.device("cpu"), lora_settings)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, _ = stage.make_optimizer(params, u.optimizer, 1e-6, 100, 0.1)
@@ -238,8 +241,8 @@ def measure(s: Shape, u: Setup, steps_before=2):
     ids = lambda n: torch.randint(3, s.V, (n,), generator=g).tolist()  # noqa: E731
     prompt = u.length - u.scored
     items = [Pair(ids(prompt), ids(u.scored), ids(u.scored), -50.0, -50.0) for _ in range(u.pairs)]
-    run = types.SimpleNamespace(tok=types.SimpleNamespace(eos_id=2), device=torch.device("cpu"), args=args)
-    spin = types.SimpleNamespace(beta=0.1, mix_alpha=0.0)  # the parts of a stage.Stage the step reads
+    run = types.SimpleNamespace(tok=types.SimpleNamespace(eos_id=2), device=torch.device("cpu"))
+    spin = types.SimpleNamespace(beta=0.1, mix_alpha=0.0, settings=settings)  # the parts of a stage.Stage the step reads
 
     def step():  # stage.train_stage's step for one micro-batch, without the bookkeeping
         stage.spin_micro_batch(model, items, run, spin, None, u.pairs)

@@ -3,10 +3,10 @@
     python -m experiments.compare REGIME [--seeds 0,1,2] [--workers 2]
     python report.py experiments/results/REGIME.json        # the table again, and its plot
 
-For each seed, one `train.py` run (the embedded demo path with the regime's task): SFT trained
-to its optimum on validation prompts (--sft-eval-every; the best checkpoint kept), then from
-that same start every arm for --iterations iterations, at equal optimiser steps per iteration
-and on the same training prompts:
+For each seed, one run of the study's entry point, experiments/arms.py (train.py's embedded demo
+with the regime's task): SFT trained to its optimum on validation prompts (--sft-eval-every; the
+best checkpoint kept), then from that same start every arm for --iterations iterations, at equal
+optimiser steps per iteration and on the same training prompts:
     spin        the paper's loss against the previous iteration
     sft         continued SFT on the ground truth (the paper's baseline)
     spin_mix    SPIN against the geometric mixture p_start^alpha * p_t^(1-alpha) (spin_loss)
@@ -64,7 +64,7 @@ REGIMES = {
 
 
 def run_seed(regime, seed, runs, threads):
-    """One train.py run; resumed if a previous attempt stopped; a finished one is left as it is."""
+    """One run of experiments.arms; resumed if a previous attempt stopped; a finished one is left as it is."""
     out = os.path.join(runs, regime, f"seed{seed}")
     if finished(out):
         return out
@@ -76,12 +76,13 @@ def run_seed(regime, seed, runs, threads):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     t0 = time.time()
     with open(out + ".log", "a") as log:
-        p = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, env=env, stdout=log, stderr=log)
+        p = subprocess.run([sys.executable, "-m", "experiments.arms", *flags], cwd=ROOT, env=env, stdout=log,
+                           stderr=log)
     if os.path.isdir(out):  # every attempt's wall time, a failed or resumed one too
         with open(os.path.join(out, "compare_wall_s.txt"), "a") as f:
             f.write(f"{time.time() - t0:.1f}\n")
     if p.returncode != 0:
-        raise SystemExit(f"{regime} seed {seed}: train.py failed ({p.returncode}); see {out}.log")
+        raise SystemExit(f"{regime} seed {seed}: experiments.arms failed ({p.returncode}); see {out}.log")
     return out
 
 

@@ -51,14 +51,15 @@ def model_dir(tmp_path_factory):
     """A tiny Hugging Face folder (config.json, model.safetensors, tokenizer.model)."""
     from data.tokenizer import Tokenizer, train_tokenizer
     from demo import tiny_config
+    from hf import save_model
     from model import Mistral
 
     root = tmp_path_factory.mktemp("model")
     tok_path = train_tokenizer([f"what is {i} plus {i}? it is {2 * i}." for i in range(300)], root / "tok",
                                vocab_size=300)
     tok = Tokenizer(tok_path)
-    Mistral(tiny_config(tok.vocab_size, 32, 1, 256, tok.bos_id, tok.eos_id)).save_pretrained(
-        root / "model", extra_files={"tokenizer.model": tok_path})
+    save_model(Mistral(tiny_config(tok.vocab_size, 32, 1, 256, tok.bos_id, tok.eos_id)),
+               root / "model", extra_files={"tokenizer.model": tok_path})
     return root / "model"
 
 
@@ -238,21 +239,21 @@ def test_generate_flag_checked_at_parse(capsys, flag, value):
 def test_valid_flags_still_parse():
     a = train.parse_args(["--epochs", "0.5", "--top-p", "1", "--top-k", "0", "--warmup-ratio", "0", "--seed", "0",
                           "--beta", "0.1,5", "--lr", "1e-7"])
-    assert (a.epochs, a.top_p, a.beta, a.lr) == (0.5, 1.0, [0.1, 5.0], [1e-7])
+    assert (a.spin.epochs, a.gen.top_p, a.spin.beta, a.spin.lr) == (0.5, 1.0, [0.1, 5.0], [1e-7])
     g = generate.parse_args(["--model", "m", "--data", "d.jsonl", "--out", "o.parquet", "--greedy",
                              "--temperature", "0"])
     assert g.greedy and g.temperature == 0
 
 
 def test_batch_flags_checked_against_the_data_at_start():
-    args = train.parse_args(["--batch-size", "16", "--micro-batch-size", "5"])
+    settings = train.parse_args(["--batch-size", "16", "--micro-batch-size", "5"]).train
     with pytest.raises(errors.InputError, match="--batch-size 16 must split evenly .* --micro-batch-size 5"):
-        train.check_batches(args, 100, "d.jsonl")
-    args = train.parse_args(["--batch-size", "16", "--micro-batch-size", "8"])
+        train.check_batches(settings, 100, "d.jsonl")
+    settings = train.parse_args(["--batch-size", "16", "--micro-batch-size", "8"]).train
     with pytest.raises(errors.InputError, match=r"d.jsonl: 10 training prompts is fewer than one global batch "
                                                 r"\(--batch-size 16\)"):
-        train.check_batches(args, 10, "d.jsonl")
-    train.check_batches(args, 16, "d.jsonl")
+        train.check_batches(settings, 10, "d.jsonl")
+    train.check_batches(settings, 16, "d.jsonl")
 
 
 def test_only_rank0_prints_a_flag_error(monkeypatch, capsys):

@@ -208,11 +208,10 @@ def test_generate_prompt_lengths_checked(model_dir):
 
 
 def test_shape_mismatch_names_a_few_and_a_count(model_dir, tmp_path):
-    from checkpoint import load_hf_state
     from errors import InputError
-    from model import ModelConfig
+    from hf import load_hf_state, read_config
 
-    config = ModelConfig.from_hf(str(model_dir))
+    config = read_config(str(model_dir))
     wrong = {k: (v[0] + 1, *v[1:]) for k, v in
              ((k, tuple(t.shape)) for k, t in __import__("model").Mistral(config).state_dict().items())}
     with pytest.raises(InputError) as e:

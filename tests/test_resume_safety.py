@@ -52,12 +52,12 @@ def all_finite(ckpt_dir, tmp_path):
 
 
 def test_nan_mid_stage_never_saved_and_resume_with_smaller_lr_finishes(tmp_path):
-    """A NaN left in the optimiser state by the update of SFT step 4 (the test hook --nan-at):
+    """A NaN left in the optimiser state by the update of SFT step 4 (tests/faults.py --nan-at):
     the checkpoint of step 4 is due before step 5's update and is refused; step-2 is named as
     the last good one. --resume with a smaller --sft-lr continues from it, at the new rate."""
     out = tmp_path / "run"
     flags = ["--baseline", "0", "--iterations", "1", "--ckpt-every", "2"]
-    p = run(out, *flags, "--nan-at", "sft:4", check=False)
+    p = run(out, *flags, faults=["--nan-at", "sft:4"], check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert re.search(r"step 4: 'optim\.state\.\S+' holds NaN or inf after the update, so this checkpoint was not "
                      r"saved\. The last good checkpoint is \S+/sft/ckpt/step-2", p.stderr), p.stderr
@@ -82,7 +82,7 @@ def test_planted_metadata_pickle_is_never_run(tmp_path):
     _assert_payload_is_live(tmp_path)
     out = tmp_path / "run"
     flags = ["--baseline", "0", "--iterations", "1", "--ckpt-every", "2"]
-    p = run(out, *flags, "--kill-at", "sft:3", check=False)
+    p = run(out, *flags, faults=["--kill-at", "sft:3"], check=False)
     assert p.returncode != 0
     ckpt = out / "sft" / "ckpt" / "step-2"
     read_dcp_metadata(str(ckpt))  # the genuine file passes the allow-list
@@ -125,7 +125,7 @@ def test_nan_after_the_last_update_is_never_exported(tmp_path):
     """A NaN in a weight no batch uses (row 0 of the embedding) after the last update: no loss
     shows it, so the end of the stage checks the weights before they become the next opponent."""
     out = tmp_path / "run"
-    p = run(out, "--baseline", "0", "--iterations", "1", "--ckpt-every", "2", "--nan-at", "sft:6:weights",
+    p = run(out, "--baseline", "0", "--iterations", "1", "--ckpt-every", "2", faults=["--nan-at", "sft:6:weights"],
             check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert re.search(r"sft step 6: 'model\.embed_tokens\.weight' holds NaN or inf after the update, so its model "

@@ -12,7 +12,7 @@ import pytest
 
 from errors import InputError, UserError
 from run_folder import LOCK, open_run
-from train import parse_args
+from train import folder_settings, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ def _contender(out, argv, start, release, results):
     """A process that opens the run folder as train.py's rank 0 does, and holds it until told."""
     try:
         start.wait()
-        lock = open_run(parse_args(["--out", out, *argv]), world=1)
+        lock = open_run(folder_settings(parse_args(["--out", out, *argv])), world=1)
     except UserError as e:
         results.put((os.getpid(), "refused", str(e)))
         return
@@ -62,10 +62,10 @@ def test_lock_is_released_when_the_holder_dies(tmp_path):
     holder.start()
     assert results.get(timeout=60)[1] == "runs"
     with pytest.raises(UserError, match=f"pid {holder.pid} "):
-        open_run(parse_args(["--out", out, "--resume"]), world=1)
+        open_run(folder_settings(parse_args(["--out", out, "--resume"])), world=1)
     os.kill(holder.pid, signal.SIGKILL)  # no clean-up runs: the kernel drops the lock
     holder.join()
-    open_run(parse_args(["--out", out, "--resume"]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out, "--resume"])), world=1).close()
 
 
 def test_cli_second_writer_is_refused_while_the_first_lives(tmp_path):
@@ -96,54 +96,54 @@ def test_cli_second_writer_is_refused_while_the_first_lives(tmp_path):
                 p.send_signal(signal.SIGTERM)
             p.wait(60)
     assert json.load(open(out / LOCK))["pid"] == winner.pid
-    open_run(parse_args(flags + ["--resume"]), world=1).close()  # the lock went with the process
+    open_run(folder_settings(parse_args(flags + ["--resume"])), world=1).close()  # the lock went with the process
 
 
 def test_resume_may_change_lr_beta_clip_and_records_it(tmp_path):
     out = str(tmp_path / "run")
-    open_run(parse_args(["--out", out, "--lr", "1e-4", "--beta", "0.5"]), world=1).close()
-    open_run(parse_args(["--out", out, "--resume", "--lr", "1e-5", "--beta", "0.5", "--clip", "0.5",
-                         "--sft-lr", "1e-3"]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out, "--lr", "1e-4", "--beta", "0.5"])), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out, "--resume", "--lr", "1e-5", "--beta", "0.5", "--clip", "0.5",
+                         "--sft-lr", "1e-3"])), world=1).close()
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["lr"] == [1e-5] and cfg["clip"] == 0.5
     assert cfg["resumes"][-1]["changed"] == {"lr": [[1e-4], [1e-5]], "sft_lr": [3e-3, 1e-3], "clip": [1.0, 0.5]}
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert recs == [{"type": "resume", "world_size": 1, "changed": cfg["resumes"][-1]["changed"]}]
     with pytest.raises(InputError, match=r"optimizer 'rmsprop' -> 'adamw'.*only kernels, lr, sft_lr, beta, clip"):
-        open_run(parse_args(["--out", out, "--resume", "--lr", "1e-5", "--optimizer", "adamw"]), world=1)
+        open_run(folder_settings(parse_args(["--out", out, "--resume", "--lr", "1e-5", "--optimizer", "adamw"])), world=1)
 
 
 def test_a_run_that_produced_nothing_is_replaced(tmp_path):
     """A run that failed in its set-up (a bad --data, say) wrote only config.json: the corrected
     command is not told to --resume a run that does not exist. Anything else is kept."""
     out = str(tmp_path / "run")
-    open_run(parse_args(["--out", out, "--seed", "1"]), world=1).close()
-    open_run(parse_args(["--out", out, "--seed", "2"]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out, "--seed", "1"])), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out, "--seed", "2"])), world=1).close()
     assert json.load(open(os.path.join(out, "config.json")))["seed"] == 2
     os.mkdir(os.path.join(out, "data"))
     with pytest.raises(UserError, match="already holds a run"):
-        open_run(parse_args(["--out", out, "--seed", "3"]), world=1)
+        open_run(folder_settings(parse_args(["--out", out, "--seed", "3"])), world=1)
 
 
 def test_resume_takes_the_folder_however_it_is_named(tmp_path, monkeypatch):
     """--out is the folder opened, not a string: a trailing slash, ./, another working directory
     or a moved run folder all resume."""
     out = tmp_path / "runs" / "x"
-    open_run(parse_args(["--out", str(out)]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", str(out)])), world=1).close()
     monkeypatch.chdir(tmp_path)
     for name in ("runs/x/", "./runs/x", str(out)):
-        open_run(parse_args(["--out", name, "--resume"]), world=1).close()
+        open_run(folder_settings(parse_args(["--out", name, "--resume"])), world=1).close()
     os.rename(tmp_path / "runs", tmp_path / "moved")
     monkeypatch.chdir(tmp_path / "moved")
-    open_run(parse_args(["--out", "x", "--resume"]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", "x", "--resume"])), world=1).close()
 
 
 def test_resume_drops_a_torn_metrics_line_once(tmp_path, capsys):
     out = tmp_path / "run"
-    open_run(parse_args(["--out", str(out)]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", str(out)])), world=1).close()
     with open(out / "metrics.jsonl", "w") as f:
         f.write('{"type": "step", "step": 1}\n{"type": "step", "st')
-    open_run(parse_args(["--out", str(out), "--resume"]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", str(out), "--resume"])), world=1).close()
     assert capsys.readouterr().out.count("dropped a torn last line (20 bytes)") == 1
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["type"] for r in recs] == ["step", "resume"]

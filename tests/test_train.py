@@ -17,13 +17,15 @@ TINY = ["--num-prompts", "96", "--eval-prompts", "16", "--sft-steps", "6", "--sf
         "--beta", "0.5", "--gen-batch-size", "64"]
 
 
-def run(out, *extra, procs=1, check=True):
+def run(out, *extra, procs=1, faults=(), check=True):
+    """train.py, or with faults (e.g. ["--kill-at", "spin1:5"]) train.py's main under tests/faults.py."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
+    script = ["-m", "tests.faults", *faults, "--"] if faults else ["train.py"]
     if procs == 1:
-        cmd = [sys.executable, "train.py"]
+        cmd = [sys.executable, *script]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "train.py"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *script]
     p = subprocess.run(cmd + ["--out", str(out), *TINY, *extra], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
@@ -95,10 +97,10 @@ def test_first_spin_step_is_log2(single):
 def test_exports_load_in_transformers(single):
     transformers = pytest.importorskip("transformers")
     out, _ = single
-    from model import Mistral
+    from hf import load_model
     folder = os.path.join(out, "iter1", "model")
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    ours = Mistral.from_pretrained(folder)
+    ours = load_model(folder)
     ids = torch.randint(0, ours.config.vocab_size, (2, 12))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max().item() < 1e-4
@@ -109,12 +111,14 @@ def test_opponent_logprobs_equal_fresh_forward(single):
     from data import pairs, readers
     from data.template import ChatFormat
     from data.tokenizer import Tokenizer
-    from model import Mistral
     import generate
+    import kernels
+    from hf import load_model
     tok = ChatFormat(Tokenizer(os.path.join(out, "sft", "model")))
     examples, _ = readers.read_examples(os.path.join(out, "iter1", "synthetic.parquet"))
     items, _ = pairs.tokenize_examples(tok, examples[:24], max_length=128, max_prompt_length=64)
-    opponent = Mistral.from_pretrained(os.path.join(out, "iter0", "model"))  # p_1 made iteration 1's data
+    # p_1 made iteration 1's data, with the kernels the run installs
+    opponent = kernels.install(load_model(os.path.join(out, "iter0", "model")))
     real = generate.score(opponent, [i.prompt_ids for i in items], [i.real_ids for i in items])
     gen = generate.score(opponent, [i.prompt_ids for i in items], [i.generated_ids for i in items])
     for it, a, b in zip(items, real, gen):
@@ -148,7 +152,7 @@ def test_kill_and_resume_gives_the_same_losses(single, double, tmp_path, procs, 
     one process: the sharded checkpoint is read back through checkpoint.load_ckpt's safe reader."""
     uninterrupted = single[0] if resume_procs == 1 else double
     out = tmp_path / "killed"
-    p = run(out, "--baseline", "1", "--kill-at", "spin1:5", procs=procs, check=False)
+    p = run(out, "--baseline", "1", procs=procs, faults=["--kill-at", "spin1:5"], check=False)
     assert p.returncode != 0  # SIGKILLed in the middle of iteration 1's training
     assert os.path.isdir(out / "iter1" / "ckpt" / "step-3") and not os.path.exists(out / "iter1" / "model")
     run(out, "--baseline", "1", "--resume", procs=resume_procs)
@@ -280,12 +284,12 @@ def test_clip_grad_norm_matches_torch(scale):
 def test_resume_may_change_kernels_but_not_settings(tmp_path):
     from errors import InputError, UserError
     from run_folder import open_run
-    from train import parse_args
+    from train import folder_settings, parse_args
 
     out = str(tmp_path / "run")
-    open_run(parse_args(["--out", out]), world=1).close()
-    open_run(parse_args(["--out", out, "--resume", "--kernels", "torch"]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out])), world=1).close()
+    open_run(folder_settings(parse_args(["--out", out, "--resume", "--kernels", "torch"])), world=1).close()
     with pytest.raises(InputError, match="seed 0 -> 1"):
-        open_run(parse_args(["--out", out, "--resume", "--seed", "1"]), world=1)
+        open_run(folder_settings(parse_args(["--out", out, "--resume", "--seed", "1"])), world=1)
     with pytest.raises(UserError, match="already holds a run"):  # the resume above recorded itself
-        open_run(parse_args(["--out", out, "--seed", "2"]), world=1)
+        open_run(folder_settings(parse_args(["--out", out, "--seed", "2"])), world=1)

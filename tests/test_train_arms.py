@@ -1,5 +1,5 @@
-"""The comparison machinery of train.py (issue 15): SFT chosen on validation prompts, and the arms
-spin, sft, spin_mix, spin_drop from that one start, each with per-example held-out outcomes."""
+"""The study's entry point, experiments/arms.py (issue 15): SFT chosen on validation prompts, and the
+arms spin, sft, spin_mix, spin_drop from that one start, each with per-example held-out outcomes."""
 import json
 import math
 import os
@@ -16,13 +16,15 @@ FLAGS = ["--num-prompts", "128", "--eval-prompts", "32", "--val-prompts", "32", 
          "--task-digits", "2", "--arms", "spin,sft,spin_mix,spin_drop"]
 
 
-def run(out, *extra, check=True):
+def run(out, *extra, faults=(), check=True):
+    """experiments.arms, or through tests/faults.py with its fault flags."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
-    p = subprocess.run([sys.executable, "train.py", "--out", str(out), *FLAGS, *extra], cwd=ROOT, env=env,
+    entry = ["-m", "tests.faults", *faults, "--entry", "experiments.arms", "--"] if faults else ["-m", "experiments.arms"]
+    p = subprocess.run([sys.executable, *entry, "--out", str(out), *FLAGS, *extra], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     if check and p.returncode != 0:
-        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"experiments.arms failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 
@@ -95,7 +97,7 @@ def test_selection_resumes_where_it_was_killed(arms_run, tmp_path):
     """Killed in the middle of the SFT selection, a --resume ends with the same choice and the same
     SPIN losses as the uninterrupted run."""
     out = tmp_path / "killed"
-    p = run(out, "--kill-at", "sft:25", check=False)
+    p = run(out, faults=["--kill-at", "sft:25"], check=False)
     assert p.returncode != 0 and not (out / "sft" / "model").exists()
     run(out, "--resume")
     assert json.load(open(out / "sft" / "selection.json")) == json.load(open(arms_run / "sft" / "selection.json"))
@@ -110,13 +112,13 @@ def test_selection_resumes_where_it_was_killed(arms_run, tmp_path):
     (["--sft-eval-every", "10", "--val-prompts", "0"], "--val-data"),
 ])
 def test_comparison_flags_are_checked(flags, message, tmp_path):
-    p = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "x"), *flags], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "experiments.arms", "--out", str(tmp_path / "x"), *flags], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and message in p.stderr
 
 
 def test_selection_rules():
-    from train import best_candidate, patience_out
+    from experiments.arms import best_candidate, patience_out
     h = [{"step": 10, "exact_match": 0.2, "gt_logp_per_token": -1.0},
          {"step": 20, "exact_match": 0.5, "gt_logp_per_token": -0.9},
          {"step": 30, "exact_match": 0.5, "gt_logp_per_token": -0.8},  # tie in exact match: likelier wins
@@ -132,7 +134,7 @@ def test_selection_rules():
 def test_spin_drop_keeps_exactly_the_rejected_samples():
     from data.readers import Example
     from data.task import make_task, score
-    from train import judged_wrong
+    from experiments.arms import judged_wrong
     train, _ = make_task(seed=3, n_train=40, n_heldout=0, digits=3, kind="factor")
     # half the samples are the ground truth (correct), half a wrong product
     exs = [Example(e.prompt, e.response, e.response if i % 2 else "2*2") for i, e in enumerate(train)]
@@ -142,7 +144,7 @@ def test_spin_drop_keeps_exactly_the_rejected_samples():
 
 
 def test_spin_drop_fills_a_batch_with_few_pairs():
-    from train import fill_one_batch
+    from experiments.arms import fill_one_batch
     few = list(range(14))
     filled = fill_one_batch(few, 64)
     assert len(filled) == 70 and all(filled.count(i) == 5 for i in few)

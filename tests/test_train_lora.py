@@ -59,7 +59,7 @@ def test_exports_merged_model_and_peft_adapter(lora_run):
 
 def test_kill_and_resume_is_bitwise_with_adapter_only_checkpoints(lora_run, tmp_path):
     out = tmp_path / "killed"
-    p = run(out, *LORA, "--kill-at", "spin1:5", procs=2, check=False)
+    p = run(out, *LORA, procs=2, faults=["--kill-at", "spin1:5"], check=False)
     assert p.returncode != 0  # SIGKILLed in the middle of iteration 1's training
     ckpt = out / "iter1" / "ckpt" / "step-3"
     assert ckpt.is_dir() and not (out / "iter1" / "model").exists()

@@ -1,0 +1,213 @@
+"""The study's entry point: train.py's run with SFT chosen on validation prompts, then several
+arms from that same start (experiments/compare.py launches it, one run per seed).
+
+    python -m experiments.arms [train.py's flags] --arms spin,sft,spin_mix,spin_drop \
+        --val-prompts 500 --sft-eval-every 100 [--sft-patience 5] [--sft-select exact_match]
+    torchrun --nproc_per_node=2 -m experiments.arms ...
+
+Every arm runs --iterations iterations from the SFT start, on the same training prompts and with
+the same number of optimiser steps per iteration (the paper's SPIN's), through train.py's own
+functions; the run folder and metrics.jsonl are train.py's, with one eval row per arm and
+iteration, and each arm's per-prompt outcomes in eval/<arm>-<iteration>.jsonl.
+    spin        the paper's SPIN: iter{t}/
+    sft         continued SFT on the ground truth, the paper's baseline: baseline/iter{t}/
+    spin_mix    SPIN against p_start^alpha * p_t^(1-alpha) (Alami et al. 2024; spin_loss alpha)
+    spin_drop   SPIN without the pairs whose sample the task's verifier accepts: tests whether SPIN
+                loses by pushing down correct answers
+"""
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+
+import torch
+
+import parallel
+import train
+from checkpoint import write_json
+from hf import export, resolve_dtype
+from data import pairs, readers, task
+from errors import non_negative_int, positive_int, probability, run_command
+from parallel import log
+from run_folder import record
+from stage import run_stage, train_stage
+from train_args import parser as train_parser, resolve
+
+ARMS = ("spin", "sft", "spin_mix", "spin_drop")
+
+
+def judged_wrong(examples):
+    """The examples whose generated answer the task's verifier rejects (data/task.score)."""
+    return [ex for ex in examples if not task.score(ex.prompt, ex.generated)]
+
+
+def fill_one_batch(items, batch_size):
+    """spin_drop may keep fewer pairs than one global batch (the verifier accepts nearly every
+    sample): repeated, they fill every batch, so the arm still takes its steps."""
+    return items * -(-batch_size // len(items)) if 0 < len(items) < batch_size else items
+
+
+def spin_arm(name, mix_alpha):
+    """The train.Arm of a SPIN arm; its iterations live in <out>/<name>/iter{t} (spin's in iter{t})."""
+    if name == "spin":
+        return train.SPIN
+    if name == "spin_mix":
+        return train.Arm(name=name, folder=name, base_alpha=mix_alpha)
+    return train.Arm(name=name, folder=name, keep=judged_wrong, refill=fill_one_batch)  # spin_drop
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT to its optimum on validation prompts
+
+@dataclass(frozen=True)
+class StudyConfig:
+    arms: list
+    mix_alpha: float
+    sft_eval_every: int  # 0: train --sft-steps and keep the last
+    sft_patience: int
+    sft_select: str  # "exact_match" or "gt_logp"
+    val_data: str | None
+
+
+def best_candidate(history, key):
+    """The best score in key; exact-match ties (common: it moves in steps of 1/n) go to the
+    higher likelihood, then to the earlier step."""
+    return max(history, key=lambda h: (h[key], h["gt_logp_per_token"], -h["step"]))
+
+
+def patience_out(history, key, patience):
+    """True once the last `patience` scores have all come after the best one."""
+    return len(history) > patience and best_candidate(history, key)["step"] < history[-patience]["step"]
+
+
+def sft_to_optimum(run, stage, study, val_ex):
+    """Early stopping: every --sft-eval-every steps the model is exported and scored on the
+    validation prompts (never the held-out ones the arms are compared on); the best export is
+    kept; training stops after --sft-patience scores without a better one, or at --sft-steps.
+    Scores are recorded (metrics.jsonl, selection.json), so a resumed run skips what it did."""
+    final, every = os.path.join(stage.folder, "model"), study.sft_eval_every
+    if os.path.exists(final):
+        return final
+    key = "exact_match" if study.sft_select == "exact_match" else "gt_logp_per_token"
+    path = os.path.join(stage.folder, "selection.json")
+    history = []  # [{"step", and the scores}] of every candidate so far
+    if os.path.exists(path):
+        with open(path) as f:
+            history = json.load(f)
+    for stop in range(every, stage.steps + every, every):
+        stop = min(stop, stage.steps)
+        if patience_out(history, key, study.sft_patience):
+            break
+        if any(h["step"] == stop for h in history):
+            continue
+        candidate = os.path.join(stage.folder, f"candidate-{stop}")
+        if not os.path.exists(candidate):
+            model, config = train_stage(run, replace(stage, stop_at=stop))
+            export(model, config, candidate, run.tok_files, resolve_dtype(run.dtype_name))
+            del model
+        score = train.run_evaluation(run, candidate, val_ex, None)
+        history.append({"step": stop, **score})
+        record(run.out, {"type": "sft_select", "stage": stage.tag, "step": stop, **score})
+        log(f"  [sft] step {stop}: validation {key} {score[key]:.4f}")
+        keep = f"candidate-{best_candidate(history, key)['step']}"
+
+        def save_history():  # and drop the candidates that are no longer the best
+            write_json(path, history, indent=1)
+            for d in os.listdir(stage.folder):
+                if d.startswith("candidate-") and d != keep:
+                    shutil.rmtree(os.path.join(stage.folder, d))
+        parallel.on_rank0(save_history)
+    best = best_candidate(history, key)
+    log(f"[sft] chose step {best['step']} of {history[-1]['step']} (validation {key} {best[key]:.4f})")
+    record(run.out, {"type": "sft_chosen", "stage": stage.tag, "step": best["step"], key: best[key]})
+
+    def publish():
+        os.rename(os.path.join(stage.folder, f"candidate-{best['step']}"), final)
+        shutil.rmtree(os.path.join(stage.folder, "ckpt"), ignore_errors=True)
+    parallel.on_rank0(publish)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: train.py's flags and the study's
+
+def arm_list(text):
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in ARMS]
+    if bad or not names or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of distinct arms among {', '.join(ARMS)}")
+    return names
+
+
+def parse_args(argv=None):
+    p = train_parser()
+    p.description = "SPIN against continued SFT and variants of SPIN, from one SFT start chosen on validation prompts."
+    # comparisons from one start (EXPERIMENTS.md): every arm runs --iterations iterations from the SFT
+    # start with the same training prompts and the same number of optimiser steps per iteration
+    p.add_argument("--arms", type=arm_list, default=None,
+                   help=f"comma list of {', '.join(ARMS)} (default: spin, and sft with --baseline 1)")
+    p.add_argument("--mix-alpha", type=probability, default=0.5,
+                   help="spin_mix: weight of the SFT start in the geometric-mixture reference (spin_loss alpha)")
+    p.add_argument("--sft-eval-every", type=non_negative_int, default=0,
+                   help="SFT: score the model on the validation prompts every N steps, keep the best, stop after "
+                        "--sft-patience scores without a better one (0: train --sft-steps and keep the last)")
+    p.add_argument("--sft-patience", type=positive_int, default=5)
+    p.add_argument("--sft-select", choices=["exact_match", "gt_logp"], default="exact_match",
+                   help="what --sft-eval-every maximises: greedy exact match (needs the demo's task) or the "
+                        "ground-truth log-likelihood per token")
+    p.add_argument("--val-data", default=None,
+                   help="validation prompts for --sft-eval-every (the demo draws --val-prompts from its task)")
+    p.add_argument("--val-prompts", type=non_negative_int, default=None,
+                   help="demo: validation prompts drawn from the task, disjoint from training and held-out")
+    args = p.parse_args(argv)
+    if args.arms is not None and args.baseline is not None:
+        p.error("--arms and --baseline both choose the arms: give one (--arms spin,sft is --baseline 1)")
+    cfg = resolve(p, args)
+    arms = args.arms or ["spin"] + (["sft"] if cfg.spin.baseline else [])
+    cfg = replace(cfg, spin=replace(cfg.spin, baseline="sft" in arms))
+    demo = cfg.run.demo
+    if "spin_drop" in arms and not demo:
+        p.error("--arms spin_drop drops the pairs whose sample a task's verifier accepts: the demo's tasks have one")
+    if args.sft_eval_every and not (args.val_data or (demo and cfg.demo.val_prompts)):
+        p.error("--sft-eval-every scores the SFT model on validation prompts: give --val-data (or --val-prompts "
+                "with the demo), never the held-out prompts the arms are compared on")
+    if args.sft_select == "exact_match" and args.sft_eval_every and not demo:
+        p.error("--sft-select exact_match needs the demo's task verifier; use --sft-select gt_logp")
+    return cfg, StudyConfig(arms=arms, mix_alpha=args.mix_alpha, sft_eval_every=args.sft_eval_every,
+                            sft_patience=args.sft_patience, sft_select=args.sft_select, val_data=args.val_data)
+
+
+def main(argv=None):
+    cfg, study = parse_args(argv)
+    run, base = train.start(cfg, vars(study))
+    val_path = study.val_data
+    if cfg.run.demo and cfg.demo.val_prompts:
+        val_path = os.path.join(run.out, "data", "val.jsonl")
+    val_ex = None
+    if val_path:
+        val_ex, rep = readers.read_examples(val_path, on_error=cfg.data.on_bad_row)
+        val_ex = pairs.splittable(run.fmt, [readers.Example(e.prompt, e.response) for e in val_ex])[0]
+        log(f"validation data (chooses the SFT checkpoint): {rep.summary()}")
+    if cfg.run.demo or cfg.sft.sft:
+        stage = train.sft_stage(run, base)
+        if study.sft_eval_every:
+            base = train.timed(run, "sft", lambda: sft_to_optimum(run, stage, study, val_ex))
+        else:
+            base = train.timed(run, "sft", lambda: run_stage(run, stage))
+        if cfg.sft.sft:
+            log(f"SFT model: {base}")
+            torch.distributed.destroy_process_group()
+            return
+    run.base = base
+    train.evaluate_start(run, base)
+    for arm in study.arms:  # each arm's iterations, from the same start
+        model = base
+        for t in range(cfg.spin.iterations):
+            model = train.sft_iteration(run, t, model) if arm == "sft" else \
+                train.spin_iteration(run, t, model, spin_arm(arm, study.mix_alpha))
+    train.finish(run)
+
+
+if __name__ == "__main__":
+    run_command(main)
