@@ -43,7 +43,7 @@ import parallel
 import report
 import run_folder
 from checkpoint import check_model_folder, export, resolve_dtype, write_json
-from data import pairs, readers, task
+from data import export_files, pairs, readers, task
 from errors import InputError, run_command
 from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
@@ -183,8 +183,9 @@ def prepare(args, device):
                          f"--max-new-tokens {args.max_new_tokens} need {need}")
     folder = os.path.dirname(tok.path)
     tok_files = {name: os.path.join(folder, name) for name in tok.files}
-    if args.chat_template:  # exports carry the template the run used; transformers prefers this file
-        tok_files["chat_template.jinja"] = args.chat_template
+    # Exports carry the template and special-token settings the run used (data/export_files.py).
+    parallel.on_rank0(lambda: export_files.write(os.path.join(args.out, "export_tokenizer"), fmt))
+    tok_files = export_files.file_map(os.path.join(args.out, "export_tokenizer"), tok_files)
     run = Run(args, device, inference_dtype(args, device), fmt, tok_files, config.dtype, train_ex, held_ex)
     if args.val_data:
         run.val_ex, rep = readers.read_examples(args.val_data, on_error=args.on_bad_row)
