@@ -2,7 +2,9 @@
 
 Architecture (Jiang et al. 2023, "Mistral 7B"): token embedding -> N x [RMSNorm -> grouped-query
 attention with rotary embeddings and a sliding window -> residual -> RMSNorm -> SwiGLU MLP ->
-residual] -> RMSNorm -> LM head. Module attribute names equal the Hugging Face keys
+residual] -> RMSNorm -> LM head. Llama is the same network; Qwen2/Qwen2.5 add a bias to the q, k, v
+projections (ModelConfig.attention_bias) and Qwen3 an RMSNorm over each head of q and k before
+the rotation (ModelConfig.qk_norm). Module attribute names equal the Hugging Face keys
 (`model.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load strictly with no rename table.
 Reading and writing the files is checkpoint.py's; the kernels are kernels/'s, chosen by
 SPIN_KERNELS (kernels/__init__.py).
@@ -49,7 +51,9 @@ class ModelConfig:
     dtype: str = "float32"  # the dtype the checkpoint is stored in
     bos_token_id: int = 1
     eos_token_id: int = 2
-    model_type: str = "mistral"  # or "llama": the same architecture here, kept for exports
+    model_type: str = "mistral"  # or "llama", "qwen2", "qwen3": kept for exports
+    attention_bias: bool = False  # bias on q, k, v (Qwen2 / Qwen2.5)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
 
     @classmethod
     def from_hf(cls, path):
@@ -76,13 +80,25 @@ class ModelConfig:
                              f"({supported}); use a checkpoint without it")
 
         model_type = raw.get("model_type", "mistral")
-        if model_type not in ("mistral", "llama"):
-            refuse("model_type", model_type, "mistral or llama")
+        if model_type not in ("mistral", "llama", "qwen2", "qwen3"):
+            refuse("model_type", model_type, "mistral, llama, qwen2 or qwen3")
         if raw.get("hidden_act", "silu") != "silu":
             refuse("hidden_act", raw["hidden_act"], "silu")
-        for field in ("attention_bias", "mlp_bias"):  # Llama configs may ask for biases
+        # Llama and Qwen3 configs may ask for biases (Qwen3 on o_proj too); Qwen2's q/k/v always have one.
+        for field in ("attention_bias", "mlp_bias") if model_type != "qwen2" else ("mlp_bias",):
             if raw.get(field):
                 refuse(field, raw[field], "projections without bias")
+        window = raw.get("sliding_window")
+        if model_type in ("qwen2", "qwen3"):
+            # transformers' Qwen2Config/Qwen3Config: the window applies only with use_sliding_window,
+            # and then only to layers >= max_window_layers (or where layer_types says so).
+            layers = need("num_hidden_layers")
+            kinds = raw.get("layer_types") or ["sliding_attention" if raw.get("use_sliding_window") and window
+                                               and i >= raw.get("max_window_layers", 28) else "full_attention"
+                                               for i in range(layers)]
+            if "sliding_attention" in kinds:
+                refuse("use_sliding_window", True, "Qwen models with full attention in every layer")
+            window = None
         if raw.get("partial_rotary_factor", 1.0) != 1.0:
             refuse("partial_rotary_factor", raw["partial_rotary_factor"], "rotary on the whole head, 1.0")
         # Two spellings in the wild: Mistral-7B / Zephyr / Llama 3 files have top-level rope_theta,
@@ -109,10 +125,11 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 32768),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=float(rope_theta),
             rope_scaling=_rope_scaling(rope, source),
-            sliding_window=raw.get("sliding_window"),
+            sliding_window=window,
             tie_word_embeddings=raw.get("tie_word_embeddings", False), dtype=dtype,
             bos_token_id=raw.get("bos_token_id", 1),
             eos_token_id=eos[0] if isinstance(eos, list) else eos, model_type=model_type,
+            attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
         )
 
     def to_hf(self):
@@ -121,10 +138,14 @@ class ModelConfig:
         # Both spellings: transformers 5 reads rope_parameters/dtype, 4.x (what the official
         # SPIN stack pins) reads rope_theta/rope_scaling/torch_dtype and would silently default.
         rope = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
-        arch = "LlamaForCausalLM" if self.model_type == "llama" else "MistralForCausalLM"
-        d.update(architectures=[arch], hidden_act="silu", rope_parameters=rope, torch_dtype=self.dtype)
-        if self.model_type == "llama":
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        d.update(architectures=[arch.get(self.model_type, "MistralForCausalLM")], hidden_act="silu",
+                 rope_parameters=rope, torch_dtype=self.dtype)
+        del d["qk_norm"], d["attention_bias"]  # implied by the model type
+        if self.model_type in ("llama", "qwen3"):
             d.update(attention_bias=False, mlp_bias=False)
+        if self.model_type in ("qwen2", "qwen3"):
+            d.update(use_sliding_window=False, max_window_layers=self.num_hidden_layers)
         return d
 
 
@@ -242,16 +263,22 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, Hkv, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = Linear(C, H * D)
-        self.k_proj = Linear(C, Hkv * D)
-        self.v_proj = Linear(C, Hkv * D)
+        self.q_proj = Linear(C, H * D, bias=cfg.attention_bias)
+        self.k_proj = Linear(C, Hkv * D, bias=cfg.attention_bias)
+        self.v_proj = Linear(C, Hkv * D, bias=cfg.attention_bias)
         self.o_proj = Linear(H * D, C)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, starts, cache, layer):
         B, T, _ = x.shape
         H, Hkv, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, Hkv, D)
+        if self.cfg.qk_norm:  # Qwen3: each head's q and k normalised over D, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None and cache.pos is not None:
