@@ -39,6 +39,7 @@ import torch
 
 import demo
 import generate
+import live_curves
 import parallel
 import report
 import run_folder
@@ -408,6 +409,7 @@ def main(argv=None):
     # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
     # checks it; every rank learns the verdict, so none waits forever.
     parallel.on_rank0(lambda: run_folder.open_run(args, world))
+    parallel.on_rank0(lambda: live_curves.start(args.out, args.report_to))  # --report-to
     run, base = prepare(args, device)
     if args.demo or args.sft:
         base = sft_warm_start(run, base)

@@ -5,6 +5,7 @@ import os
 import time
 
 import demo
+import live_curves
 from data import task
 from errors import (ArgumentParser, fraction, non_negative_int, positive_float, positive_int, positive_list,
                     probability)
@@ -34,11 +35,22 @@ def arm_list(text):
     return names
 
 
+def report_list(text):
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in live_curves.BACKENDS]
+    if bad or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(live_curves.BACKENDS)}")
+    return names
+
+
 def add_run_model_data(p):
     # run
     p.add_argument("--out", default=None, help="run folder (default runs/spin-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--report-to", type=report_list, default=[],
+                   help="comma list of tensorboard, wandb: live curves of every step and evaluation, under --out "
+                        "(tb/, wandb/; W&B offline); optional packages (live_curves.py)")
     # model
     p.add_argument("--model", default=None,
                    help="HF folder (config.json, *.safetensors, tokenizer.json or tokenizer.model); none = embedded demo")
