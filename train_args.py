@@ -48,7 +48,7 @@ def add_run_model_data(p):
     p.add_argument("--out", default=None, help="run folder (default runs/spin-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--report-to", type=report_list, default=[],
+    p.add_argument("--report-to", type=report_list, default=None,
                    help="comma list of tensorboard, wandb: live curves of every step and evaluation, under --out "
                         "(tb/, wandb/; W&B offline); optional packages (live_curves.py)")
     # model

@@ -113,5 +113,5 @@ def test_wandb_offline(tmp_path, monkeypatch):
         curves.log(r)
     curves.close()
     assert logged == [(3, {"sft/loss": pytest.approx(1 / 3), "sft/lr": 1e-3})]
-    assert any(d.startswith("offline-run-") for d in os.listdir(tmp_path / "wandb" / "wandb")) or \
-        any(d.startswith("offline-run-") for d in os.listdir(tmp_path / "wandb"))
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert runs and any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / runs[0]))
