@@ -21,6 +21,11 @@ ids are the rest of the whole conversation's rendering, so the whole conversatio
 The Zephyr fallback tokenises the answer on its own (`encode(answer) + [eos]`, as the official
 collator does), which no rendering of one string reproduces; its prompts, which are what
 generation and evaluation feed the model, still match exactly.
+
+`add_bos_token: false` is what transformers reads for a SentencePiece tokenizer.model. For a
+tokenizer.json whose post-processor adds BOS (Llama 3), transformers 5 follows the file and adds
+it to plain text; such templates write BOS themselves, and lm-eval adds none to a prompt that
+already starts with it, so chat prompts still match. The file is copied unchanged.
 """
 
 import json

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from chat_folders import mistral_model_file, write_json
+from chat_folders import llama3_folder, mistral_model_file, write_json
 from data import export_files, task
 from data.template import ChatFormat, load_chat_template, render_prompt
 from data.tokenizer import load_tokenizer, train_tokenizer
@@ -43,13 +43,14 @@ def ids(hf, messages, **kw):
     return hf.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
 
 
-def check_prompts(fmt, hf, full_conversations):
+def check_prompts(fmt, hf, full_conversations, plain_text=True):
     for messages, answer in zip(CONVERSATIONS, ANSWERS):
         assert ids(hf, messages, add_generation_prompt=True) == fmt.prompt_ids(messages), messages
         if full_conversations:  # a Jinja template: the response is the rest of the conversation
             whole = ids(hf, [*messages, {"role": "assistant", "content": answer}])
             assert whole == fmt.prompt_ids(messages) + fmt.response_ids(messages, answer)
-    assert hf("12 + 3 = 15", add_special_tokens=True)["input_ids"] == fmt.tok.encode("12 + 3 = 15")  # no BOS
+    if plain_text:  # no BOS added to plain text either
+        assert hf("12 + 3 = 15", add_special_tokens=True)["input_ids"] == fmt.tok.encode("12 + 3 = 15")
 
 
 def test_demo_tokenizer_with_builtin_zephyr(tmp_path):
@@ -108,3 +109,13 @@ def test_source_settings_kept(tmp_path):
     cfg = json.load(open(tmp_path / "export" / "tokenizer_config.json"))
     assert cfg["model_max_length"] == 4096 and cfg["add_bos_token"] is False and "chat_template" not in cfg
     assert (tmp_path / "export" / "chat_template.jinja").read_text() == "{{ 'x' }}"
+
+
+def test_llama3_bos_written_by_the_template(tmp_path):
+    """A tokenizer.json whose post-processor adds BOS (Llama 3): transformers 5 follows the file,
+    not add_bos_token, for plain text; the template writes BOS itself, once, so chat ids match."""
+    fmt, hf = export_folder(llama3_folder(str(tmp_path / "src")), str(tmp_path / "export"))
+    check_prompts(fmt, hf, full_conversations=True, plain_text=False)
+    assert fmt.prompt_ids(CONVERSATIONS[0])[0] == fmt.tok.bos_id
+    gen = json.load(open(tmp_path / "export" / "generation_config.json"))
+    assert gen["eos_token_id"] == list(fmt.tok.eos_ids) and len(fmt.tok.eos_ids) == 2

@@ -2,7 +2,7 @@
 checkpoints: tiny random folders made with transformers, with SmolLM2's real tokenizer.json and
 ChatML template beside them. Logits against transformers (unpadded and left-padded), greedy
 answers through generate.py, exports transformers loads back as Qwen, PEFT adapters on a Qwen
-base, and a short SPIN iteration under torchrun."""
+base, and a short SPIN iteration under torchrun whose adapter PEFT loads on the Qwen base."""
 import json
 import os
 import shutil
@@ -198,6 +198,13 @@ def test_spin_iteration_under_torchrun(qwen, tmp_path):
     steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"step"' in line]
     assert steps and abs(steps[0]["loss"] - 0.6931) < 1e-3
     export = out / "iter0" / "model"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export)).eval()
     assert type(hf).__name__.lower().startswith(kind)
+    # The run's PEFT adapter on the Qwen base computes the merged export.
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with_adapter = peft.PeftModel.from_pretrained(base, str(out / "iter0" / "adapter")).eval()
+    ids = torch.randint(3, 40000, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (with_adapter(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
     assert (export / "chat_template.jinja").read_text() == open(os.path.join(folder, "chat_template.jinja")).read()
