@@ -3,7 +3,8 @@ middle of iteration 1 and resumed: the event files, read back with TensorBoard's
 every step and evaluation once, on one increasing x axis, with metrics.jsonl's values. The same
 run's exports are checked against transformers (data/export_files.py): AutoTokenizer +
 apply_chat_template gives our prompt ids, and transformers' greedy generate on the export
-answers as our generate.py does."""
+answers as our generate.py does; and, where lm-eval is installed, lm-eval-harness on the export
+gives our answers."""
 import json
 import os
 
@@ -115,3 +116,29 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert logged == [(3, {"sft/loss": pytest.approx(1 / 3), "sft/lr": 1e-3})]
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert runs and any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / runs[0]))
+
+
+def test_lm_eval_reproduces_our_greedy_exact_match(resumed, tmp_path):
+    """lm-eval-harness (optional: runs where `pip install lm-eval` was done) on the run's export,
+    --apply_chat_template, a local generate_until task (tools/lm_eval_demo.py): the same answers as
+    our greedy decode, prompt by prompt. bench/RESULTS_lm_eval.md has the full demo's figure."""
+    pytest.importorskip("lm_eval")
+    import glob
+    import subprocess
+    import sys
+    from test_train import ROOT
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-m", "tools.lm_eval_demo", "--run", str(resumed), "--model", "iter1/model",
+                        "--out", str(tmp_path), "-n", "16"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    command = p.stdout.strip().splitlines()[-1].split()
+    p = subprocess.run([sys.executable, "-m", "lm_eval", *command[1:]], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    theirs = sorted((json.loads(line) for line in open(glob.glob(str(tmp_path / "results" / "*" / "samples_*.jsonl"))[0])),
+                    key=lambda s: s["doc_id"])
+    ours = [json.loads(line) for line in open(tmp_path / "ours.jsonl")]
+    assert [s["arguments"]["gen_args_0"]["arg_0"] for s in theirs][0].startswith("<|system|>\n</s>\n<|user|>\n")
+    assert [s["resps"][0][0].strip() for s in theirs] == [o["answer"].strip() for o in ours]
+    assert [int(s["exact_match"]) for s in theirs] == [o["correct"] for o in ours]
