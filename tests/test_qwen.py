@@ -172,9 +172,10 @@ def test_refused_by_name(tmp_path):
 
 
 def test_spin_iteration_under_torchrun(qwen, tmp_path):
-    """train.py on the Qwen folder, two processes, LoRA on every projection (a frozen biased base
-    under FSDP): first loss log 2, the export loads in transformers as the same Qwen class and
-    carries the ChatML template."""
+    """train.py on the Qwen folder, two processes: Qwen2 with LoRA on every projection (a frozen
+    biased base under FSDP), Qwen3 in full (its q/k norms trained and sharded). First loss log 2;
+    the export loads in transformers as the same Qwen class and carries the ChatML template; the
+    LoRA run's PEFT adapter on the base computes its merged export."""
     kind, folder = qwen
     rows = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a, b in [(1, 2), (3, 4), (5, 6), (7, 8),
                                                                                  (2, 9), (4, 4)]]
@@ -192,7 +193,7 @@ def test_spin_iteration_under_torchrun(qwen, tmp_path):
                         "--model", folder, "--data", str(data), "--eval-data", str(held), "--out", str(out),
                         "--iterations", "1", "--batch-size", "2", "--micro-batch-size", "1", "--epochs", "1",
                         "--max-new-tokens", "8", "--max-length", "96", "--max-prompt-length", "64",
-                        "--gen-batch-size", "8", "--lr", "1e-3", "--lora-rank", "2"],
+                        "--gen-batch-size", "8", "--lr", "1e-3", *(["--lora-rank", "2"] if kind == "qwen2" else [])],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"step"' in line]
@@ -200,7 +201,12 @@ def test_spin_iteration_under_torchrun(qwen, tmp_path):
     export = out / "iter0" / "model"
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(export)).eval()
     assert type(hf).__name__.lower().startswith(kind)
-    # The run's PEFT adapter on the Qwen base computes the merged export.
+    if kind == "qwen3":  # trained in full: the norms moved
+        before = Mistral.from_pretrained(folder).state_dict()
+        after = Mistral.from_pretrained(str(export)).state_dict()
+        assert not torch.equal(before["model.layers.0.self_attn.q_norm.weight"],
+                               after["model.layers.0.self_attn.q_norm.weight"])
+        return
     peft = pytest.importorskip("peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     with_adapter = peft.PeftModel.from_pretrained(base, str(out / "iter0" / "adapter")).eval()
