@@ -14,6 +14,7 @@ class RunConfig:
     model: str | None  # a HF folder; None: the embedded demo
     chat_template: str | None
     dtype: str | None  # compute dtype of every model; None: bf16 on GPUs, fp32 on CPUs
+    report_to: list | None = None  # live curves: tensorboard and/or wandb (live_curves.py)
 
     @property
     def demo(self):

@@ -64,13 +64,25 @@ def config_from_dict(raw, source="config") -> ModelConfig:
                          f"({supported}); use a checkpoint without it")
 
     model_type = raw.get("model_type", "mistral")
-    if model_type not in ("mistral", "llama"):
-        refuse("model_type", model_type, "mistral or llama")
+    if model_type not in ("mistral", "llama", "qwen2", "qwen3"):
+        refuse("model_type", model_type, "mistral, llama, qwen2 or qwen3")
     if raw.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", raw["hidden_act"], "silu")
-    for field in ("attention_bias", "mlp_bias"):  # Llama configs may ask for biases
+    # Llama and Qwen3 configs may ask for biases (Qwen3 on o_proj too); Qwen2's q/k/v always have one.
+    for field in ("attention_bias", "mlp_bias") if model_type != "qwen2" else ("mlp_bias",):
         if raw.get(field):
             refuse(field, raw[field], "projections without bias")
+    window = raw.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        # transformers' Qwen2Config/Qwen3Config: the window applies only with use_sliding_window,
+        # and then only to layers >= max_window_layers (or where layer_types says so).
+        layers = need("num_hidden_layers")
+        kinds = raw.get("layer_types") or ["sliding_attention" if raw.get("use_sliding_window") and window
+                                           and i >= raw.get("max_window_layers", 28) else "full_attention"
+                                           for i in range(layers)]
+        if "sliding_attention" in kinds:
+            refuse("use_sliding_window", True, "Qwen models with full attention in every layer")
+        window = None
     if raw.get("partial_rotary_factor", 1.0) != 1.0:
         refuse("partial_rotary_factor", raw["partial_rotary_factor"], "rotary on the whole head, 1.0")
     # Two spellings in the wild: Mistral-7B / Zephyr / Llama 3 files have top-level rope_theta,
@@ -97,10 +109,11 @@ def config_from_dict(raw, source="config") -> ModelConfig:
         max_position_embeddings=raw.get("max_position_embeddings", 32768),
         rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=float(rope_theta),
         rope_scaling=_rope_scaling(rope, source),
-        sliding_window=raw.get("sliding_window"),
+        sliding_window=window,
         tie_word_embeddings=raw.get("tie_word_embeddings", False), dtype=dtype,
         bos_token_id=raw.get("bos_token_id", 1),
         eos_token_id=eos[0] if isinstance(eos, list) else eos, model_type=model_type,
+        attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
     )
 
 
@@ -124,15 +137,19 @@ def _rope_scaling(rope, source):
 
 
 def config_to_hf(cfg: ModelConfig):
-    """The config.json that transformers reads back as a MistralForCausalLM (or Llama)."""
+    """The config.json that transformers reads back as a MistralForCausalLM (or Llama, Qwen2, Qwen3)."""
     d = asdict(cfg)
     # Both spellings: transformers 5 reads rope_parameters/dtype, 4.x (what the official
     # SPIN stack pins) reads rope_theta/rope_scaling/torch_dtype and would silently default.
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
-    arch = "LlamaForCausalLM" if cfg.model_type == "llama" else "MistralForCausalLM"
-    d.update(architectures=[arch], hidden_act="silu", rope_parameters=rope, torch_dtype=cfg.dtype)
-    if cfg.model_type == "llama":
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    d.update(architectures=[arch.get(cfg.model_type, "MistralForCausalLM")], hidden_act="silu",
+             rope_parameters=rope, torch_dtype=cfg.dtype)
+    del d["qk_norm"], d["attention_bias"]  # implied by the model type
+    if cfg.model_type in ("llama", "qwen3"):
         d.update(attention_bias=False, mlp_bias=False)
+    if cfg.model_type in ("qwen2", "qwen3"):
+        d.update(use_sliding_window=False, max_window_layers=cfg.num_hidden_layers)
     return d
 
 

@@ -89,11 +89,14 @@ class LoraLinear(nn.Linear):
         # draw from the global RNG); the base's Parameter itself is then adopted: a loaded model
         # stays loaded, a meta model stays meta.
         with torch.device("meta"):
-            super().__init__(base.in_features, base.out_features, bias=False)
+            super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
             self.lora_A = nn.Linear(base.in_features, settings.rank, bias=False)  # (r, in)
             self.lora_B = nn.Linear(settings.rank, base.out_features, bias=False)  # (out, r)
         self.weight = base.weight
         self.weight.requires_grad_(False)
+        if base.bias is not None:  # Qwen2's q/k/v: the bias stays frozen, as PEFT's bias="none"
+            self.bias = base.bias
+            self.bias.requires_grad_(False)
         self.lora_A.to_empty(device=base.weight.device)  # fp32, whatever the base's dtype
         self.lora_B.to_empty(device=base.weight.device)
         self.scale = settings.scale
@@ -102,7 +105,7 @@ class LoraLinear(nn.Linear):
         self.lora_dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
 
     def forward(self, x):  # x (..., in) in the base weight's dtype -> (..., out)
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         # The adapter may be fp32 beside a bf16 base (stage.py keeps the frozen base in the
         # compute dtype): A x is computed in the adapter's dtype, the update added in the base's.
         # Under FSDP's MixedPrecisionPolicy both arrive in the compute dtype: the casts are no-ops.

@@ -2,7 +2,9 @@
 
 Architecture (Jiang et al. 2023, "Mistral 7B"): token embedding -> N x [RMSNorm -> grouped-query
 attention with rotary embeddings and a sliding window -> residual -> RMSNorm -> SwiGLU MLP ->
-residual] -> RMSNorm -> LM head. Module attribute names equal the Hugging Face keys
+residual] -> RMSNorm -> LM head. Llama is the same network; Qwen2/Qwen2.5 add a bias to the q, k, v
+projections (ModelConfig.attention_bias) and Qwen3 an RMSNorm over each head of q and k before
+the rotation (ModelConfig.qk_norm). Module attribute names equal the Hugging Face keys
 (`model.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load strictly with no rename table.
 Reading and writing Hugging Face folders is hf.py's. Everything here is the plain reference;
 faster kernels replace parts of a built model in one call, kernels.install(model, impl).
@@ -41,7 +43,9 @@ class ModelConfig:
     dtype: str = "float32"  # the dtype the checkpoint is stored in
     bos_token_id: int = 1
     eos_token_id: int = 2
-    model_type: str = "mistral"  # or "llama": the same architecture here, kept for exports
+    model_type: str = "mistral"  # or "llama", "qwen2", "qwen3": kept for exports
+    attention_bias: bool = False  # bias on q, k, v (Qwen2 / Qwen2.5)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,16 +198,22 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, Hkv, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(C, H * D, bias=False)
-        self.k_proj = nn.Linear(C, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(C, Hkv * D, bias=False)
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, starts, cache, layer):
         B, T, _ = x.shape
         H, Hkv, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, Hkv, D)
+        if self.cfg.qk_norm:  # Qwen3: each head's q and k normalised over D, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q_offset = 0

@@ -13,6 +13,7 @@ import sys
 import time
 
 import fingerprint
+import live_curves
 import parallel
 from checkpoint import write_json
 from errors import InputError, UserError, writing
@@ -23,9 +24,10 @@ _HELD = []  # the locks of the run folders this process has opened: held until i
 # Settings that --resume may change: the world size and the data order do not depend on them.
 # The kernels: a run whose Triton kernel fails on some GPU continues with --kernels torch.
 # The learning rates, beta and the gradient clip: a stage that diverged continues from its last
-# good checkpoint with gentler settings (stage.py's guard says which checkpoint). A change is
+# good checkpoint with gentler settings (stage.py's guard says which checkpoint). Where the curves
+# go (--report-to) changes nothing in the run. A change is
 # recorded in config.json ("resumes") and as a "resume" record in metrics.jsonl.
-RESUMABLE_CHANGES = ("kernels", "lr", "sft_lr", "beta", "clip")
+RESUMABLE_CHANGES = ("kernels", "lr", "sft_lr", "beta", "clip", "report_to")
 
 
 def lock_folder(out):
@@ -172,6 +174,7 @@ def record(out, rec):
             os.close(fd)
     if rec["type"] == "step":
         _LAST_STEP.update(stage=rec["stage"], step=rec["step"])
+    live_curves.log(out, rec)  # --report-to: TensorBoard / W&B, after the file, never ahead of it
     if rec["type"] == "step" and (rec["step"] % 10 == 0 or rec["step"] == rec["steps"]):
         extra = f" acc {rec['rewards/accuracies']:.2f} margin {rec['rewards/margins']:.3f}" if "rewards/margins" in rec else ""
         parallel.log(f"  {rec['stage']} step {rec['step']}/{rec['steps']} loss {rec['loss']:.4f}{extra} "

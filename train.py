@@ -39,11 +39,12 @@ import torch
 
 import demo
 import generate
+import live_curves
 import parallel
 import report
 import run_folder
 from config import Config, TrainSettings, settings
-from data import pairs, readers, task
+from data import export_files, pairs, readers, task
 from errors import InputError, run_command
 from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
@@ -189,8 +190,9 @@ def prepare(cfg, device):
                          f"--max-new-tokens {cfg.gen.max_new_tokens} need {need}")
     folder = os.path.dirname(tok.path)
     tok_files = {name: os.path.join(folder, name) for name in tok.files}
-    if cfg.run.chat_template:  # exports carry the template the run used; transformers prefers this file
-        tok_files["chat_template.jinja"] = cfg.run.chat_template
+    # Exports carry the template and special-token settings the run used (data/export_files.py).
+    parallel.on_rank0(lambda: export_files.write(os.path.join(cfg.run.out, "export_tokenizer"), fmt))
+    tok_files = export_files.file_map(os.path.join(cfg.run.out, "export_tokenizer"), tok_files)
     run = Run(cfg, device, compute_dtype(cfg.run.dtype, device), fmt, tok_files, config.dtype, train_ex, held_ex)
     if cfg.run.demo:
         run.timings["prepare"] = prepare_s
@@ -212,6 +214,7 @@ def start(cfg, extra_settings=None):
     # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
     # checks it; every rank learns the verdict, so none waits forever.
     parallel.on_rank0(lambda: run_folder.open_run(folder_settings(cfg, extra_settings), world))
+    parallel.on_rank0(lambda: live_curves.start(cfg.run.out, cfg.run.report_to))  # --report-to, if asked
     return prepare(cfg, device)
 
 

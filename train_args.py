@@ -2,12 +2,14 @@
 flags, so a mistake is one line naming the flag (errors.ArgumentParser) before any work starts.
 resolve() turns the parsed flags into the typed settings of config.py, which is all that the
 code below train.main sees."""
+import argparse
 import os
 import time
 
 import demo
 from config import (Config, DataConfig, DemoConfig, GenConfig, Preset, RunConfig, SftConfig, SpinConfig,
                     TrainSettings)
+import live_curves
 from data import task
 from errors import (ArgumentParser, fraction, non_negative_int, positive_float, positive_int, positive_list,
                     probability)
@@ -21,11 +23,22 @@ RECIPE = Preset(iterations=4, beta=[0.1, 0.1, 0.1, 5.0], lr=[5e-7, 5e-7, 1e-7, 1
                 eval_prompts=500, baseline=False, ckpt_every=200, gen_batch_size=32)
 
 
+def report_list(text):
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in live_curves.BACKENDS]
+    if bad or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(live_curves.BACKENDS)}")
+    return names
+
+
 def add_run_model_data(p):
     # run
     p.add_argument("--out", default=None, help="run folder (default runs/spin-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--report-to", type=report_list, default=None,
+                   help="comma list of tensorboard, wandb: live curves of every step and evaluation, under --out "
+                        "(tb/, wandb/; W&B offline); optional packages (live_curves.py)")
     # model
     p.add_argument("--model", default=None,
                    help="HF folder (config.json, *.safetensors, tokenizer.json or tokenizer.model); none = embedded demo")
@@ -121,7 +134,7 @@ def resolve(p, args):
     out = args.out or os.path.join("runs", "spin-" + time.strftime("%Y%m%d-%H%M%S"))
     return Config(
         run=RunConfig(out=out, resume=args.resume, seed=args.seed, kernels=args.kernels, model=args.model,
-                      chat_template=args.chat_template, dtype=args.dtype),
+                      chat_template=args.chat_template, dtype=args.dtype, report_to=args.report_to),
         data=DataConfig(data=args.data, eval_data=args.eval_data, num_prompts=args.num_prompts,
                         eval_prompts=args.eval_prompts, max_length=args.max_length,
                         max_prompt_length=args.max_prompt_length, on_bad_row=args.on_bad_row,

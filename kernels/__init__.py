@@ -49,7 +49,7 @@ def install(model, impl="auto"):
     per_call = "triton" if choice == "triton" and INTERPRET else "torch" if choice == "torch" else "auto"
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None:  # not a LoraLinear: lora.py's own
+            if type(child) is nn.Linear:  # not a LoraLinear: lora.py's own
                 setattr(parent, name, cpu_linear.Linear.adopt(child))
         if isinstance(parent, Attention):
             parent.attend = functools.partial(_attend, impl=per_call)

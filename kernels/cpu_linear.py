@@ -47,34 +47,38 @@ ONEDNN = _probe_onednn()
 PACKED = {}  # id(weight) -> (weight, oneDNN copy), filled only inside cpu_decode_weights
 
 
-def linear(x, w):
-    """F.linear(x, w), except for a CPU decode step (at most DECODE_ROWS rows, fp32, no
+def linear(x, w, b=None):
+    """F.linear(x, w, b), except for a CPU decode step (at most DECODE_ROWS rows, fp32, no
     autograd), which calls oneDNN's kernel directly, on the packed copy of w when
     cpu_decode_weights made one. Both agree to float32 summation order."""
     if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
-            and x.numel() <= DECODE_ROWS * x.shape[-1] and torch.backends.mkldnn.enabled:
+            and x.numel() <= DECODE_ROWS * x.shape[-1] and torch.backends.mkldnn.enabled \
+            and (b is None or b.dtype == torch.float32):
         packed = PACKED.get(id(w))
-        return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], None, "none", [], "")
-    return F.linear(x, w)
+        return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], b, "none", [], "")
+    return F.linear(x, w, b)
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias whose forward takes linear()'s CPU decode path. Parameter names
-    stay `weight`, so checkpoints load unchanged; a module can still be replaced (lora.py)."""
+    """nn.Linear (without bias unless asked: Qwen2's q/k/v have one) whose forward takes
+    linear()'s CPU decode path. Parameter names stay `weight` / `bias`, so checkpoints load
+    unchanged; a module can still be replaced (lora.py)."""
 
-    def __init__(self, in_features, out_features, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
     def adopt(cls, layer: nn.Linear):
-        """A Linear holding `layer`'s own weight Parameter (so tied, loaded, meta or sharded
-        weights stay what they are); built on meta, so nothing is allocated or drawn."""
-        new = cls(layer.in_features, layer.out_features, device="meta")
+        """A Linear holding `layer`'s own weight (and bias) Parameters (so tied, loaded, meta or
+        sharded weights stay what they are); built on meta, so nothing is allocated or drawn."""
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         new.weight = layer.weight
+        if layer.bias is not None:
+            new.bias = layer.bias
         return new
 
     def forward(self, x):
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.bias)
 
 
 @contextlib.contextmanager

@@ -405,7 +405,7 @@ def test_llama_rope_scaling_matches_transformers(tmp_path, scaling):
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type"),
     ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "dynamic"),
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
-    ("model_type", "qwen2", "model_type"),
+    ("model_type", "qwen2_moe", "model_type"),
     ("hidden_act", "gelu", "hidden_act"),
 ])
 def test_unsupported_config_fields_are_refused_by_name(field, value, message):
