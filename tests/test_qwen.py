@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from errors import InputError
-from hf import load_model, read_config, save_model
-from model import Mistral, ModelConfig
+from hf import config_from_dict, load_model, read_config, save_model
+from model import Mistral
 
 transformers = pytest.importorskip("transformers")
 
@@ -162,14 +162,14 @@ def test_refused_by_name(tmp_path):
     for i, (kind, over, field) in enumerate(cases):
         d = hf_config(kind, 100, **over).to_dict()
         with pytest.raises(InputError, match=f"field '{field}'"):
-            ModelConfig.from_dict(d)
+            config_from_dict(d)
     # A window that no layer uses (max_window_layers >= layers) is full attention.
-    assert ModelConfig.from_dict(hf_config("qwen2", 100, use_sliding_window=True, max_window_layers=2).to_dict()
+    assert config_from_dict(hf_config("qwen2", 100, use_sliding_window=True, max_window_layers=2).to_dict()
                                  ).sliding_window is None
     d = hf_config("qwen2", 100).to_dict()
     d["model_type"] = "qwen2_moe"
     with pytest.raises(InputError, match="field 'model_type' is 'qwen2_moe'"):
-        ModelConfig.from_dict(d)
+        config_from_dict(d)
 
 
 def test_spin_iteration_under_torchrun(qwen, tmp_path):
