@@ -3,8 +3,8 @@
     python -m tools.reading_path            # the table README.md's "Read the code" quotes
     python -m tools.reading_path --check    # exit 1 if README.md's table is not this one
 
-Each stop names a file and the top-level functions or classes to read there (None: the whole
-file). Lines are counted from the source, so the figures follow the code as it changes;
+Each stop names a file and the top-level functions or classes to read there ("__doc__": the
+module docstring; None: the whole file). Lines are counted from the source, so the figures follow the code as it changes;
 tests/test_reading_path.py keeps README.md in step and the total near 1,000 lines.
 """
 import ast
@@ -25,7 +25,7 @@ PATH = [
      "the opponent: KV-cached sampling, and its log-probs of both answers stored once"),
     ("stage.py", ["build_model", "spin_micro_batch", "train_stage"],
      "one training stage: FSDP2 set-up, one SPIN step, the step loop"),
-    ("train.py", ["spin_iteration", "sft_iteration", "main"],
+    ("train.py", ["__doc__", "Arm", "spin_iteration", "sft_iteration", "main"],
      "the iteration loop: generate, train, export, evaluate; the continued-SFT baseline"),
 ]
 
@@ -38,6 +38,9 @@ def spans(path, names):
         return [(1, len(src.splitlines()))]
     tree = ast.parse(src)
     found = {}
+    doc = tree.body[0] if tree.body and isinstance(tree.body[0], ast.Expr) else None
+    if doc is not None and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+        found["__doc__"] = (doc.lineno, doc.end_lineno)
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
@@ -55,7 +58,8 @@ def table():
         sp = spans(path, names)
         n = sum(b - a + 1 for a, b in sp)
         total += n
-        what = "all" if names is None else ", ".join(f"`{name}` ({a}-{b})" for name, (a, b) in zip(names, sp))
+        what = "all" if names is None else ", ".join(
+            f"{'docstring' if name == '__doc__' else f'`{name}`'} ({a}-{b})" for name, (a, b) in zip(names, sp))
         rows.append(f"| {i} | `{path}` | {what} | {n} | {why} |")
     rows.append(f"| | | **total** | **{total}** | |")
     return "\n".join(rows), total

@@ -1,0 +1,98 @@
+"""The reader's path stays short and true: README.md quotes tools/reading_path.py's table, the
+path reads without the production rooms, and the house has no import circles."""
+import ast
+import os
+import re
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_quotes_the_reading_path_and_it_stays_short():
+    from tools.reading_path import table
+    text, total = table()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert text in readme, "README.md's 'Read the code' table is stale: paste `python -m tools.reading_path`"
+    assert f"{total:,} lines" in readme
+    assert total <= 1100, f"the reading path grew to {total} lines"
+    heading = next(i for i, line in enumerate(readme.splitlines(), 1) if line.startswith("## Read the code"))
+    assert heading <= 80
+
+
+def _source(name):
+    return open(os.path.join(ROOT, name)).read()
+
+
+def test_the_path_carries_no_study_arm_and_no_test_hook():
+    train = _source("train.py")
+    for word in ("spin_mix", "spin_drop", "verifier", "sft_to_optimum", "fill_one_batch", "--arms"):
+        assert word not in train, word
+    for name in ("model.py", "train.py", "stage.py", "generate.py", "train_args.py"):
+        src = _source(name)
+        for hook in ("nan_at", "kill_at", "nan-at", "kill-at", "os.kill"):
+            assert hook not in src, f"{name} carries the test hook {hook}"
+
+
+def test_nothing_points_outside_the_repository():
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:  # not a git checkout (an sdist): nothing to check against
+        return
+    bad = [f for f in files if f.endswith((".py", ".md", ".sh", ".txt", ".ini", ".toml"))
+           and os.path.isfile(os.path.join(ROOT, f)) and "shared/" in open(os.path.join(ROOT, f)).read()
+           and f != "tests/test_reading_path.py"]
+    assert not bad, f"these files point at a shared/ folder users do not have: {bad}"
+
+
+def _project_imports():
+    """{module: set of project modules it imports at top level or inside functions}."""
+    mods = {}
+    for dirpath, _, names in os.walk(ROOT):
+        parts = os.path.relpath(dirpath, ROOT).split(os.sep)
+        if any(part.startswith(".") and part != "." or part in ("runs", "__pycache__") for part in parts):
+            continue
+        for n in names:
+            if n.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, n), ROOT)[:-3].replace(os.sep, ".")
+                mods[rel.removesuffix(".__init__")] = os.path.join(dirpath, n)
+    graph = {}
+    for mod, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                while name and name not in mods:
+                    name = name.rpartition(".")[0]
+                if name and name != mod and not mod.startswith(name + "."):
+                    deps.add(name)
+        graph[mod] = deps
+    return graph
+
+
+def test_no_import_circles_among_the_project_modules():
+    graph = _project_imports()
+    assert "stage" in graph["train"] and "model" in graph["hf"]  # the walk found the modules
+    state, cycle = {}, []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                cycle.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycle, "import circles: " + "; ".join(" -> ".join(c) for c in cycle[:3])
+
+
+def test_model_py_is_the_architecture_alone():
+    src = _source("model.py")
+    tree = ast.parse(src)
+    top = {(a.name if isinstance(n, ast.Import) else n.module).split(".")[0]
+           for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])}
+    assert top <= {"torch", "math", "dataclasses", "os", "json", "typing", "functools"}, top
+    assert not re.search(r"mkldnn|onednn|triton|cuda_graph|cpu_linear|CUDAGraph", src, re.I)
