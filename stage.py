@@ -125,7 +125,10 @@ def spin_micro_batch(model, micro, run, stage, live, n_local):
     if stage.mix_alpha > 0:  # the base (SFT start) model's log-probs, stored by generate.rescore
         base = dict(zip(pairs.BASE_COLUMNS, (b[k].to(run.device) for k in pairs.BASE_COLUMNS)), alpha=stage.mix_alpha)
     loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=stage.settings.loss_type, **base)
-    (loss * n / n_local).backward()  # spin_loss averages over this micro-batch; FSDP over ranks
+    # spin_loss averages over this micro-batch's n pairs; weighting by n / n_local makes the sum over
+    # micro-batches the mean over this rank's pairs, and FSDP2's gradient reduce-scatter averages
+    # over ranks: the gradient of the mean loss over the global batch, however it is split.
+    (loss * n / n_local).backward()
     sums["loss"] = loss.item() * n
     for k in ("rewards/real", "rewards/generated", "rewards/accuracies", "logps/real", "logps/generated"):
         sums[k] = float(met[k] * n)

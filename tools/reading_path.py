@@ -17,15 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = [
     ("spin_loss.py", ["sequence_logps", "spin_loss"],
      "the loss: the paper's equation next to the code, rewards and metrics"),
-    ("data/pairs.py", ["tokenize_example", "collate_pairs"],
+    ("data/pairs.py", ["tokenize_example", "left_pad", "collate_pairs"],
      "how a (prompt, real, generated) triple becomes token ids, masks and targets"),
     ("model.py", None,
      "the architecture: RMSNorm, RoPE, grouped-query attention, SwiGLU, per-token log-probs"),
-    ("generate.py", ["sample_batch", "sample", "score", "generate_dataset"],
+    ("generate.py", ["sample_batch", "sample", "score", "generate_dataset", "_pair_of_sample"],
      "the opponent: KV-cached sampling, and its log-probs of both answers stored once"),
-    ("stage.py", ["build_model", "spin_micro_batch", "train_stage"],
+    ("stage.py", ["build_model", "make_optimizer", "spin_micro_batch", "train_stage", "run_stage"],
      "one training stage: FSDP2 set-up, one SPIN step, the step loop"),
-    ("train.py", ["__doc__", "Arm", "spin_iteration", "sft_iteration", "main"],
+    ("train.py", ["__doc__", "run_generation", "run_evaluation", "Arm", "spin_iteration", "sft_iteration", "main"],
      "the iteration loop: generate, train, export, evaluate; the continued-SFT baseline"),
 ]
 
