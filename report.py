@@ -24,8 +24,8 @@ def _cell(row, key, fmt):
     return "-" if v is None else fmt.format(v)
 
 
-# The arms train.py can run (its ARMS), in the order the table and plots show them:
-# (name, line style, label).
+# The arms a run can hold (train.py's spin and sft; experiments/arms.py's ARMS), in the order
+# the table and plots show them: (name, line style, label).
 ARMS = (("spin", "o-", "SPIN"), ("sft", "s--", "continued SFT (baseline)"),
         ("spin_mix", "^-.", "SPIN, mixture reference"), ("spin_drop", "v:", "SPIN, correct samples dropped"))
 LABELS = {"start": "SFT start", **{a: label for a, _, label in ARMS}}

@@ -13,7 +13,7 @@ Launch:
     python train.py                                   # embedded demo, one process
     torchrun --nproc_per_node=2 train.py              # the same run over two processes
     torchrun --nproc_per_node=8 train.py --model zephyr-7b-sft-full --data train.parquet \
-        --eval-data test.parquet                      # the paper's recipe (see README)
+        --eval-data test.parquet                      # the paper's recipe (docs/REAL_MODELS.md)
 
 Read main() from the bottom of this file: it calls the stages below in order. The flags and
 their two presets (the paper's recipe, the embedded demo) are in train_args.py; they resolve to

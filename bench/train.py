@@ -9,7 +9,7 @@ trl-style; (issue 19) at the SmolLM2-135M shape, LoRA >= 1.4x pairs/s and <= 0.5
     ours      our Mistral; real and generated rows in one left-padded (2B, T) forward; per-token
               log-probs through the fused LM-head path (kernels/logprob.py, no (N, V) logits);
               spin_loss against opponent log-probs precomputed at generation time, so no
-              reference model is resident. Exactly train.py's train_stage step for one
+              reference model is resident. Exactly stage.py's train_stage step for one
               micro-batch, minus FSDP (one process here) and the metric bookkeeping.
     lora      ours with LoRA adapters (lora.add_adapters, --lora-* flags) on the same loaded model:
               the base frozen, RMSprop and clipping over the adapters only.
@@ -184,7 +184,7 @@ def make_ours(folder, opponent_folder, batch, args, device, dtype, lora_settings
     ref_real, ref_gen = ref[:n].clone(), ref[n:].clone()
     del opponent
 
-    def step():  # train.py train_stage, one micro-batch == the whole local batch
+    def step():  # stage.py's train_stage, one micro-batch == the whole local batch
         lp = model(ids, attention_mask=mask, targets=tgt)  # (2B, T) fused per-token log-probs
         seq = sequence_logps(lp, tgt != -100)  # (2B,)
         loss, _ = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=args.beta)

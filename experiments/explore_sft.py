@@ -79,7 +79,7 @@ def build(args, tok_dir):
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     torch.manual_seed(args.seed)
     model = kernels.install(Mistral(config))  # the paths train.py's stages run
-    with torch.no_grad():  # train.py's init: GPT-2 style, residual projections scaled by depth
+    with torch.no_grad():  # demo.py's init: GPT-2 style, residual projections scaled by depth
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * L) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
@@ -128,7 +128,7 @@ def make_optimizer(model, args):
     warm = max(1, args.warmup)
     if args.schedule == "constant":  # the curve shows where SFT itself stops, not where a schedule ends
         factor = lambda s: min(1.0, (s + 1) / warm)  # noqa: E731
-    else:  # train.py's rule
+    else:  # stage.py's rule (make_optimizer)
         factor = lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / max(1, args.steps - warm))  # noqa: E731
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -179,7 +179,7 @@ def main(argv=None):
     for step in range(args.steps):
         t0 = time.time()
         epoch, pos = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch)  # train.py's data order
+        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch)  # stage.py's data order
         batch = [train_items[i] for i in torch.randperm(len(train_items), generator=g)[pos * G:(pos + 1) * G]]
         b = collate_sft(batch, tok.eos_id)
         lp = model(b["input_ids"], attention_mask=b["attention_mask"], targets=b["targets"])  # (B, T)

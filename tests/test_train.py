@@ -138,7 +138,7 @@ def test_two_processes_match_one(single, double):
     a, b = step_losses(out1), step_losses(double)
     assert a.keys() == b.keys()
     # One process runs the two micro-batches of 8 that the two ranks run, the gradient norm is
-    # world-size independent (train.clip_grad_norm) and the generation and rescoring batches are
+    # world-size independent (parallel.clip_grad_norm) and the generation and rescoring batches are
     # fixed parts: the runs are the same computation, so the losses agree to float rounding
     # (bitwise on the machine this was written on).
     for k in a:
