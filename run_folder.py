@@ -43,7 +43,7 @@ def lock_folder(out):
     except BlockingIOError:
         f.close()
         raise UserError(f"{out} is in use by a live run ({_holder(path)}); wait for it to end, or stop it "
-                        "(README: stopping a run), then pass --resume to continue it") from None
+                        "(docs/RUNS.md: stopping a run), then pass --resume to continue it") from None
     holder = {"pid": os.getpid(), "host": socket.gethostname()}
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: its parent is torchrun
         holder["torchrun_pid"] = os.getppid()
@@ -77,7 +77,7 @@ def open_run(args, world):
     --resume, a --resume of nothing, and a --resume with other settings than RESUMABLE_CHANGES.
     The folder is this process's until it ends (or the returned lock is closed)."""
     out = args.out
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "kill_at", "nan_at")}
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
     saved = os.path.join(out, "config.json")
     if args.resume and not os.path.exists(saved):
         raise UserError(f"--resume: {saved} does not exist, so there is no run to continue")
