@@ -233,7 +233,7 @@ def measure(s: Shape, u: Setup, steps_before=2):
     lora_settings = lora.LoraSettings.from_flags(u.lora_rank, 2.0 * u.lora_rank, u.lora_targets,
                                                  u.extra.get("lora_dropout", 0.0))
     compute = torch.bfloat16 if u.compute == "bf16" else torch.float32
-    model, _ = stage.build_model(folder[0], settings, compute, torch.device("cpu"), lora_settings)
+    model, _ = stage.build_model(folder[0], settings, compute, torch.device("cpu"), "auto", lora_settings)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, _ = stage.make_optimizer(params, u.optimizer, 1e-6, 100, 0.1)

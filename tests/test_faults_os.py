@@ -160,25 +160,25 @@ def test_changed_inputs_are_refused_on_resume(tmp_path, model_dir, monkeypatch):
     The paths may be written differently (./x, another working directory): content decides."""
     from errors import InputError
     from run_folder import open_run
-    from train import parse_args
+    from train import folder_settings, parse_args
 
     data = write_jsonl(tmp_path / "d.jsonl", [qa(i) for i in range(40)])
     held = write_jsonl(tmp_path / "h.jsonl", [qa(i) for i in range(40, 44)])
     out = tmp_path / "run"
     flags = ["--model", str(model_dir), "--data", str(data), "--eval-data", str(held)]
-    open_run(parse_args(["--out", str(out), *flags]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", str(out), *flags])), world=1).close()
     cfg = json.load(open(out / "config.json"))
     assert cfg["inputs"]["data"]["files"][""]["size"] == data.stat().st_size
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(cfg["inputs"]["model"]["files"])
     # The same run from its parent folder, with relative paths and a trailing slash: accepted.
     monkeypatch.chdir(tmp_path)
-    open_run(parse_args(["--out", "run/", "--resume", "--model", os.path.relpath(model_dir, tmp_path),
-                         "--data", "./d.jsonl", "--eval-data", "h.jsonl"]), world=1).close()
+    open_run(folder_settings(parse_args(["--out", "run/", "--resume", "--model", os.path.relpath(model_dir, tmp_path),
+                         "--data", "./d.jsonl", "--eval-data", "h.jsonl"])), world=1).close()
     with open(model_dir / "config.json", "a") as f:
         f.write("\n")
     try:
         with pytest.raises(InputError, match=re.escape(f"--model: {model_dir}/config.json changed size")):
-            open_run(parse_args(["--out", str(out), "--resume", *flags]), world=1)
+            open_run(folder_settings(parse_args(["--out", str(out), "--resume", *flags])), world=1)
     finally:
         (model_dir / "config.json").write_text((model_dir / "config.json").read_text()[:-1])
 

@@ -22,7 +22,7 @@ FLAGS = ["--baseline", "0", "--epochs", "1", "--report-to", "tensorboard"]
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     out = tmp_path_factory.mktemp("curves") / "run"
-    p = run(out, *FLAGS, "--kill-at", "spin1:5", check=False)
+    p = run(out, *FLAGS, faults=["--kill-at", "spin1:5"], check=False)
     assert p.returncode != 0 and not (out / "iter1" / "model").exists()
     run(out, *FLAGS, "--resume")
     return out
