@@ -1,8 +1,8 @@
 """One training stage under FSDP2, from a Hugging Face folder to a Hugging Face folder: SPIN on
 (real, generated) pairs against stored opponent log-probs, or SFT (cross-entropy on the ground
 truth). train.py describes each stage with a `Stage` (its data, steps, learning rate and the
-run's config.TrainSettings) and calls `run_stage`; the `run` argument of these functions is
-train.Run, of which they read the device, compute dtype, tokenizer and run folder.
+run's config.TrainSettings) and calls `run_stage` with the run's `StageEnv` (below): where a
+stage computes and where its results go, nothing else of the run.
 
 Model set-up follows a fixed order (as torchtitan): build on meta -> activation checkpointing ->
 fully_shard each block -> fully_shard the root -> allocate the shards -> load the weights.
@@ -32,10 +32,23 @@ from config import TrainSettings
 from data import pairs
 from errors import Diverged, InputError
 from lora import LoraSettings
-from hf import export, load_model, read_config, resolve_dtype
+from hf import export, load_model, read_config
 from model import Mistral
 from parallel import log
 from spin_loss import sequence_logps, spin_loss
+
+
+@dataclass(frozen=True)
+class StageEnv:
+    """What every stage of a run shares, beyond its own Stage: where it computes and where its
+    results go (train.Run.env builds it once)."""
+    device: torch.device
+    compute: torch.dtype  # the run's compute dtype (train.compute_dtype)
+    kernels: str  # what kernels.install puts into every model (--kernels)
+    pad_id: int  # the tokenizer's EOS, which pads batches (never attended, never scored)
+    out: str  # the run folder: metrics.jsonl
+    tok_files: dict  # {name in an export: source path}: the tokenizer files and chat template
+    export_dtype: torch.dtype  # exports are written in the starting checkpoint's dtype
 
 
 def build_model(folder, settings, compute, device, impl, lora_settings=None):
@@ -108,13 +121,13 @@ def make_optimizer(params, name, lr, steps, warmup_ratio):
     return opt, sched
 
 
-def spin_micro_batch(model, micro, run, stage, live, n_local):
+def spin_micro_batch(model, micro, env, stage, live, n_local):
     """Forward and backward of one SPIN micro-batch; returns its metric sums (weighted by pairs)."""
-    b = pairs.collate_pairs(micro, pad_id=run.tok.eos_id)
-    ids, mask, tgt = (b[k].to(run.device) for k in ("input_ids", "attention_mask", "targets"))
+    b = pairs.collate_pairs(micro, pad_id=env.pad_id)
+    ids, mask, tgt = (b[k].to(env.device) for k in ("input_ids", "attention_mask", "targets"))
     seq = sequence_logps(model(ids, attention_mask=mask, targets=tgt), tgt != -100)  # (2B,)
     n = len(micro)
-    ref_real, ref_gen = (b[k].to(run.device) for k in pairs.OPPONENT_COLUMNS)
+    ref_real, ref_gen = (b[k].to(env.device) for k in pairs.OPPONENT_COLUMNS)
     sums = {}
     if live is not None:  # the opponent recomputed by a resident copy: a check of the stored values
         with torch.no_grad():
@@ -123,7 +136,7 @@ def spin_micro_batch(model, micro, run, stage, live, n_local):
         ref_real, ref_gen = ref[:n], ref[n:]
     base = {}
     if stage.mix_alpha > 0:  # the base (SFT start) model's log-probs, stored by generate.rescore
-        base = dict(zip(pairs.BASE_COLUMNS, (b[k].to(run.device) for k in pairs.BASE_COLUMNS)), alpha=stage.mix_alpha)
+        base = dict(zip(pairs.BASE_COLUMNS, (b[k].to(env.device) for k in pairs.BASE_COLUMNS)), alpha=stage.mix_alpha)
     loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=stage.settings.loss_type, **base)
     # spin_loss averages over this micro-batch's n pairs; weighting by n / n_local makes the sum over
     # micro-batches the mean over this rank's pairs, and FSDP2's gradient reduce-scatter averages
@@ -136,11 +149,11 @@ def spin_micro_batch(model, micro, run, stage, live, n_local):
     return sums, int(mask.sum())
 
 
-def sft_micro_batch(model, micro, run, gt_tokens):
+def sft_micro_batch(model, micro, env, gt_tokens):
     """Cross-entropy on the ground-truth responses, normalised by the response tokens of the
     whole global batch (known to every rank), so the gradient does not depend on sharding."""
-    b = pairs.collate_sft(micro, pad_id=run.tok.eos_id)
-    ids, mask, tgt = (b[k].to(run.device) for k in ("input_ids", "attention_mask", "targets"))
+    b = pairs.collate_sft(micro, pad_id=env.pad_id)
+    ids, mask, tgt = (b[k].to(env.device) for k in ("input_ids", "attention_mask", "targets"))
     nll = -model(ids, attention_mask=mask, targets=tgt).sum()
     (nll * parallel.world() / gt_tokens).backward()
     return {"loss": nll.item(), "n": (tgt != -100).sum().item()}, int(mask.sum())
@@ -154,7 +167,7 @@ def split_batch(G, mb, world):
     return G // world, min(mb, G // world)
 
 
-def train_stage(run, stage):
+def train_stage(env, stage):
     """The global batch at step s is a fixed function of (seed, s), so 1 and N processes see the
     same data and give the same losses. Returns the trained (sharded) model and its config."""
     s, rank, world = stage.settings, parallel.rank(), parallel.world()
@@ -164,14 +177,14 @@ def train_stage(run, stage):
     if per_epoch == 0:
         raise InputError(f"{stage.tag}: {len(stage.items)} examples is fewer than one global batch of {G}: "
                          "pass a smaller --batch-size or more data")
-    model, config = build_model(stage.init_dir, s, run.compute, run.device, run.cfg.run.kernels, stage.lora)
+    model, config = build_model(stage.init_dir, s, env.compute, env.device, env.kernels, stage.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, stage.optimizer, stage.lr, stage.steps, s.warmup_ratio)
     start = load_ckpt(stage.folder, model, opt, sched)
     live = None
     if s.live_reference and stage.kind == "spin":
-        live = kernels.install(load_model(stage.init_dir, device=run.device, dtype=run.compute), run.cfg.run.kernels)
+        live = kernels.install(load_model(stage.init_dir, device=env.device, dtype=env.compute), env.kernels)
     end = stage.steps if stage.stop_at is None else min(stage.stop_at, stage.steps)
     for step in range(start, end):
         t0 = time.time()
@@ -187,10 +200,10 @@ def train_stage(run, stage):
         for m0 in range(0, local, mb):
             model.set_requires_gradient_sync(m0 + mb >= local)  # reduce gradients once, at the last
             if stage.kind == "spin":
-                got, n = spin_micro_batch(model, mine[m0:m0 + mb], run, stage, live, local)
+                got, n = spin_micro_batch(model, mine[m0:m0 + mb], env, stage, live, local)
                 live_diff = max(live_diff, got.pop("live_diff", 0.0))
             else:
-                got, n = sft_micro_batch(model, mine[m0:m0 + mb], run, gt_tokens)
+                got, n = sft_micro_batch(model, mine[m0:m0 + mb], env, gt_tokens)
             sums = {k: sums.get(k, 0.0) + v for k, v in got.items()}
             ntok += n
         gnorm = parallel.clip_grad_norm(params, s.clip)
@@ -212,12 +225,12 @@ def train_stage(run, stage):
         opt.zero_grad(set_to_none=True)
         rec = {"type": "step", "stage": stage.tag, "step": step + 1, "steps": stage.steps, "loss": loss,
                "lr": lr_used, "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / (time.time() - t0),
-               "peak_mem_mb": peak_memory_mb(run.device)}
+               "peak_mem_mb": peak_memory_mb(env.device)}
         if stage.kind == "spin":
             rec.update(spin_metrics(tot, stage.beta))
             if live is not None:
                 rec["live_reference_max_abs_diff"] = parallel.reduce_sums({"d": live_diff}, op="max")["d"]
-        run_folder.record(run.out, rec)
+        run_folder.record(env.out, rec)
     # The last updates have no next loss to vouch for them (a NaN in an embedding row no batch
     # uses shows in no loss): the weights are checked before they become the next opponent.
     check_finite(dict(model.named_parameters()), stage.folder, f"{stage.tag} step {end}",
@@ -242,17 +255,17 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_stage(run, stage):
+def run_stage(env, stage):
     """Train and export a stage, unless its export exists (a finished stage is skipped)."""
     model_dir = os.path.join(stage.folder, "model")
     if not os.path.exists(model_dir):
         os.makedirs(stage.folder, exist_ok=True)
         log(f"[{stage.tag}] {stage.kind}: {stage.steps} steps from {stage.init_dir}")
-        model, config = train_stage(run, stage)
+        model, config = train_stage(env, stage)
         if stage.lora is None:
-            export(model, config, model_dir, run.tok_files, resolve_dtype(run.dtype_name))
+            export(model, config, model_dir, env.tok_files, env.export_dtype)
         else:  # folder/adapter (PEFT), then folder/model: the merged model, the next opponent
-            lora.export(model, config, stage.lora, stage.folder, run.tok_files, resolve_dtype(run.dtype_name),
+            lora.export(model, config, stage.lora, stage.folder, env.tok_files, env.export_dtype,
                         stage.init_dir)
         del model
         # The export is the stage's result; its checkpoints (weights plus optimiser state,

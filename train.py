@@ -54,7 +54,7 @@ from hf import check_model_folder, load_model, read_config, resolve_dtype
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
-from stage import Stage, run_stage, split_batch
+from stage import Stage, StageEnv, run_stage, split_batch
 from train_args import parse_args
 
 
@@ -82,6 +82,12 @@ class Run:
     @property
     def tok(self):
         return self.fmt.tok
+
+    @property
+    def env(self):
+        """What a training stage gets of the run (stage.StageEnv)."""
+        return StageEnv(self.device, self.compute, self.cfg.run.kernels, self.tok.eos_id, self.out, self.tok_files,
+                        resolve_dtype(self.dtype_name))
 
 
 def timed(run, name, fn):
@@ -310,7 +316,7 @@ def spin_iteration(run, t, opponent, variant=SPIN):
     if n_pairs or variant.keep is None:
         stage = Stage(kind="spin", init_dir=opponent, items=items, steps=steps, lr=lr, beta=beta, folder=folder,
                       tag=tag, optimizer=c.spin.optimizer, settings=c.train, lora=c.lora, mix_alpha=variant.base_alpha)
-        model_dir = timed(run, "train", lambda: run_stage(run, stage))
+        model_dir = timed(run, "train", lambda: run_stage(run.env, stage))
     else:  # the variant kept no pair: nothing to push down, p_t is kept
         log(f"[{tag}] no pair left to train on: the next model is the opponent itself")
         model_dir = opponent
@@ -342,7 +348,7 @@ def sft_iteration(run, t, prev):
     steps = spin[-1]["steps"] if spin else max(1, int(c.spin.epochs * (pairs_t // c.train.batch_size)))
     stage = Stage(kind="sft", init_dir=prev, items=items, steps=steps, lr=c.spin.lr[min(t, len(c.spin.lr) - 1)],
                   beta=None, folder=folder, tag=f"sft{t}", optimizer=c.spin.optimizer, settings=c.train, lora=c.lora)
-    model_dir = timed(run, "baseline", lambda: run_stage(run, stage))
+    model_dir = timed(run, "baseline", lambda: run_stage(run.env, stage))
     eval_synth = os.path.join(folder, "eval_synthetic.parquet")
     timed(run, "generate", lambda: run_generation(run, prev, run.held_ex, eval_synth, t, c.run.seed + 7 + t))
     row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth,
@@ -371,7 +377,7 @@ def main(argv=None):
     run, base = start(cfg)
     if cfg.run.demo or cfg.sft.sft:  # the demo's warm start from its random init (or --sft alone)
         stage = sft_stage(run, base)
-        base = timed(run, "sft", lambda: run_stage(run, stage))
+        base = timed(run, "sft", lambda: run_stage(run.env, stage))
         if cfg.sft.sft:
             log(f"SFT model: {base}")
             torch.distributed.destroy_process_group()

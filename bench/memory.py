@@ -241,11 +241,11 @@ def measure(s: Shape, u: Setup, steps_before=2):
     ids = lambda n: torch.randint(3, s.V, (n,), generator=g).tolist()  # noqa: E731
     prompt = u.length - u.scored
     items = [Pair(ids(prompt), ids(u.scored), ids(u.scored), -50.0, -50.0) for _ in range(u.pairs)]
-    run = types.SimpleNamespace(tok=types.SimpleNamespace(eos_id=2), device=torch.device("cpu"))
+    env = stage.StageEnv(torch.device("cpu"), compute, "auto", pad_id=2, out=None, tok_files={}, export_dtype=compute)
     spin = types.SimpleNamespace(beta=0.1, mix_alpha=0.0, settings=settings)  # the parts of a stage.Stage the step reads
 
     def step():  # stage.train_stage's step for one micro-batch, without the bookkeeping
-        stage.spin_micro_batch(model, items, run, spin, None, u.pairs)
+        stage.spin_micro_batch(model, items, env, spin, None, u.pairs)
         parallel.clip_grad_norm(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -103,7 +103,7 @@ def sft_to_optimum(run, stage, study, val_ex):
             continue
         candidate = os.path.join(stage.folder, f"candidate-{stop}")
         if not os.path.exists(candidate):
-            model, config = train_stage(run, replace(stage, stop_at=stop))
+            model, config = train_stage(run.env, replace(stage, stop_at=stop))
             export(model, config, candidate, run.tok_files, resolve_dtype(run.dtype_name))
             del model
         score = train.run_evaluation(run, candidate, val_ex, None)
@@ -194,7 +194,7 @@ def main(argv=None):
         if study.sft_eval_every:
             base = train.timed(run, "sft", lambda: sft_to_optimum(run, stage, study, val_ex))
         else:
-            base = train.timed(run, "sft", lambda: run_stage(run, stage))
+            base = train.timed(run, "sft", lambda: run_stage(run.env, stage))
         if cfg.sft.sft:
             log(f"SFT model: {base}")
             torch.distributed.destroy_process_group()
