@@ -130,6 +130,11 @@ def test_lm_eval_reproduces_our_greedy_exact_match(resumed, tmp_path):
     from test_train import ROOT
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
+    # A test before this one may have started a one-process group in pytest's own process
+    # (parallel.setup sets RANK, WORLD_SIZE, MASTER_PORT...): lm-eval's accelerate would then try to
+    # listen on that same port.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     p = subprocess.run([sys.executable, "-m", "tools.lm_eval_demo", "--run", str(resumed), "--model", "iter1/model",
                         "--out", str(tmp_path), "-n", "16"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
