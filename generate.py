@@ -1,7 +1,8 @@
 """Self-play generation for SPIN: sample y' ~ p_t(.|x) for every prompt, and score the opponent
 log-probs log p_t(y|x), log p_t(y'|x) once, here, so training never holds a reference model.
 
-    sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   KV-cached decode
+    sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   KV-cached decode;
+                                        a row that ends takes the next prompt (slots.py)
     score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
     generate_dataset(model, tok, examples, out_path, ...)   sharded, resumable, Parquet out
     rescore(model_dir, in_path, out_path, ...)   an older iteration's pairs under the current p_t
@@ -18,7 +19,11 @@ How this departs from the official SPIN generation (uclaml/SPIN, spin/batch_deco
 3. The opponent log-probs are computed here, on exactly the token ids training uses
    (data/pairs.py), and stored as columns, instead of by a second model at every training step.
 4. Part files are written as the run goes; a rerun skips the parts that exist.
+5. No vLLM: slots.py keeps a fixed number of rows in flight and hands a finished row's slot to the
+   next prompt (continuous batching), which is what makes vLLM fast on this workload
+   (bench/generate_vllm.py measures the two side by side).
 """
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +48,7 @@ from hf import check_model_folder, load_model, read_config
 from kernels.cpu_linear import cpu_decode_weights
 from kernels.cuda_graph import graphed_step
 from model import KVCache
+import slots
 
 # ----------------------------------------------------------------------------------------------
 # Sampling
@@ -123,54 +129,59 @@ def _seed_of(seed, key):
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _uniforms(seed, keys, n):
-    """(B, n) float64 uniforms, row b from a CPU generator seeded by (seed, keys[b]): the same
-    numbers on any device, in any batch."""
-    rows = [torch.rand(n, generator=torch.Generator().manual_seed(_seed_of(seed, k)), dtype=torch.float64)
-            for k in keys]
-    return torch.stack(rows)
+def _uniforms(seed, key, n):
+    """(n,) float64 uniforms for the prompt keyed `key`, from a CPU generator seeded by (seed,
+    key): the same numbers on any device, in any batch or slot."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(_seed_of(seed, key)), dtype=torch.float64)
+
+
+def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logprobs):
+    """Each row's next token from its logits (B, V) float32 and its uniform u (B,) (None when
+    greedy) -> (ids (B,), their log p_t (B,) or None). The log-prob is log p_t, untempered and
+    unfiltered: what SPIN's loss needs. Ids at or past vocab_limit (a model vocabulary padded
+    beyond its tokenizer's) are never drawn; the log-probs stay those of the full distribution."""
+    if not greedy and temperature == 1.0 and not top_k and top_p == 1.0 and vocab_limit is None:
+        probs = logits.softmax(-1)  # sampling from p_t itself: one softmax serves draw and log-prob
+        nxt = inverse_cdf(probs, u)  # (B,)
+        return nxt, probs.gather(-1, nxt[:, None])[:, 0].log() if logprobs else None  # p > 0 drawn
+    pick = logits
+    if vocab_limit is not None:
+        pick = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,
+                                  float("-inf"))
+    nxt = pick.argmax(-1) if greedy else draw(pick, u, temperature, top_k, top_p)  # (B,)
+    if not logprobs:
+        return nxt, None
+    return nxt, logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)  # p may underflow fp32
 
 
 @torch.inference_mode()
-def sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_k, top_p, greedy,
-                 seed, progress, cuda_graph=False, vocab_limit=None, logprobs=False):
-    """One left-padded batch of sample(): prefill, then one decode step per new token."""
+def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, progress, cuda_graph=False,
+                 logprobs=False):
+    """One left-padded batch of sample(), every row decoded until the last one ends: prefill,
+    then one decode step per new token. The plain version of slots.decode (the default), which
+    replaces each row as it ends; both give the same samples."""
     device = model.lm_head.weight.device
     B = len(prompts)
     b = collate_prompts(prompts, pad_id=0)  # the pad id is never attended nor scored
     ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
     cache = KVCache.allocate(model.config, B, ids.shape[1] + max_new_tokens, device=device,
                              dtype=model.lm_head.weight.dtype)
-    u = None if greedy else _uniforms(seed, keys, max_new_tokens).to(device)  # (B, max_new)
+    u = None if uniforms is None else torch.stack([uniforms(k) for k in keys]).to(device)  # (B, max_new)
     tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if logprobs else None
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stops = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # any of them ends a row
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
     if cuda_graph and max_new_tokens > 1:
         step = graphed_step(model, cache, B)
     else:
         step = lambda nxt: model(nxt[:, None], cache=cache)[:, -1].float()  # noqa: E731
     steps = 0
-    V = logits.shape[-1]
-    # Ids at or past vocab_limit (a model vocabulary padded beyond its tokenizer's) are never
-    # drawn; the stored log-probs stay those of the full distribution, as training computes them.
-    beyond = torch.arange(V, device=device) >= vocab_limit if vocab_limit is not None and vocab_limit < V else None
-    plain = not greedy and temperature == 1.0 and not top_k and top_p == 1.0 and beyond is None
     for t in range(max_new_tokens):
-        # The log-prob is log p_t, untempered and unfiltered: what SPIN's loss needs.
-        if plain:  # sampling from p_t itself: one softmax serves the draw and the log-prob
-            probs = logits.softmax(-1)  # (B, V)
-            nxt = inverse_cdf(probs, u[:, t])  # (B,)
-            if logprobs:
-                logps[:, t] = probs.gather(-1, nxt[:, None])[:, 0].log()  # > 0: never a token of p 0
-        else:
-            pick = logits if beyond is None else logits.masked_fill(beyond, float("-inf"))
-            nxt = pick.argmax(-1) if greedy else draw(pick, u[:, t], temperature, top_k, top_p)  # (B,)
-            if logprobs:  # the drawn token's untempered probability may underflow float32
-                logps[:, t] = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
+        nxt, lp = pick(logits, None if u is None else u[:, t])  # (B,), (B,) or None
         tokens[:, t] = nxt
+        if lp is not None:
+            logps[:, t] = lp
         steps = t + 1
         if progress is not None:
             progress(tokens=int(B - finished.sum()) if stops is not None else B)
@@ -184,24 +195,25 @@ def sample_batch(model, prompts, keys, max_new_tokens, eos_id, temperature, top_
             # Finished rows keep decoding in lock step (their tokens are discarded): left padding
             # keeps one shared cache length, so no row is removed mid-batch.
             logits = step(nxt)  # (B, V)
-    tokens, lengths = tokens[:, :steps].tolist(), lengths.tolist()
-    logps = logps[:, :steps].tolist() if logprobs else None
+    tokens, lengths, logps = tokens[:, :steps].tolist(), lengths.tolist(), logps[:, :steps].tolist()
     return [Sample(tokens[b][:lengths[b]], bool(finished[b]), logps[b][:lengths[b]] if logprobs else None)
             for b in range(B)]
 
 
 def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
            greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None, cuda_graph=False,
-           vocab_limit=None, logprobs=False):
+           vocab_limit=None, logprobs=False, refill=True):
     """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
     prompt, in input order. eos_id: the id, or a list of ids, that ends a row (a chat model may
     have several: Llama 3 stops at <|eot_id|> and <|end_of_text|>); None never stops early.
-    prompt_ids: the key of each prompt's
-    random stream (default: its index in `prompts`); pass global ids when sharding, so that
-    prompt i gets the same sample whichever rank or batch it lands in. cuda_graph: replay each
-    decode step from a CUDA graph (graphed_step; CUDA only, attention on the torch path).
-    vocab_limit: never draw ids >= this (the tokenizer's size, when the model's is padded).
-    logprobs: also return each drawn token's log p_t (Sample.logprobs)."""
+    batch_size: rows decoded together. refill: a row that ends takes the next prompt at once
+    (slots.decode, continuous batching); False decodes static batches (sample_batch), the
+    plain version, every row until the batch's last one ends. prompt_ids: the key of each
+    prompt's random stream (default: its index in `prompts`); pass global ids when sharding, so
+    that prompt i gets the same sample whichever rank, batch or slot it lands in. cuda_graph:
+    replay each decode step from a CUDA graph (graphed_step; CUDA only, attention on the torch
+    path). vocab_limit: never draw ids >= this (the tokenizer's size, when the model's is
+    padded). logprobs: also return each drawn token's log p_t (Sample.logprobs)."""
     if cuda_graph and model.lm_head.weight.device.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
     if not greedy and not temperature > 0:
@@ -214,16 +226,28 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     if prompts and max(map(len, prompts)) + max_new_tokens > limit:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens "
                          f"exceeds the model's {limit} positions: truncate prompts first")
+    if not prompts:
+        return []
+    device = model.lm_head.weight.device
     keys = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    stops = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # any one ends a row
+    if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
+        vocab_limit = None
+    pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                             vocab_limit=vocab_limit, logprobs=logprobs)
+    uniforms = None if greedy else functools.partial(_uniforms, seed, n=max_new_tokens)
     # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out = [None] * len(prompts)
-    with cpu_decode_weights(model, rows=min(batch_size, len(prompts))):  # a no-op off CPU
+    rows = min(batch_size, len(prompts))
+    with cpu_decode_weights(model, rows=rows):  # a no-op off CPU
+        if refill:
+            return [Sample(*r) for r in slots.decode(model, prompts, keys, order, rows, max_new_tokens, stops,
+                                                     pick, uniforms, progress, cuda_graph, logprobs)]
+        out = [None] * len(prompts)
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
-                               eos_id, temperature, top_k, top_p, greedy, seed, progress, cuda_graph,
-                               vocab_limit, logprobs)
+                               stops, pick, uniforms, progress, cuda_graph, logprobs)
             for i, g in zip(idx, got):
                 out[i] = g
             if progress is not None:

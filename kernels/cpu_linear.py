@@ -27,33 +27,34 @@ PACK_BUDGET_BYTES = 1 << 30  # never copy more than this much of a model's weigh
 DECODE_ROWS = 64  # up to this many rows a CPU product is a "decode step" (MKL wins above)
 
 
-def _probe_onednn():
+def _probe_onednn(dtype):
     """oneDNN's private ops are in every x86 build of torch; other builds (an ARM laptop) may
-    lack them or refuse fp32. Try both forms once on a small product; use them only if they
-    work and agree with F.linear."""
+    lack them or refuse a dtype (bf16 needs AVX512 at least). Try both forms once on a small
+    product; use them only if they work and agree with F.linear."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
         with torch.no_grad():
-            w, x = torch.arange(12.0).view(3, 4) / 7, torch.ones(2, 4)
+            w, x = (torch.arange(12.0).view(3, 4) / 8).to(dtype), torch.ones(2, 4, dtype=dtype)
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
             got = [torch.ops.mkldnn._linear_pointwise(x, v, None, "none", [], "") for v in (w, packed)]
-        return all(torch.allclose(g, F.linear(x, w)) for g in got)
+        return all(torch.allclose(g.float(), F.linear(x, w).float()) for g in got)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
 
-ONEDNN = _probe_onednn()
+ONEDNN = {dtype for dtype in (torch.float32, torch.bfloat16) if _probe_onednn(dtype)}  # dtypes it serves
 PACKED = {}  # id(weight) -> (weight, oneDNN copy), filled only inside cpu_decode_weights
 
 
 def linear(x, w, b=None):
-    """F.linear(x, w, b), except for a CPU decode step (at most DECODE_ROWS rows, fp32, no
-    autograd), which calls oneDNN's kernel directly, on the packed copy of w when
-    cpu_decode_weights made one. Both agree to float32 summation order."""
-    if ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+    """F.linear(x, w, b), except for a CPU decode step (at most DECODE_ROWS rows, float32 or
+    bfloat16, no autograd), which calls oneDNN's kernel directly, on the packed copy of w when
+    cpu_decode_weights made one. Both agree to float32 summation order (bf16: to its rounding of
+    the output; oneDNN accumulates in float32, as F.linear does)."""
+    if x.dtype in ONEDNN and x.device.type == "cpu" and not torch.is_grad_enabled() \
             and x.numel() <= DECODE_ROWS * x.shape[-1] and torch.backends.mkldnn.enabled \
-            and (b is None or b.dtype == torch.float32):
+            and w.dtype == x.dtype and (b is None or b.dtype == x.dtype):
         packed = PACKED.get(id(w))
         return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], b, "none", [], "")
     return F.linear(x, w, b)
@@ -83,16 +84,17 @@ class Linear(nn.Linear):
 
 @contextlib.contextmanager
 def cpu_decode_weights(model, rows):
-    """Within the block, linear() reads oneDNN copies of the model's fp32 CPU weights, packed
-    once for `rows` rows (the same products up to float32 summation order). The weights must not
-    change inside the block. The copies cost the weights' memory again, so models with more than
-    PACK_BUDGET_BYTES of linear weights (and GPU or half-precision models, or more than
+    """Within the block, linear() reads oneDNN copies of the model's CPU weights (float32 or
+    bfloat16), packed once for `rows` rows (the same products up to summation order; in bf16
+    oneDNN takes the AMX or AVX512-BF16 instructions where the CPU has them). The weights must
+    not change inside the block. The copies cost the weights' memory again, so models with more
+    than PACK_BUDGET_BYTES of linear weights (and GPU or float16 models, or more than
     DECODE_ROWS rows, which never take the oneDNN path) run unpacked."""
     ws = [m.weight for m in model.modules() if isinstance(m, Linear)]  # the layers kernels.install put in
     # Plain tensors only: an FSDP-sharded weight (a DTensor) is left to F.linear.
-    ok = ONEDNN and ws and rows <= DECODE_ROWS and all(
-        type(w.detach()) is torch.Tensor and w.device.type == "cpu" and w.dtype == torch.float32 for w in ws) \
-        and sum(w.numel() * 4 for w in ws) <= PACK_BUDGET_BYTES
+    ok = ws and rows <= DECODE_ROWS and ws[0].dtype in ONEDNN and all(
+        type(w.detach()) is torch.Tensor and w.device.type == "cpu" and w.dtype == ws[0].dtype for w in ws) \
+        and sum(w.numel() * w.element_size() for w in ws) <= PACK_BUDGET_BYTES
     mine = []
     try:
         if ok:

@@ -16,15 +16,16 @@ from model import KVCache
 
 
 class StaticKVCache(KVCache):
-    """A filled KVCache (after the prefill) switched to static shapes. `pos`, a 0-dim device
-    tensor, is the filled length; nothing checks it against the capacity on the device, so the
-    caller keeps pos + new tokens within it (graphed_step does, on the host)."""
+    """A filled KVCache (after the prefill) switched to static shapes, on the same buffers (and
+    the same starts tensor). `pos`, a 0-dim device tensor, is the filled length the graph reads;
+    nothing checks it against the capacity on the device, so the host keeps `length` equal to it
+    (graphed_step advances both; slots.py moves both) and checks there."""
 
     empty = False  # made after the prefill
 
     def __init__(self, cache: KVCache):
         super().__init__(cache.k, cache.v, cache.starts)
-        self.length = cache.length  # the host's count at the switch, no longer advanced
+        self.length = cache.length
         self.pos = torch.tensor(cache.length, device=cache.k[0].device)
 
     @property
@@ -46,11 +47,10 @@ class StaticKVCache(KVCache):
 
 def graphed_step(model, cache, B, graphed=True):
     """One decode step captured in a CUDA graph: nxt (B,) -> logits (B, V) float32, replayed
-    from static buffers, on a StaticKVCache made from `cache` (which must not be used after).
-    The returned logits buffer is overwritten by the next call.
+    from static buffers, on a StaticKVCache made from `cache` (which must not be used after; the
+    step's `.cache` is the static one). The returned logits buffer is overwritten by the next call.
     graphed=False runs the same static-cache steps eagerly, warm-up included (tests, any device)."""
     device = cache.k[0].device
-    room = cache.capacity - cache.length  # checked on the host: on the device an overrun is fatal
     cache = StaticKVCache(cache)
     tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # the static input
     side = torch.cuda.Stream(device) if graphed else None
@@ -67,14 +67,14 @@ def graphed_step(model, cache, B, graphed=True):
             out = model(tok, cache=cache)[:, -1].float()
 
     def step(nxt):
-        nonlocal room
-        if room < 1:
+        if cache.length + 1 > cache.capacity:  # checked on the host: on the device an overrun is fatal
             raise ValueError(f"static KV cache of {cache.capacity} slots is full")
-        room -= 1
+        cache.length += 1
         tok.copy_(nxt[:, None])
         if not graphed:
             return model(tok, cache=cache)[:, -1].float()
         graph.replay()
         return out
 
+    step.cache = cache
     return step

@@ -18,11 +18,16 @@ def make_hf(tmp_path, **kw):
     return random_hf_mistral(os.path.join(tmp_path, "ckpt"), vocab=97, **kw)
 
 
-@pytest.mark.skipif(not cl.ONEDNN, reason="this torch build has no working oneDNN linear (kernels/cpu_linear.py)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tied", [False, True])
-def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
+def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied, dtype):
+    if dtype not in cl.ONEDNN:
+        pytest.skip(f"this torch build or CPU has no working oneDNN {dtype} linear (kernels/cpu_linear.py)")
     _, folder = make_hf(tmp_path, tie_word_embeddings=tied)
-    model = kernels.install(load_model(folder), "torch")  # puts cpu_linear.Linear in
+    model = kernels.install(load_model(folder, dtype=dtype), "torch")  # puts cpu_linear.Linear in
+    # float32: oneDNN and F.linear differ only in summation order. bfloat16: both accumulate in
+    # float32 and round the output once, so they may differ by one bf16 rounding (2^-8 relative).
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     weights = {id(m.weight) for m in model.modules() if isinstance(m, cl.Linear)}
     assert len(weights) == 7 * model.config.num_hidden_layers + 1
@@ -30,7 +35,7 @@ def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
     with torch.no_grad():
         for W in (model.model.layers[0].mlp.gate_proj.weight, model.lm_head.weight):
             for rows in (1, 3, 8):  # packed for 8 rows, used with others too
-                x = torch.randn(rows, 1, W.shape[1], generator=g)
+                x = torch.randn(rows, 1, W.shape[1], generator=g).to(dtype)
                 plain = cl.linear(x, W)
                 with cpu_decode_weights(model, rows=8):
                     assert set(cl.PACKED) == weights
@@ -38,8 +43,8 @@ def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
                 assert not cl.PACKED
                 ref = F.linear(x.double(), W.double())
                 scale = ref.abs().max().item()
-                for y in (packed, plain):  # oneDNN's kernels differ only in summation order
-                    assert (y.double() - ref).abs().max().item() <= 1e-6 * scale
+                for y in (packed, plain, F.linear(x, W)):
+                    assert (y.double() - ref).abs().max().item() <= tol * scale
         with pytest.raises(KeyError):  # an error inside the block still drops the copies
             with cpu_decode_weights(model, rows=8):
                 raise KeyError
@@ -50,13 +55,13 @@ def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied):
         with cpu_decode_weights(model, rows=8):  # too big to copy
             assert not cl.PACKED
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # the user switched oneDNN off
-        x = torch.randn(3, 1, W.shape[1], generator=g)
+        x = torch.randn(3, 1, W.shape[1], generator=g).to(dtype)
         assert torch.equal(cl.linear(x, W), F.linear(x, W))
         monkeypatch.undo()
-        monkeypatch.setattr(cl, "ONEDNN", False)  # a torch build where the probe failed
+        monkeypatch.setattr(cl, "ONEDNN", set())  # a torch build where the probe failed
         with cpu_decode_weights(model, rows=8):
             assert not cl.PACKED
-            x = torch.randn(3, 1, W.shape[1], generator=g)
+            x = torch.randn(3, 1, W.shape[1], generator=g).to(dtype)
             assert torch.equal(cl.linear(x, W), F.linear(x, W))
         assert not any(cl.PACKED)
     with cpu_decode_weights(load_model(folder), rows=8):  # a plain model has no layer to pack for

@@ -106,6 +106,59 @@ def test_seeded_samples_independent_of_batching_and_sharding(ckpt):
     assert [s.tokens for s in other] != [r.tokens for r in ref]
 
 
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 14), min_size=1, max_size=9), rows=st.integers(1, 4),
+       max_new=st.integers(1, 30), eos=st.integers(3, VOCAB - 1), mode=st.sampled_from(["greedy", "t1", "topk"]),
+       compact_at=st.sampled_from([1, 4, 32]))
+def test_refilled_rows_equal_static_batches(ckpt, lengths, rows, max_new, eos, mode, compact_at):
+    """slots.decode (rows replaced as they end, the cache compacted, rows dropped at the tail)
+    against the static batches of sample_batch: the same tokens, ends and log-probs, whatever the
+    prompt lengths (1-token prompts included), row count and compaction threshold."""
+    import slots
+
+    _, model = ckpt
+    prompts = prompts_of(lengths, seed=len(lengths) * 31 + max_new)
+    kw = dict(greedy=True) if mode == "greedy" else dict(temperature=1.0) if mode == "t1" \
+        else dict(temperature=0.7, top_k=9)
+    kw.update(max_new_tokens=max_new, eos_id=eos, seed=11, batch_size=rows, logprobs=True)
+    ref = sample(model, prompts, refill=False, **kw)
+    old, slots.COMPACT_AT = slots.COMPACT_AT, compact_at
+    try:
+        got = sample(model, prompts, **kw)
+    finally:
+        slots.COMPACT_AT = old
+    for r, g in zip(ref, got):
+        assert (g.tokens, g.finished) == (r.tokens, r.finished)
+        assert max((abs(x - y) for x, y in zip(g.logprobs, r.logprobs)), default=0) <= 1e-5
+
+
+def test_refill_replaces_rows_and_compacts(ckpt, monkeypatch):
+    """The refill path is the one taken: with more prompts than rows, rows are entered more than
+    once, the cache is compacted and the tail's rows dropped; a row never decodes a finished
+    prompt's steps (decode steps = what the longest-lived slot needs, not batches x longest)."""
+    import slots
+
+    _, model = ckpt
+    prompts = prompts_of([12, 3, 9, 1, 7, 11, 2, 5, 8, 4])
+    calls = {"compact": 0, "drop_rows": 0, "tokens": 0}
+
+    def counted(name):
+        real = getattr(slots, name)
+        return lambda *a: calls.__setitem__(name, calls[name] + 1) or real(*a)
+
+    for name in ("compact", "drop_rows"):
+        monkeypatch.setattr(slots, name, counted(name))
+    monkeypatch.setattr(slots, "COMPACT_AT", 4)
+    free = sample(model, prompts, max_new_tokens=40, eos_id=None, greedy=True)
+    eos = free[0].tokens[3]
+    got = sample(model, prompts, max_new_tokens=40, eos_id=eos, greedy=True, batch_size=3,
+                 progress=lambda prompts=0, tokens=0: calls.__setitem__("tokens", calls["tokens"] + tokens))
+    assert len({len(g.tokens) for g in got}) > 2  # rows end at different steps
+    assert calls["compact"] > 0 and calls["drop_rows"] > 0
+    # progress counts each kept token once
+    assert calls["tokens"] == sum(len(g.tokens) for g in got)
+
+
 def allowed_sets(logits, top_k, top_p, slack):
     """Reference sets computed from the definitions: (surely allowed, possibly allowed).
     A token may be kept iff fewer than k tokens have a larger logit and the probability mass
@@ -181,28 +234,40 @@ def test_sampling_end_to_end_stays_in_allowed_set(ckpt, kw):
 
 
 def _static_vs_eager(model, kw, graphed, monkeypatch):
-    """sample() with decode steps from graphed_step (graphed or its eager twin) against plain
-    eager decode: tokens and log-probs. Batches of 3 and 1 (the last), window 6 < lengths."""
+    """Decode steps from graphed_step (graphed or its eager twin) against plain eager decode:
+    tokens and log-probs, through both the static batches (batches of 3 and 1, the last) and
+    slots.decode (3 rows, refilled; its static cache compacts in place), window 6 < lengths.
+    Called below sample(), which refuses cuda_graph off CUDA."""
     import functools
 
     import generate
+    import slots
 
     prompts = prompts_of([6, 13, 2, 9])
     eager = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3, logprobs=True, **kw)
+    greedy = kw.get("greedy", False)
+    pick = functools.partial(generate.next_tokens, temperature=kw.get("temperature", 1.0), top_k=0, top_p=1.0,
+                             greedy=greedy, vocab_limit=None, logprobs=True)
+    uniforms = None if greedy else functools.partial(generate._uniforms, 5, n=12)
     calls = []
     real = functools.partial(generate.graphed_step, graphed=graphed)
     monkeypatch.setattr(generate, "graphed_step", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(slots, "graphed_step", lambda *a: calls.append(1) or real(*a))
     static = [None] * len(prompts)
     for s0 in (0, 3):
         idx = list(range(s0, min(s0 + 3, len(prompts))))
-        got = generate.sample_batch(model, [prompts[i] for i in idx], idx, 12, None, kw.get("temperature", 1.0),
-                                    0, 1.0, kw.get("greedy", False), 5, None, cuda_graph=True, logprobs=True)
+        got = generate.sample_batch(model, [prompts[i] for i in idx], idx, 12, None, pick, uniforms, None,
+                                    cuda_graph=True, logprobs=True)
         for i, g in zip(idx, got):
             static[i] = g
-    assert len(calls) == 2  # both batches decoded through graphed_step
-    for a, b in zip(eager, static):
-        assert a.tokens == b.tokens
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    refilled = slots.decode(model, prompts, list(range(len(prompts))), order, 3, 12, None, pick, uniforms,
+                            cuda_graph=True, logprobs=True)
+    assert len(calls) == 3  # both static batches and the refilled rows decoded through graphed_step
+    for a, b, (tokens, _, logprobs) in zip(eager, static, refilled):
+        assert a.tokens == b.tokens == tokens
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
+        assert max(abs(x - y) for x, y in zip(a.logprobs, logprobs)) <= 1e-4
 
 
 @pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0)])
@@ -422,3 +487,29 @@ def test_cli_and_bad_input(world, tmp_path):
     assert summary["prompts"] == 2 and summary["skipped_rows"] == 1
     with pytest.raises(SystemExit):  # the output is Parquet
         main(["--model", folder, "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_bfloat16_samples_within_bf16_tolerance(tmp_path):
+    """A bf16 model sampled through the fast CPU path (oneDNN bf16 products on packed weights,
+    slot refill) against float64 forwards of the float32 model on the same tokens: the per-token
+    log-probs are off by no more than the plain bf16 model's (model.py alone, F.linear) are, up to
+    bf16 rounding, and both stay within bf16 tolerance."""
+    _, folder = make_hf(str(tmp_path / "ckpt"), sliding_window=6)
+    model = load_model(folder)  # float32, model.py alone: the reference
+    prompts = prompts_of([6, 13, 2, 9, 4, 11])
+    fast = kernels.install(load_model(folder, dtype=torch.bfloat16), "torch")
+    plain = load_model(folder, dtype=torch.bfloat16)
+    outs = sample(fast, prompts, max_new_tokens=10, eos_id=None, seed=3, batch_size=4, logprobs=True)
+    errs = {"fast": [], "plain": []}
+    for p, s in zip(prompts, outs):
+        ref = full_logprobs(model, p, s.tokens)
+        errs["fast"] += (torch.tensor(s.logprobs, dtype=torch.float64) - ref).abs().tolist()
+        ids = torch.tensor([p + s.tokens])
+        with torch.no_grad():
+            lp = plain(ids).double().log_softmax(-1)[0, len(p) - 1:-1].gather(-1, torch.tensor(s.tokens)[:, None])[:, 0]
+        errs["plain"] += (lp - ref).abs().tolist()
+    fast_err, plain_err = (torch.tensor(errs[k]) for k in ("fast", "plain"))
+    print(f"bf16 log-prob error: fast mean {fast_err.mean():.4f} max {fast_err.max():.4f}; "
+          f"plain mean {plain_err.mean():.4f} max {plain_err.max():.4f}")
+    assert fast_err.mean() <= 2 * plain_err.mean() + 1e-3
+    assert fast_err.max() <= 0.25 and plain_err.max() <= 0.25  # bf16: ~3 significant digits per logit

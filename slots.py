@@ -1,0 +1,175 @@
+"""Continuous batching for generate.sample: a fixed number of rows in flight, and a row that ends
+(at EOS or at its length) takes the next prompt at once, so decode steps compute live rows only.
+
+    decode(model, prompts, keys, order, rows, ...) -> [(tokens, finished, logprobs)]
+
+## Motivation
+
+A static batch decodes until its longest row ends. SPIN samples at temperature 1 and each answer
+stops at its own EOS, so lengths spread from a few tokens to the limit, and most of a static
+batch's late steps compute rows whose answers ended long ago (generate.sample_batch, the plain
+version kept beside this one). Here a finished row is handed the next prompt before the next step.
+
+## How a row is replaced
+
+The KV cache keeps one shared filled length L (model.KVCache), so a decode step stays one
+(B, 1) forward. Row b's sequence occupies slots [starts[b], L): the slots left of starts[b] are
+hidden from it by the rule that hides left padding (model.visibility), and its positions are
+slot - starts[b], so RoPE never sees where in the cache a sequence lies. A prompt p entering row b:
+    1. its first len(p) - 1 tokens are prefilled on their own, in a small cache, together with
+       the other prompts entering at this step (left-padded to the longest, Pm tokens);
+    2. their keys and values are copied into slots [L - Pm, L) of row b, starts[b] set to the
+       first real one;
+    3. its last token is fed to the next shared decode step beside every other row's last drawn
+       token: that step writes slot L and gives the logits of its first new token.
+So an entering prompt needs only slots that are already filled, and L grows by one per step.
+Prompts enter longest first, which makes step 2 always fit: a live row spans at least its own
+prompt, which is at least as long as any prompt still waiting (with no live row, L is reset).
+When the cache is full, or the slots left of every live row are many, all rows shift left by the
+smallest start of a live row ("compaction"); positions are relative to starts, so none changes.
+Once no prompt waits, rows that end are dropped from the batch (not with a CUDA graph, whose
+shapes are fixed; there they decode on, discarded).
+
+## Determinism
+
+A prompt draws with its own uniforms (keyed by its id) indexed by its own step count, so its
+sample does not depend on which slot, step or batch it lands in, nor on the batch size or rank,
+up to float rounding of its logits (the prefill split in two, other batch shapes): the static
+batches' guarantee, and tests/test_generate.py checks both against each other.
+"""
+import collections
+
+import torch
+
+from data.pairs import collate_prompts
+from kernels.cuda_graph import StaticKVCache, graphed_step
+from model import KVCache
+
+COMPACT_AT = 32  # compact once every live row leaves this many slots unused on its left
+
+
+@torch.inference_mode()
+def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms, progress=None,
+           cuda_graph=False, logprobs=False):
+    """Sample every prompt, at most `rows` at once, entering in `order` (longest first).
+    keys[i]: prompt i's random-stream key; stops: (S,) ids that end a row, or None;
+    pick(logits (B, V), u (B,) or None) -> (ids (B,), log-probs (B,) or None): generate.next_tokens;
+    uniforms(key) -> (max_new_tokens,) float64, or None when greedy.
+    Returns (tokens, finished, logprobs or None) per prompt, in input order."""
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    cfg = model.config
+    B = rows
+    longest = len(prompts[order[0]])
+    # A live row spans at most longest - 1 + max_new_tokens slots; COMPACT_AT spare ones let
+    # compaction wait until it frees that many.
+    cache = KVCache.allocate(cfg, B, longest + max_new_tokens + COMPACT_AT, device=device, dtype=dtype)
+    who = [-1] * B  # the prompt in each slot, -1 for none
+    start = [0] * B  # host copy of cache.starts, for the compaction rule
+    t = torch.zeros(B, dtype=torch.long, device=device)  # tokens drawn so far, per slot
+    u = torch.zeros(B, max_new_tokens, dtype=torch.float64, device=device)
+    tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    feed = torch.zeros(B, dtype=torch.long, device=device)  # what each slot feeds the next step
+    waiting = collections.deque(order)
+    out = [None] * len(prompts)
+
+    def enter(slots):
+        """Put the next waiting prompts into `slots` (steps 1-3 of the docstring)."""
+        idx = [waiting.popleft() for _ in slots]
+        heads = [prompts[i][:-1] for i in idx]
+        Pm = max(map(len, heads))
+        if all(w < 0 for w in who):  # nothing live: the cache starts over
+            set_length(cache, Pm)
+        L = cache.length
+        at = torch.tensor(slots, device=device)
+        first = torch.full((len(slots),), L, dtype=torch.long, device=device)
+        if Pm:
+            small = KVCache.allocate(cfg, len(slots), Pm, device=device, dtype=dtype)
+            b = collate_prompts([h or [0] for h in heads], pad_id=0)  # a 1-token prompt has no head:
+            mask = b["attention_mask"]  # prefill one masked pad for it
+            mask[[j for j, h in enumerate(heads) if not h]] = 0
+            model(b["input_ids"].to(device), attention_mask=mask.to(device), cache=small, logits_to_keep=1)
+            for big_k, big_v, k, v in zip(cache.k, cache.v, small.k, small.v):
+                big_k[at, :, L - Pm:L] = k
+                big_v[at, :, L - Pm:L] = v
+            first = L - Pm + small.starts
+        cache.starts[at] = first
+        for s, i, f in zip(slots, idx, first.tolist()):
+            who[s], start[s] = i, f
+        feed[at] = torch.tensor([prompts[i][-1] for i in idx], device=device)
+        t[at] = 0
+        if uniforms is not None:
+            u[at] = torch.stack([uniforms(keys[i]) for i in idx]).to(device)
+
+    enter(list(range(B)))
+    if cuda_graph:
+        step = graphed_step(model, cache, B)
+        cache = step.cache  # a StaticKVCache on the same buffers; enter and compact now use it
+    else:
+        step = lambda nxt: model(nxt[:, None], cache=cache)[:, -1].float()  # noqa: E731
+    while True:
+        live = [s for s in range(B) if who[s] >= 0]
+        if not live:
+            break
+        low = min(start[s] for s in live)
+        if cache.length + 1 > cache.capacity or low >= COMPACT_AT:
+            compact(cache, low)
+            start = [max(f - low, 0) for f in start]
+        logits = step(feed)  # (B, V) float32
+        ar = torch.arange(len(who), device=device)
+        col = t.clamp(max=max_new_tokens - 1)  # a row that ended and was not dropped decodes on
+        nxt, lp = pick(logits, None if uniforms is None else u[ar, col])  # (B,), (B,) or None
+        tokens[ar, col] = nxt
+        if lp is not None:
+            logps[ar, col] = lp
+        t += 1
+        feed = nxt
+        hit = torch.isin(nxt, stops) if stops is not None else torch.zeros_like(t, dtype=torch.bool)
+        alive = torch.tensor([w >= 0 for w in who], device=device)
+        ended = ((hit | (t == max_new_tokens)) & alive).nonzero()[:, 0].tolist()  # one host sync per step
+        if progress is not None:
+            progress(tokens=len(live))
+        if ended:
+            n, got, fin = t[ended].tolist(), tokens[ended].tolist(), hit[ended].tolist()
+            lps = logps[ended].tolist() if logprobs else None
+            for j, s in enumerate(ended):
+                out[who[s]] = (got[j][:n[j]], fin[j], lps[j][:n[j]] if logprobs else None)
+                who[s] = -1
+            if progress is not None:
+                progress(prompts=len(ended))
+            if waiting:
+                enter(ended[:len(waiting)])
+            elif not cuda_graph and 0 < len(live) - len(ended) <= len(who) * 3 // 4:
+                keep = [s for s in range(len(who)) if who[s] >= 0]
+                drop_rows(cache, keep)
+                sel = torch.tensor(keep, dtype=torch.long, device=device)
+                t, u, tokens, logps, feed = (x[sel] for x in (t, u, tokens, logps, feed))
+                who, start = [who[s] for s in keep], [start[s] for s in keep]
+                B = len(who)
+    return out
+
+
+def set_length(cache, n):
+    cache.length = n
+    if isinstance(cache, StaticKVCache):  # and the device copy the graph reads
+        cache.pos.fill_(n)
+
+
+def compact(cache, m):
+    """Shift every row's filled slots left by m (the smallest start of a live row): slots
+    [m, L) move to [0, L - m), starts drop by m, and no position changes. In place: a CUDA
+    graph captured on these buffers stays valid."""
+    L = cache.length
+    if m:
+        for buf in cache.k + cache.v:
+            buf[:, :, :L - m] = buf[:, :, m:L].clone()  # the ranges overlap
+        cache.starts.sub_(m).clamp_(min=0)  # a row that is not live may start before m
+    set_length(cache, L - m)
+
+
+def drop_rows(cache, keep):
+    """Keep only rows `keep` of the cache (new tensors: the batch shrinks)."""
+    sel = torch.tensor(keep, dtype=torch.long, device=cache.starts.device)
+    cache.k = [x.index_select(0, sel) for x in cache.k]
+    cache.v = [x.index_select(0, sel) for x in cache.v]
+    cache.starts = cache.starts.index_select(0, sel)
