@@ -141,20 +141,33 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
                     help="replay decode steps from a CUDA graph (generate.graphed_step); both: time each")
+    # -- slot refill on random weights (issue 24): rows that end early, more prompts than rows
+    ap.add_argument("--num-prompts", type=int, default=None, help="prompts to sample (default: --batch)")
+    ap.add_argument("--stop-ids", type=int, default=0,
+                    help="ids 3..3+N end a row (a stand-in for EOS with random weights: N=400 of 32000 "
+                         "ends a row after ~80 tokens on average); times slot refill against static batches")
     args = ap.parse_args()
+    if (args.num_prompts or args.stop_ids) and not args.no_hf:
+        ap.error("--num-prompts / --stop-ids time ours only: add --no-hf")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print("settings:", vars(args), f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     ours, hf, prompts, ids, mask = build(args, device, dtype)
-    n_tokens = args.batch * args.new_tokens
+    if args.num_prompts:
+        prompts = torch.randint(3, 32000, (args.num_prompts, args.prompt_len),
+                                generator=torch.Generator().manual_seed(1)).tolist()
+    stops = list(range(3, 3 + args.stop_ids)) or None
+    n_tokens = len(prompts) * args.new_tokens
+    made = {}  # tokens each run produced: fewer than n_tokens when rows stop
 
-    def ours_with(cuda_graph):
+    def ours_with(cuda_graph, refill=True):
         def run(seed):
-            out = sample(ours, prompts, max_new_tokens=args.new_tokens, eos_id=None, temperature=1.0,
-                         seed=seed, batch_size=args.batch, cuda_graph=cuda_graph)
-            assert all(len(o.tokens) == args.new_tokens for o in out)
+            out = sample(ours, prompts, max_new_tokens=args.new_tokens, eos_id=stops, temperature=1.0,
+                         seed=seed, batch_size=args.batch, cuda_graph=cuda_graph, refill=refill)
+            assert stops or all(len(o.tokens) == args.new_tokens for o in out)
+            made[seed] = sum(len(o.tokens) for o in out)
         return run
 
     def run_hf(seed):
@@ -167,6 +180,8 @@ def main():
 
     names = {"off": ["ours"], "on": ["ours+graph"], "both": ["ours", "ours+graph"]}[args.cuda_graph]
     runs = {k: ours_with(k == "ours+graph") for k in names}
+    if stops:  # the same samples through static batches (refill=False)
+        runs.update({k + " static": ours_with(k == "ours+graph", refill=False) for k in names})
     if hf is not None:
         runs["transformers"] = run_hf
     times = {k: [] for k in runs}
@@ -181,6 +196,11 @@ def main():
             times[name].append(time.perf_counter() - t0)
             print(f"  {name} repeat {r + 1}: {times[name][-1] * 1e3:.1f} ms", flush=True)  # kept if killed
     med = {k: statistics.median(v) for k, v in times.items()}
+    if stops:  # every run of a repeat drew the same samples (same seed); tokens per repeat differ
+        n_tokens = statistics.median(made[r + 1] for r in range(args.repeats))
+        print(f"rows stop at ids 3..{2 + args.stop_ids}: median {n_tokens} tokens per run of {len(prompts)} prompts")
+        for k in names:
+            print(f"ratio {k} (slot refill) / {k} static: {med[k + ' static'] / med[k]:.2f}x")
     for k in runs:
         print(f"{k:>12}: median {med[k] * 1e3:8.1f} ms  {n_tokens / med[k]:9.1f} tok/s  "
               f"(runs: {', '.join(f'{t * 1e3:.0f}' for t in times[k])} ms)")

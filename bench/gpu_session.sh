@@ -35,6 +35,10 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
   # attention at T=8k and the window trend at T=16k (7). Each step prints as it goes.
   step generate 150 $py bench/generate.py --device cuda --dtype bfloat16 --shape 7b --batch 1 \
       --prompt-len 128 --new-tokens 256 --repeats 3 --no-hf --cuda-graph both
+  # Slot refill (issue 24) against static batches on the GPU: 64 rows, 128 prompts, rows ending
+  # at a random stand-in EOS (~128 tokens on average), eager (Triton decode) and CUDA-graph steps.
+  step refill 150 $py bench/generate.py --device cuda --dtype bfloat16 --shape 7b --batch 64 \
+      --num-prompts 128 --prompt-len 64 --new-tokens 256 --stop-ids 250 --repeats 2 --no-hf --cuda-graph both
   step logprob 120 $py bench/logprob.py --device cuda --dtype bf16 --C 4096 --V 32000 --N 32768
   step attention 150 $py bench/attention.py --impl triton --seqlens 8192 16384 --reps 3 \
       --out "$out/attention.json"

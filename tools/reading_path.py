@@ -21,7 +21,7 @@ PATH = [
      "how a (prompt, real, generated) triple becomes token ids, masks and targets"),
     ("model.py", None,
      "the architecture: RMSNorm, RoPE, grouped-query attention, SwiGLU, per-token log-probs"),
-    ("generate.py", ["sample_batch", "sample", "score", "generate_dataset", "_pair_of_sample"],
+    ("generate.py", ["next_tokens", "sample_batch", "sample", "score", "generate_dataset", "_pair_of_sample"],
      "the opponent: KV-cached sampling, and its log-probs of both answers stored once"),
     ("stage.py", ["build_model", "make_optimizer", "spin_micro_batch", "train_stage", "run_stage"],
      "one training stage: FSDP2 set-up, one SPIN step, the step loop"),
