@@ -33,14 +33,16 @@ def test_the_path_carries_no_study_arm_and_no_test_hook():
             assert hook not in src, f"{name} carries the test hook {hook}"
 
 
+OUTSIDE = "shar" + "ed/"  # the sibling folder of notes the project was built beside, spelled so this file does not match
+
+
 def test_nothing_points_outside_the_repository():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not files:  # not a git checkout (an sdist): nothing to check against
         return
     bad = [f for f in files if f.endswith((".py", ".md", ".sh", ".txt", ".ini", ".toml"))
-           and os.path.isfile(os.path.join(ROOT, f)) and "shared/" in open(os.path.join(ROOT, f)).read()
-           and f != "tests/test_reading_path.py"]
-    assert not bad, f"these files point at a shared/ folder users do not have: {bad}"
+           and os.path.isfile(os.path.join(ROOT, f)) and OUTSIDE in open(os.path.join(ROOT, f)).read()]
+    assert not bad, f"these files point at a folder outside the repository that users do not have: {bad}"
 
 
 def _project_imports():
