@@ -256,6 +256,8 @@ class Arm:
     base_alpha: float = 0.0  # reference p_start^a * p_t^(1-a) (spin_loss alpha), scored by rescoring; 0: p_t
     keep: Callable | None = None  # (examples) -> the pairs to train on; None: every pair
     refill: Callable | None = None  # (kept tokenised pairs, global batch) -> what the stage trains on
+    beta: float | None = None  # this arm's beta and lr (the study's sweep); None: the run's --beta, --lr
+    lr: float | None = None
 
 
 SPIN = Arm()
@@ -272,6 +274,7 @@ def spin_iteration(run, t, opponent, variant=SPIN):
     folder, samples = iter_folder(run, variant.folder, t), iter_folder(run, variant.folder if t else "", t)
     tag = f"{variant.name}{t}"
     beta, lr = beta_for_iteration(c.spin.beta, t), c.spin.lr[min(t, len(c.spin.lr) - 1)]
+    beta, lr = variant.beta or beta, variant.lr or lr
     repeat = any(1 < len(v) <= t for v in (c.spin.beta, c.spin.lr))  # a list shorter than --iterations
     log(f"[{tag}] beta {beta:g}, lr {lr:g}" + (" (the last value of a shorter --beta/--lr list)" if repeat else ""))
     synth = os.path.join(samples, "synthetic.parquet")

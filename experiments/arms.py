@@ -14,10 +14,15 @@ iteration, and each arm's per-prompt outcomes in eval/<arm>-<iteration>.jsonl.
     spin_mix    SPIN against p_start^alpha * p_t^(1-alpha) (Alami et al. 2024; spin_loss alpha)
     spin_drop   SPIN without the pairs whose sample the task's verifier accepts: tests whether SPIN
                 loses by pushing down correct answers
+    random_drop spin_drop's control: as many pairs dropped as spin_drop would drop, chosen at random
+                (no verifier), with the same repetition to fill a batch
+    spin_b<beta>_lr<lr>   the paper's SPIN with its own beta and lr (the sweep; e.g. spin_b0.5_lr1e-05)
 """
 import argparse
 import json
 import os
+import random
+import re
 import shutil
 from dataclasses import dataclass, replace
 
@@ -34,7 +39,25 @@ from run_folder import record
 from stage import run_stage, train_stage
 from train_args import parser as train_parser, resolve
 
-ARMS = ("spin", "sft", "spin_mix", "spin_drop")
+ARMS = ("spin", "sft", "spin_mix", "spin_drop", "random_drop")
+SWEPT = re.compile(r"spin_b([0-9.e+-]+)_lr([0-9.e+-]+)")  # spin_b<beta>_lr<lr>
+
+
+def swept_name(beta, lr):
+    """The arm name of SPIN at (beta, lr): spin_b0.5_lr1e-05; parsed back by SWEPT."""
+    return f"spin_b{beta:g}_lr{lr:g}"
+
+
+def swept_setting(name):
+    """(beta, lr) of a spin_b<beta>_lr<lr> arm, or None for any other name."""
+    m = SWEPT.fullmatch(name)
+    if not m:
+        return None
+    try:
+        beta, lr = float(m.group(1)), float(m.group(2))
+    except ValueError:
+        return None
+    return (beta, lr) if beta > 0 and lr > 0 else None
 
 
 def judged_wrong(examples):
@@ -48,13 +71,29 @@ def fill_one_batch(items, batch_size):
     return items * -(-batch_size // len(items)) if 0 < len(items) < batch_size else items
 
 
-def spin_arm(name, mix_alpha):
+def random_drop(seed):
+    """keep() of the random_drop control: as many pairs as judged_wrong keeps, chosen uniformly at
+    random (same count, no verifier), so spin_drop - random_drop isolates which pairs are dropped
+    from how many (fewer pairs at the same steps means each is seen more often)."""
+    def keep(examples):
+        n = len(judged_wrong(examples))
+        chosen = sorted(random.Random(seed).sample(range(len(examples)), n))
+        return [examples[i] for i in chosen]
+    return keep
+
+
+def spin_arm(name, mix_alpha, seed):
     """The train.Arm of a SPIN arm; its iterations live in <out>/<name>/iter{t} (spin's in iter{t})."""
     if name == "spin":
         return train.SPIN
     if name == "spin_mix":
         return train.Arm(name=name, folder=name, base_alpha=mix_alpha)
-    return train.Arm(name=name, folder=name, keep=judged_wrong, refill=fill_one_batch)  # spin_drop
+    if name == "spin_drop":
+        return train.Arm(name=name, folder=name, keep=judged_wrong, refill=fill_one_batch)
+    if name == "random_drop":
+        return train.Arm(name=name, folder=name, keep=random_drop(seed), refill=fill_one_batch)
+    beta, lr = swept_setting(name)
+    return train.Arm(name=name, folder=name, beta=beta, lr=lr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +173,10 @@ def sft_to_optimum(run, stage, study, val_ex):
 
 def arm_list(text):
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in names if x not in ARMS]
+    bad = [x for x in names if x not in ARMS and swept_setting(x) is None]
     if bad or not names or len(set(names)) < len(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of distinct arms among {', '.join(ARMS)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of distinct arms among {', '.join(ARMS)} "
+                                         "or spin_b<beta>_lr<lr> (e.g. spin_b0.5_lr1e-05)")
     return names
 
 
@@ -167,8 +207,9 @@ def parse_args(argv=None):
     arms = args.arms or ["spin"] + (["sft"] if cfg.spin.baseline else [])
     cfg = replace(cfg, spin=replace(cfg.spin, baseline="sft" in arms))
     demo = cfg.run.demo
-    if "spin_drop" in arms and not demo:
-        p.error("--arms spin_drop drops the pairs whose sample a task's verifier accepts: the demo's tasks have one")
+    if {"spin_drop", "random_drop"} & set(arms) and not demo:
+        p.error("--arms spin_drop/random_drop drop (as many as) the pairs whose sample a task's verifier accepts: "
+                "the demo's tasks have one")
     if args.sft_eval_every and not (args.val_data or (demo and cfg.demo.val_prompts)):
         p.error("--sft-eval-every scores the SFT model on validation prompts: give --val-data (or --val-prompts "
                 "with the demo), never the held-out prompts the arms are compared on")
@@ -205,7 +246,7 @@ def main(argv=None):
         model = base
         for t in range(cfg.spin.iterations):
             model = train.sft_iteration(run, t, model) if arm == "sft" else \
-                train.spin_iteration(run, t, model, spin_arm(arm, study.mix_alpha))
+                train.spin_iteration(run, t, model, spin_arm(arm, study.mix_alpha, cfg.run.seed + t))
     train.finish(run)
 
 

@@ -35,6 +35,7 @@ import report
 from checkpoint import atomic_file, write_json
 from errors import ArgumentParser, positive_int, run_command
 from experiments import stats
+from experiments.arms import swept_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = ("spin", "sft", "spin_mix", "spin_drop")
@@ -44,6 +45,9 @@ ARMS = ("spin", "sft", "spin_mix", "spin_drop")
 COMMON = ["--eval-prompts", "500", "--val-prompts", "500", "--sft-lr", "1e-3", "--sft-eval-every", "100",
           "--sft-patience", "5", "--sft-select", "exact_match", "--arms", ",".join(ARMS), "--iterations", "2",
           "--beta", "2.0", "--lr", "3e-5", "--epochs", "3", "--max-new-tokens", "32", "--gen-batch-size", "256"]
+
+# The sweep's SPIN settings other than the demo's (beta 2.0, lr 3e-5, the arm "spin").
+SWEEP = [swept_name(b, lr) for b in (0.5, 2.0, 5.0) for lr in (1e-5, 3e-5, 1e-4) if (b, lr) != (2.0, 3e-5)]
 
 # Regimes where SFT stops below perfect held-out accuracy (experiments/EXPLORATION.md): the task,
 # its size, how many training examples, the SFT budget.
@@ -55,6 +59,13 @@ REGIMES = {
     # equals the ground truth, so SPIN should have almost nothing to learn from.
     "addition3-250": ["--task", "addition", "--task-digits", "3", "--num-prompts", "250", "--batch-size", "50", "--micro-batch-size", "25",
                       "--sft-lr", "3e-3", "--sft-steps", "3000"],
+    # The sweep (issue 26): SPIN at beta {0.5, 2, 5} x lr {1e-5, 3e-5, 1e-4} from each seed's one SFT start
+    # ("spin" is the grid's beta 2, lr 3e-5), continued SFT, and spin_drop beside its random-drop control.
+    "factor4-sweep": ["--task", "factor", "--task-digits", "4", "--num-prompts", "1000", "--sft-steps", "3000",
+                      "--arms", ",".join(["sft", "spin", *SWEEP, "spin_drop", "random_drop"])],
+    # A second regime whose start more SFT does not improve (a plateau; EXPLORATION.md, factor4-2000-lr1e-3).
+    "factor4-2k-sweep": ["--task", "factor", "--task-digits", "4", "--num-prompts", "2000", "--sft-steps", "3000",
+                         "--arms", ",".join(["sft", "spin", *SWEEP])],
     # Seconds long, for the test suite: the machinery, not an experiment (its flags override COMMON's).
     "smoke": ["--task", "addition_anyorder", "--task-digits", "2", "--num-prompts", "96", "--eval-prompts", "24",
               "--val-prompts", "24", "--sft-steps", "20", "--sft-lr", "3e-3", "--sft-eval-every", "10",
