@@ -3,12 +3,14 @@ a plot of the same curves (report.png), and the per-step training curves of ever
 (report_training.png). Input: the records train.py writes to metrics.jsonl."""
 import json
 import os
+import re
 import sys
 
 import numpy as np
 
 from checkpoint import atomic_file
 from errors import ArgumentParser, InputError, MissingInput, run_command
+from experiments.stats import seed_t_interval
 
 COLUMNS = [  # (key, header, format)
     ("exact_match", "exact match", "{:.1%}"),
@@ -27,8 +29,15 @@ def _cell(row, key, fmt):
 # The arms a run can hold (train.py's spin and sft; experiments/arms.py's ARMS), in the order
 # the table and plots show them: (name, line style, label).
 ARMS = (("spin", "o-", "SPIN"), ("sft", "s--", "continued SFT (baseline)"),
-        ("spin_mix", "^-.", "SPIN, mixture reference"), ("spin_drop", "v:", "SPIN, correct samples dropped"))
+        ("spin_mix", "^-.", "SPIN, mixture reference"), ("spin_drop", "v:", "SPIN, correct samples dropped"),
+        ("random_drop", "x:", "SPIN, as many random samples dropped"))
 LABELS = {"start": "SFT start", **{a: label for a, _, label in ARMS}}
+SWEPT = re.compile(r"spin_b([0-9.e+-]+)_lr([0-9.e+-]+)")  # the study's sweep arms (experiments/arms.py)
+
+
+def label(arm):
+    m = SWEPT.fullmatch(arm)
+    return f"SPIN beta {m.group(1)}, lr {m.group(2)}" if m else LABELS.get(arm, arm)
 
 
 def table(rows, timings=None):
@@ -212,33 +221,70 @@ def _diff(x):
 
 def _row_name(key):  # "spin-2" -> "SPIN, iteration 2"
     arm, t = key.rsplit("-", 1)
-    return "SFT start" if arm == "start" else f"{LABELS.get(arm, arm)}, iteration {t}"
+    return "SFT start" if arm == "start" else f"{label(arm)}, iteration {t}"
+
+
+def _seed_t(per_seed, pct=True):
+    """The seed-level t interval (experiments/stats.seed_t_interval) as text: '{lo, hi}'."""
+    iv = seed_t_interval(per_seed)
+    if iv.n_seeds < 2:
+        return ""
+    f = "{:.1f}" if not pct else "{:+.1f}"
+    return "{" + f.format(100 * iv.lo) + ", " + f.format(100 * iv.hi) + "}"
+
+
+def _per_seed_diff(res, a, b):
+    """Per-seed paired differences a - b (each seed's mean over its prompts), from the arms' per-seed means."""
+    arm_a, ta = a.rsplit("-", 1)
+    arm_b, tb = ("start", "0") if b == "start" else b.rsplit("-", 1)
+    return [x - y for x, y in zip(res["arms"][arm_a][ta]["per_seed"], res["arms"][arm_b][tb]["per_seed"])]
 
 
 def comparison_table(res):
-    """Markdown: each arm's held-out exact match per iteration with its 95% interval (two-level
-    bootstrap over seeds and prompts), the paired differences against continued SFT and against
-    the start, McNemar per seed, and what SPIN trained on."""
-    arms = [a for a in ["start"] + [a for a, _, _ in ARMS] if a in res["arms"]]
+    """Markdown: each arm's held-out exact match per iteration with two 95% intervals (the two-level
+    bootstrap over seeds and prompts, and the seed-level t interval), the paired differences against
+    continued SFT and against the start with both intervals and the per-seed differences, McNemar per
+    seed, and what SPIN trained on."""
+    known = ["start"] + [a for a, _, _ in ARMS]
+    arms = [a for a in known if a in res["arms"]] + sorted(a for a in res["arms"] if a not in known)
     iters = sorted({int(t) for a in arms for t in res["arms"][a]})
     S, lvl = len(res["seeds"]), int(100 * res["level"])
     out = [f"### {res['regime']}: held-out exact match (%), mean over {S} seed(s) x the held-out prompts "
-           f"[{lvl}% bootstrap interval]", "",
-           "| iteration | " + " | ".join(LABELS[a] for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
+           f"[{lvl}% two-level bootstrap interval] {{{lvl}% seed-level t interval}}", ""]
+    shown = arms if len(arms) <= 6 else ["start"] + [a for a in arms if a in known[1:]]
+    out += ["| iteration | " + " | ".join(label(a) for a in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for t in iters:
-        cells = [_pct(res["arms"][a][str(t)]) if str(t) in res["arms"][a] else "" for a in arms]
+        cells = [(_pct(res["arms"][a][str(t)]) + " " + _seed_t(res["arms"][a][str(t)]["per_seed"], pct=False)).strip()
+                 if str(t) in res["arms"][a] else "" for a in shown]
         out.append(f"| {t} | " + " | ".join(cells) + " |")
-    out += ["", f"Paired differences (percentage points) on the same seeds and prompts [{lvl}% paired bootstrap "
-            "interval]; an interval above 0 means the row's arm is better:", "",
-            "| arm | vs continued SFT (same iteration) | vs SFT start |", "|---|---|---|"]
     by = {}
     for d in res["differences"]:
-        by.setdefault(d["a"], {})["start" if d["b"] == "start" else "sft"] = d
-    rank = {a: i for i, (a, _, _) in enumerate(ARMS)}
+        kind = "start" if d["b"] == "start" else "sft" if d["b"].startswith("sft-") else d["b"]
+        by.setdefault(d["a"], {})[kind] = d
+    rank = {a: i for i, a in enumerate(arms)}
     order = lambda k: (int(k.rsplit("-", 1)[1]), rank.get(k.rsplit("-", 1)[0], len(rank)))  # noqa: E731
+
+    def cell(d):
+        if d is None:
+            return "", ""
+        per = _per_seed_diff(res, d["a"], d["b"])
+        return f"{_diff(d)} {_seed_t(per)}".strip(), ", ".join(f"{100 * v:+.1f}" for v in per)
+    out += ["", f"Paired differences (percentage points) on the same seeds and prompts [{lvl}% paired bootstrap "
+            f"interval] {{{lvl}% seed-level t interval over the per-seed differences}}; an interval above 0 means the "
+            "row's arm is better. Only an interval that excludes 0 at the seed level makes a seed-level claim; one "
+            "that excludes 0 only in the bootstrap holds for these seeds' prompts (a prompt-level claim).", "",
+            "| arm | vs continued SFT (same iteration) | per seed | vs SFT start | per seed |", "|---|---|---|---|---|"]
     for a in sorted(by, key=order):
-        out.append(f"| {_row_name(a)} | {_diff(by[a]['sft']) if 'sft' in by[a] else ''} | "
-                   f"{_diff(by[a]['start']) if 'start' in by[a] else ''} |")
+        if "sft" in by[a] or "start" in by[a]:
+            c1, c2 = cell(by[a].get("sft")), cell(by[a].get("start"))
+            out.append(f"| {_row_name(a)} | {c1[0]} | {c1[1]} | {c2[0]} | {c2[1]} |")
+    extra = [(a, k, d) for a in sorted(by, key=order) for k, d in by[a].items() if k not in ("sft", "start")]
+    if extra:
+        out += ["", "| comparison | difference | per seed |", "|---|---|---|"]
+        for a, k, d in extra:
+            c = cell(d)
+            out.append(f"| {_row_name(a)} - {_row_name(k)} | {c[0]} | {c[1]} |")
+    out += sweep_table(res, by)
     last = max(iters)
     mc = [m for m in res["mcnemar"] if m["a"] == f"spin-{last}" and m["b"] == f"sft-{last}"]
     if mc:
@@ -262,6 +308,38 @@ def comparison_table(res):
                     "sample equals the ground truth (their gradient is 0):", "",
                     "| arm | samples judged correct (%) | pairs with sample = ground truth (%) |", "|---|---|---|"] + rows
     return "\n".join(out)
+
+
+def _flag(flags, name):
+    return flags[len(flags) - 1 - flags[::-1].index(name) + 1] if name in flags else None
+
+
+def sweep_table(res, by):
+    """The study's sweep (spin_b<beta>_lr<lr> arms beside "spin"): per setting and iteration, SPIN -
+    continued SFT and SPIN - start, each with both intervals. Every setting run is shown."""
+    grid = {}
+    beta0, lr0 = _flag(res["flags"], "--beta"), _flag(res["flags"], "--lr")
+    for a in by:
+        arm, t = a.rsplit("-", 1)
+        m = SWEPT.fullmatch(arm)
+        if m:
+            grid[(float(m.group(1)), float(m.group(2)), int(t))] = a
+        elif arm == "spin" and beta0 and lr0:
+            grid[(float(beta0), float(lr0), int(t))] = a
+    if len(grid) <= 2:
+        return []
+    out = ["", "The sweep, every setting run (rows: beta, lr; 'spin' is the demo's setting): SPIN - continued SFT and "
+           "SPIN - SFT start in points [paired bootstrap] {seed-level t}:", "",
+           "| beta | lr | iteration | SPIN (%) | SPIN - continued SFT | SPIN - start |", "|---|---|---|---|---|---|"]
+    for (beta, lr, t), a in sorted(grid.items()):
+        arm = a.rsplit("-", 1)[0]
+        row = []
+        for kind in ("sft", "start"):
+            d = by[a].get(kind)
+            row.append("" if d is None else f"{_diff(d)} {_seed_t(_per_seed_diff(res, d['a'], d['b']))}")
+        mean = 100 * res["arms"][arm][str(t)]["mean"]
+        out.append(f"| {beta:g} | {lr:g} | {t} | {mean:.1f} | {row[0]} | {row[1]} |")
+    return out
 
 
 def comparison_figure(res):

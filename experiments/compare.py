@@ -22,6 +22,7 @@ Outputs: experiments/results/REGIME.json (every figure and the flags), REGIME.md
 REGIME.png (the intervals; report.py draws it). Runs go to experiments/runs/REGIME/seedS/.
 """
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -70,7 +71,8 @@ REGIMES = {
     "smoke": ["--task", "addition_anyorder", "--task-digits", "2", "--num-prompts", "96", "--eval-prompts", "24",
               "--val-prompts", "24", "--sft-steps", "20", "--sft-lr", "3e-3", "--sft-eval-every", "10",
               "--batch-size", "16", "--micro-batch-size", "8", "--demo-dim", "32", "--demo-layers", "1",
-              "--max-new-tokens", "12", "--lr", "1e-4", "--beta", "0.5", "--gen-batch-size", "64"],
+              "--max-new-tokens", "12", "--lr", "1e-4", "--beta", "0.5", "--gen-batch-size", "64",
+              "--arms", "spin,sft,spin_mix,spin_drop,random_drop,spin_b1_lr0.0003"],
 }
 
 
@@ -126,32 +128,55 @@ def outcomes(out):
     return got, recs
 
 
-def summarise(regime, seeds, runs, n_boot=10000):
+def load_matrices(regime, seeds, runs):
+    """{(arm, iteration): (S, P) outcomes} over the arms every seed ran, and each seed's records."""
     per_seed = [outcomes(os.path.join(runs, regime, f"seed{s}")) for s in seeds]
     keys = sorted(set.intersection(*(set(o) for o, _ in per_seed)), key=lambda k: (k[1], k[0]))
-    matrix = {k: np.stack([o[k] for o, _ in per_seed]) for k in keys}  # (S, P) per arm and iteration
+    return {k: np.stack([o[k] for o, _ in per_seed]) for k in keys}, [recs for _, recs in per_seed]
+
+
+# Paired comparisons beyond "each SPIN arm vs continued SFT and vs the start": (a, b) at every iteration.
+EXTRA_PAIRS = [("spin_drop", "random_drop")]
+
+
+def _difference(x, y, a, b, seeds, n_boot):
+    d = stats.paired_difference(x, y, n_boot=n_boot, seed=0)
+    per_seed = (x.mean(1) - y.mean(1)).tolist()  # paired: the mean of differences is the difference of means
+    t = stats.seed_t_interval(per_seed)
+    return {"a": a, "b": b, "mean": d.mean, "lo": d.lo, "hi": d.hi, "seed_lo": t.lo, "seed_hi": t.hi,
+            "per_seed": per_seed}
+
+
+def summarise_matrix(regime, seeds, matrix, n_boot=10000):
+    """Every interval, difference and test from the outcome matrices alone (so a results file's
+    committed outcomes reproduce it: --recompute)."""
     start = matrix[("start", 0)]
     res = {"regime": regime, "flags": COMMON + REGIMES[regime], "seeds": list(seeds), "n_boot": n_boot,
            "level": 0.95, "arms": {}, "differences": [], "mcnemar": [], "per_seed": []}
     for (arm, t), x in matrix.items():
-        iv = stats.bootstrap_mean(x, n_boot=n_boot, seed=0)
-        res["arms"].setdefault(arm, {})[str(t)] = {"mean": iv.mean, "lo": iv.lo, "hi": iv.hi,
-                                                   "per_seed": x.mean(1).tolist()}
+        iv, st = stats.bootstrap_mean(x, n_boot=n_boot, seed=0), stats.seed_t_interval(x.mean(1))
+        res["arms"].setdefault(arm, {})[str(t)] = {"mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "seed_lo": st.lo,
+                                                   "seed_hi": st.hi, "per_seed": x.mean(1).tolist()}
     # SPIN (each variant) against continued SFT at the same iteration, and against the start.
-    for (arm, t), x in matrix.items():
-        if arm == "start" or arm == "sft":
-            continue
-        for other, y in ((f"sft-{t}", matrix.get(("sft", t))), ("start", start)):
-            if y is None:
-                continue
-            d = stats.paired_difference(x, y, n_boot=n_boot, seed=0)
-            res["differences"].append({"a": f"{arm}-{t}", "b": other, "mean": d.mean, "lo": d.lo, "hi": d.hi})
-            for s, seed in enumerate(seeds):
-                m = stats.mcnemar(x[s], y[s])
-                res["mcnemar"].append({"a": f"{arm}-{t}", "b": other, "seed": seed, "both": m.both,
-                                       "a_only": m.a_only, "b_only": m.b_only, "neither": m.neither,
-                                       "p_value": m.p_value})
-    for seed, (_, recs) in zip(seeds, per_seed):
+    pairs = [((arm, t), (other, y)) for (arm, t) in matrix if arm not in ("start", "sft")
+             for other, y in ((f"sft-{t}", matrix.get(("sft", t))), ("start", start)) if y is not None]
+    pairs += [((a, t), (f"{b}-{t}", matrix[(b, t)])) for a, b in EXTRA_PAIRS
+              for (arm, t) in list(matrix) if arm == a and (b, t) in matrix]
+    for (arm, t), (other, y) in pairs:
+        x = matrix[(arm, t)]
+        res["differences"].append(_difference(x, y, f"{arm}-{t}", other, seeds, n_boot))
+        for s, seed in enumerate(seeds):
+            m = stats.mcnemar(x[s], y[s])
+            res["mcnemar"].append({"a": f"{arm}-{t}", "b": other, "seed": seed, "both": m.both,
+                                   "a_only": m.a_only, "b_only": m.b_only, "neither": m.neither,
+                                   "p_value": m.p_value})
+    return res
+
+
+def summarise(regime, seeds, runs, n_boot=10000):
+    matrix, recs_of = load_matrices(regime, seeds, runs)
+    res = summarise_matrix(regime, seeds, matrix, n_boot)
+    for seed, recs in zip(seeds, recs_of):
         chosen = next((r for r in recs if r["type"] == "sft_chosen"), {})
         wall = seed_wall_s(os.path.join(runs, regime, f"seed{seed}"), recs)
         evals = {f"{r['arm']}-{r['iteration']}": r for r in recs if r["type"] == "eval"}
@@ -160,7 +185,25 @@ def summarise(regime, seeds, runs, n_boot=10000):
             "train_samples_correct": {k: v.get("train_samples_correct") for k, v in evals.items() if k.startswith("spin")},
             "train_samples_equal_gt": {k: v.get("train_samples_equal_gt") for k, v in evals.items() if k.startswith("spin")},
             "gt_logp_per_token": {k: v["gt_logp_per_token"] for k, v in evals.items()}})
-    return res
+    return res, matrix
+
+
+def write_outcomes(path, seeds, matrix):
+    """Every held-out outcome, one string of 0/1 per arm, iteration and seed (gzip: ~5 KB per arm)."""
+    doc = {"seeds": list(seeds), "outcomes": {f"{a}-{t}": ["".join(map(str, row.tolist())) for row in x]
+                                              for (a, t), x in matrix.items()}}
+    with atomic_file(path, "wb") as f:
+        f.write(gzip.compress(json.dumps(doc).encode(), mtime=0))
+
+
+def read_outcomes(path):
+    with gzip.open(path, "rt") as f:
+        doc = json.load(f)
+    matrix = {}
+    for key, rows in doc["outcomes"].items():
+        arm, t = key.rsplit("-", 1)
+        matrix[(arm, int(t))] = np.array([[int(c) for c in row] for row in rows], dtype=np.int8)
+    return doc["seeds"], matrix
 
 
 def seed_list(text):
@@ -181,13 +224,25 @@ def main(argv=None):
     ap.add_argument("--threads", type=positive_int, default=None, help="threads per run (default: the cores / workers)")
     ap.add_argument("--runs", default=os.path.join(ROOT, "experiments", "runs"))
     ap.add_argument("--results", default=os.path.join(ROOT, "experiments", "results"))
+    ap.add_argument("--recompute", action="store_true",
+                    help="recompute every interval and test from the committed RESULTS/REGIME.outcomes.json.gz "
+                         "(no run needed); the per-seed facts (SFT step, wall time) are kept from REGIME.json")
     a = ap.parse_args(argv)
-    seeds = a.seeds
-    threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
-    with ThreadPoolExecutor(a.workers) as pool:
-        list(pool.map(lambda s: run_seed(a.regime, s, a.runs, threads), seeds))
-    res = summarise(a.regime, seeds, a.runs)
     base = os.path.join(a.results, a.regime)
+    if a.recompute:
+        if not os.path.exists(base + ".outcomes.json.gz"):
+            raise SystemExit(f"{base}.outcomes.json.gz: not found; --recompute needs a regime's committed outcomes")
+        seeds, matrix = read_outcomes(base + ".outcomes.json.gz")
+        res = summarise_matrix(a.regime, seeds, matrix)
+        with open(base + ".json") as f:
+            res["per_seed"] = json.load(f)["per_seed"]
+    else:
+        seeds = a.seeds
+        threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
+        with ThreadPoolExecutor(a.workers) as pool:
+            list(pool.map(lambda s: run_seed(a.regime, s, a.runs, threads), seeds))
+        res, matrix = summarise(a.regime, seeds, a.runs)
+        write_outcomes(base + ".outcomes.json.gz", seeds, matrix)
     write_json(base + ".json", res, indent=1)
     text = report.comparison_table(res)
     with atomic_file(base + ".md") as f:

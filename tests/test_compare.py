@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,12 +23,23 @@ def compare(tmp_path, *extra):
 
 def test_one_command_results_and_reruns(tmp_path):
     p, res = compare(tmp_path)
-    assert res["seeds"] == [0, 1] and set(res["arms"]) == {"start", "spin", "sft", "spin_mix", "spin_drop"}
+    assert res["seeds"] == [0, 1] and set(res["arms"]) == {"start", "spin", "sft", "spin_mix", "spin_drop",
+                                                           "random_drop", "spin_b1_lr0.0003"}
     for arm, by_t in res["arms"].items():
         for t, v in by_t.items():
             assert v["lo"] <= v["mean"] <= v["hi"] and len(v["per_seed"]) == 2
+            assert v["seed_lo"] <= v["mean"] <= v["seed_hi"] or v["seed_lo"] == v["seed_hi"]  # both seeds equal
     pairs = {(d["a"], d["b"]) for d in res["differences"]}
     assert ("spin-2", "sft-2") in pairs and ("spin-2", "start") in pairs and ("spin_drop-1", "sft-1") in pairs
+    assert ("spin_drop-2", "random_drop-2") in pairs and ("spin_b1_lr0.0003-2", "sft-2") in pairs
+    for d in res["differences"]:  # the per-seed differences are the arms' per-seed means subtracted
+        a, ta = d["a"].rsplit("-", 1)
+        b, tb = ("start", "0") if d["b"] == "start" else d["b"].rsplit("-", 1)
+        want = [x - y for x, y in zip(res["arms"][a][ta]["per_seed"], res["arms"][b][tb]["per_seed"])]
+        assert d["per_seed"] == pytest.approx(want, abs=1e-12)
+    # the swept arm trained at its own beta and lr, the others at the run's
+    log = (tmp_path / "runs" / "smoke" / "seed0.log").read_text()
+    assert "[spin_b1_lr0.00030] beta 1, lr 0.0003" in log and "[spin0] beta 0.5, lr 0.0001" in log
     assert {m["seed"] for m in res["mcnemar"]} == {0, 1}
     table = (tmp_path / "results" / "smoke.md").read_text()
     assert "Paired differences" in table and "SPIN, iteration 2" in table and table.strip() in p.stdout
@@ -37,6 +50,12 @@ def test_one_command_results_and_reruns(tmp_path):
     _, rerun = compare(tmp_path)
     for r in (again, rerun):
         assert r["arms"] == res["arms"] and r["differences"] == res["differences"] and r["mcnemar"] == res["mcnemar"]
+    # the committed per-prompt outcomes alone reproduce every interval and test
+    os.rename(tmp_path / "results" / "smoke.md", tmp_path / "smoke.md")
+    _, again = compare(tmp_path, "--recompute")
+    assert again["arms"] == rerun["arms"] and again["differences"] == rerun["differences"]
+    assert again["mcnemar"] == rerun["mcnemar"] and again["per_seed"] == rerun["per_seed"]
+    assert (tmp_path / "results" / "smoke.md").read_text() == (tmp_path / "smoke.md").read_text()
     # report.py prints the same table from the results file (the last run's: wall times differ)
     table = (tmp_path / "results" / "smoke.md").read_text()
     q = subprocess.run([sys.executable, "report.py", str(tmp_path / "results" / "smoke.json")], cwd=ROOT,

@@ -234,3 +234,33 @@ def test_coverage_two_levels_as_documented():
     # interval under-covers, as the module docstring warns. This draw: 0.855; with 200 prompts
     # and 400 datasets: 0.81 (3 seeds), 0.89 (5), 0.92 (10).
     assert coverage(3, 100, 0.1, 200) <= 0.9
+
+
+def test_t_quantiles_match_the_tables():
+    # Student's t 0.975 quantiles (standard tables, e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2)
+    for df, want in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert stats.t_quantile(0.975, df) == pytest.approx(want, abs=1e-3)
+    assert stats.t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-9)
+    assert stats.t_cdf(0.0, 7) == pytest.approx(0.5) and stats.t_cdf(-2.0, 5) == pytest.approx(1 - stats.t_cdf(2.0, 5))
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 4, 5, 8, 20):
+        for q in (0.6, 0.9, 0.975, 0.995):
+            assert stats.t_quantile(q, df) == pytest.approx(scipy_stats.t.ppf(q, df), rel=1e-7)
+
+
+def test_seed_t_interval_by_hand_and_coverage():
+    x = [0.1, 0.2, 0.3, 0.25, 0.15]  # mean 0.2, sd 0.0790569
+    iv = stats.seed_t_interval(x)
+    half = 2.7764451 * 0.0790569415 / 5 ** 0.5
+    assert iv.mean == pytest.approx(0.2) and iv.lo == pytest.approx(0.2 - half) and iv.hi == pytest.approx(0.2 + half)
+    one = stats.seed_t_interval([0.3])
+    assert one.mean == 0.3 and np.isnan(one.lo) and np.isnan(one.hi)
+    with pytest.raises(ValueError, match="per_seed"):
+        stats.seed_t_interval([])
+    # With normal seed effects its coverage is the nominal 95% at 5 seeds (the two-level bootstrap's is not).
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(2000):
+        iv = stats.seed_t_interval(rng.normal(0.0, 1.0, size=5))
+        hits += iv.lo <= 0.0 <= iv.hi
+    assert 0.935 <= hits / 2000 <= 0.965

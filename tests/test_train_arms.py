@@ -150,3 +150,27 @@ def test_spin_drop_fills_a_batch_with_few_pairs():
     assert len(filled) == 70 and all(filled.count(i) == 5 for i in few)
     assert fill_one_batch(list(range(64)), 64) == list(range(64))
     assert fill_one_batch([], 64) == []
+
+
+def test_random_drop_keeps_as_many_pairs_as_spin_drop_at_random():
+    from data.readers import Example
+    from data.task import make_task
+    from experiments.arms import judged_wrong, random_drop
+    train, _ = make_task(seed=4, n_train=60, n_heldout=0, digits=3, kind="factor")
+    exs = [Example(e.prompt, e.response, e.response if i % 3 else "2*2") for i, e in enumerate(train)]
+    kept = random_drop(7)(exs)
+    assert len(kept) == len(judged_wrong(exs)) == 20
+    assert kept == [e for e in exs if e in kept]  # a subset, in the data's order
+    assert kept == random_drop(7)(exs) and kept != random_drop(8)(exs)  # the seed decides, nothing else
+    assert kept != judged_wrong(exs)  # chosen without the verifier (1 in C(60, 20) to coincide)
+
+
+def test_swept_arm_names():
+    from experiments.arms import arm_list, swept_name, swept_setting
+    assert swept_name(0.5, 1e-5) == "spin_b0.5_lr1e-05" and swept_setting("spin_b0.5_lr1e-05") == (0.5, 1e-5)
+    assert swept_setting("spin_b5_lr0.0001") == (5.0, 1e-4)
+    for bad in ("spin_b0_lr1e-5", "spin_b1_lr", "spin_bx_lr1", "spin_b1_lr1e-5x", "spin_b-1_lr1e-5"):
+        assert swept_setting(bad) is None, bad
+    assert arm_list("sft,spin_b2_lr0.0001,random_drop") == ["sft", "spin_b2_lr0.0001", "random_drop"]
+    with pytest.raises(Exception, match="spin_b<beta>_lr<lr>"):
+        arm_list("spin,spin_b1_lrfoo")
