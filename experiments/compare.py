@@ -12,14 +12,17 @@ optimiser steps per iteration and on the same training prompts:
     spin_mix    SPIN against the geometric mixture p_start^alpha * p_t^(1-alpha) (spin_loss)
     spin_drop   SPIN without the pairs whose sample the task's verifier judges correct: tests the
                 hypothesis that SPIN loses because it pushes down correct answers
+(and, per regime, random_drop, spin_drop's control, and the sweep's spin_b<beta>_lr<lr> arms).
 Each arm's greedy answers to the same held-out prompts are kept per prompt (eval/*.jsonl), so
 arms are compared pair by pair: experiments/stats.py gives each arm's mean with a two-level
-bootstrap interval (seeds, then prompts), the paired difference SPIN - SFT and SPIN - start
-with its interval, and the exact McNemar test per seed. Runs resume where they stopped: a
+bootstrap interval (seeds, then prompts) and a seed-level t interval, the paired difference
+SPIN - SFT and SPIN - start with both intervals and its per-seed values, and the exact McNemar
+test per seed. Runs resume where they stopped: a
 finished seed is read back, not rerun, and rerunning a seed from scratch gives the same figures.
 
 Outputs: experiments/results/REGIME.json (every figure and the flags), REGIME.md (the table),
-REGIME.png (the intervals; report.py draws it). Runs go to experiments/runs/REGIME/seedS/.
+REGIME.png (the intervals; report.py draws it), REGIME.outcomes.json.gz (every held-out outcome;
+`--recompute` rebuilds the rest from it). Runs go to experiments/runs/REGIME/seedS/.
 """
 import argparse
 import gzip
