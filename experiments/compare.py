@@ -161,8 +161,10 @@ def summarise_matrix(regime, seeds, matrix, n_boot=10000):
         res["arms"].setdefault(arm, {})[str(t)] = {"mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "seed_lo": st.lo,
                                                    "seed_hi": st.hi, "per_seed": x.mean(1).tolist()}
     # SPIN (each variant) against continued SFT at the same iteration, and against the start.
-    pairs = [((arm, t), (other, y)) for (arm, t) in matrix if arm not in ("start", "sft")
-             for other, y in ((f"sft-{t}", matrix.get(("sft", t))), ("start", start)) if y is not None]
+    # Continued SFT against the start too: whether more SFT still helps (the start should be its optimum).
+    pairs = [((arm, t), (other, y)) for (arm, t) in matrix if arm != "start"
+             for other, y in ((f"sft-{t}", matrix.get(("sft", t))), ("start", start))
+             if y is not None and not (arm == "sft" and other.startswith("sft-"))]
     pairs += [((a, t), (f"{b}-{t}", matrix[(b, t)])) for a, b in EXTRA_PAIRS
               for (arm, t) in list(matrix) if arm == a and (b, t) in matrix]
     for (arm, t), (other, y) in pairs:

@@ -31,6 +31,7 @@ def test_one_command_results_and_reruns(tmp_path):
             assert v["seed_lo"] <= v["mean"] <= v["seed_hi"] or v["seed_lo"] == v["seed_hi"]  # both seeds equal
     pairs = {(d["a"], d["b"]) for d in res["differences"]}
     assert ("spin-2", "sft-2") in pairs and ("spin-2", "start") in pairs and ("spin_drop-1", "sft-1") in pairs
+    assert ("sft-2", "start") in pairs and not any(a.startswith("sft-") and b.startswith("sft-") for a, b in pairs)
     assert ("spin_drop-2", "random_drop-2") in pairs and ("spin_b1_lr0.0003-2", "sft-2") in pairs
     for d in res["differences"]:  # the per-seed differences are the arms' per-seed means subtracted
         a, ta = d["a"].rsplit("-", 1)
