@@ -70,6 +70,12 @@ REGIMES = {
     # A second regime whose start more SFT does not improve (a plateau; EXPLORATION.md, factor4-2000-lr1e-3).
     "factor4-2k-sweep": ["--task", "factor", "--task-digits", "4", "--num-prompts", "2000", "--sft-steps", "3000",
                          "--arms", ",".join(["sft", "spin", *SWEEP])],
+    # Candidates for a regime whose start more SFT does not improve (factor4-2k's does: its continued SFT
+    # gained 4 points on seed 0): factor5 with 1000 examples, and any-order addition with 1200.
+    "factor5-1k-sweep": ["--task", "factor", "--task-digits", "5", "--num-prompts", "1000", "--sft-steps", "3000",
+                         "--arms", ",".join(["sft", "spin", *SWEEP])],
+    "anyorder3-1200-sweep": ["--task", "addition_anyorder", "--task-digits", "3", "--num-prompts", "1200",
+                             "--sft-steps", "3000", "--arms", ",".join(["sft", "spin", *SWEEP])],
     # Seconds long, for the test suite: the machinery, not an experiment (its flags override COMMON's).
     "smoke": ["--task", "addition_anyorder", "--task-digits", "2", "--num-prompts", "96", "--eval-prompts", "24",
               "--val-prompts", "24", "--sft-steps", "20", "--sft-lr", "3e-3", "--sft-eval-every", "10",
