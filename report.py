@@ -336,7 +336,7 @@ def sweep_table(res, by):
         row = []
         for kind in ("sft", "start"):
             d = by[a].get(kind)
-            row.append("" if d is None else f"{_diff(d)} {_seed_t(_per_seed_diff(res, d['a'], d['b']))}")
+            row.append("" if d is None else f"{_diff(d)} {_seed_t(_per_seed_diff(res, d['a'], d['b']))}".strip())
         mean = 100 * res["arms"][arm][str(t)]["mean"]
         out.append(f"| {beta:g} | {lr:g} | {t} | {mean:.1f} | {row[0]} | {row[1]} |")
     return out
