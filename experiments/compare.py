@@ -71,7 +71,8 @@ REGIMES = {
     "factor4-2k-sweep": ["--task", "factor", "--task-digits", "4", "--num-prompts", "2000", "--sft-steps", "3000",
                          "--arms", ",".join(["sft", "spin", *SWEEP])],
     # Candidates for a regime whose start more SFT does not improve (factor4-2k's does: its continued SFT
-    # gained 4 points on seed 0): factor5 with 1000 examples, and any-order addition with 1200.
+    # gained 4 points on seed 0): factor5 with 1000 examples (run: continued SFT - start -1.4, -2.0 points,
+    # EXPERIMENTS.md), and any-order addition with 1200 (defined, stopped during its first SFT, not run).
     "factor5-1k-sweep": ["--task", "factor", "--task-digits", "5", "--num-prompts", "1000", "--sft-steps", "3000",
                          "--arms", ",".join(["sft", "spin", *SWEEP])],
     "anyorder3-1200-sweep": ["--task", "addition_anyorder", "--task-digits", "3", "--num-prompts", "1200",
