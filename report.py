@@ -224,12 +224,13 @@ def _row_name(key):  # "spin-2" -> "SPIN, iteration 2"
     return "SFT start" if arm == "start" else f"{label(arm)}, iteration {t}"
 
 
-def _seed_t(per_seed, pct=True):
-    """The seed-level t interval (experiments/stats.seed_t_interval) as text: '{lo, hi}'."""
+def _seed_t(per_seed, signed=True):
+    """The seed-level t interval (experiments/stats.seed_t_interval) in percent as text: '{lo, hi}'
+    (signed for differences); '' for one seed."""
     iv = seed_t_interval(per_seed)
     if iv.n_seeds < 2:
         return ""
-    f = "{:.1f}" if not pct else "{:+.1f}"
+    f = "{:+.1f}" if signed else "{:.1f}"
     return "{" + f.format(100 * iv.lo) + ", " + f.format(100 * iv.hi) + "}"
 
 
@@ -254,7 +255,7 @@ def comparison_table(res):
     shown = arms if len(arms) <= 6 else ["start"] + [a for a in arms if a in known[1:]]
     out += ["| iteration | " + " | ".join(label(a) for a in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for t in iters:
-        cells = [(_pct(res["arms"][a][str(t)]) + " " + _seed_t(res["arms"][a][str(t)]["per_seed"], pct=False)).strip()
+        cells = [(_pct(res["arms"][a][str(t)]) + " " + _seed_t(res["arms"][a][str(t)]["per_seed"], signed=False)).strip()
                  if str(t) in res["arms"][a] else "" for a in shown]
         out.append(f"| {t} | " + " | ".join(cells) + " |")
     by = {}
@@ -311,7 +312,9 @@ def comparison_table(res):
 
 
 def _flag(flags, name):
-    return flags[len(flags) - 1 - flags[::-1].index(name) + 1] if name in flags else None
+    """The value of the last `name` in a flag list (argparse keeps the last one), else None."""
+    values = [v for k, v in zip(flags, flags[1:]) if k == name]
+    return values[-1] if values else None
 
 
 def sweep_table(res, by):

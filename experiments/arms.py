@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass, replace
 
@@ -35,12 +34,12 @@ from hf import export, resolve_dtype
 from data import pairs, readers, task
 from errors import non_negative_int, positive_int, probability, run_command
 from parallel import log
+from report import SWEPT  # spin_b<beta>_lr<lr>: the sweep's arm names, labelled by report.py
 from run_folder import record
 from stage import run_stage, train_stage
 from train_args import parser as train_parser, resolve
 
 ARMS = ("spin", "sft", "spin_mix", "spin_drop", "random_drop")
-SWEPT = re.compile(r"spin_b([0-9.e+-]+)_lr([0-9.e+-]+)")  # spin_b<beta>_lr<lr>
 
 
 def swept_name(beta, lr):

@@ -149,7 +149,7 @@ def load_matrices(regime, seeds, runs):
 EXTRA_PAIRS = [("spin_drop", "random_drop")]
 
 
-def _difference(x, y, a, b, seeds, n_boot):
+def _difference(x, y, a, b, n_boot):
     d = stats.paired_difference(x, y, n_boot=n_boot, seed=0)
     per_seed = (x.mean(1) - y.mean(1)).tolist()  # paired: the mean of differences is the difference of means
     t = stats.seed_t_interval(per_seed)
@@ -176,7 +176,7 @@ def summarise_matrix(regime, seeds, matrix, n_boot=10000):
               for (arm, t) in list(matrix) if arm == a and (b, t) in matrix]
     for (arm, t), (other, y) in pairs:
         x = matrix[(arm, t)]
-        res["differences"].append(_difference(x, y, f"{arm}-{t}", other, seeds, n_boot))
+        res["differences"].append(_difference(x, y, f"{arm}-{t}", other, n_boot))
         for s, seed in enumerate(seeds):
             m = stats.mcnemar(x[s], y[s])
             res["mcnemar"].append({"a": f"{arm}-{t}", "b": other, "seed": seed, "both": m.both,
