@@ -158,16 +158,24 @@ def main():
                     print(f"  {dtype:8s} repeat {r}  {engine:6s} {got['tokens']:6d} tokens "
                           f"({got['ended_at_eos']} rows ended at EOS) in {got['seconds']:6.2f} s = "
                           f"{got['tok_s']:6.1f} tok/s", flush=True)
-    print("\nmedians (tokens/s) and ratios, per workload and dtype:")
+    print("\nmedians (tokens/s; slowest-fastest repeat in brackets) and ratios of medians:")
     print("| workload | dtype | " + " | ".join(engines) + " | ours/vllm | ours/static |")
     print("|---|---|" + "---|" * (len(engines) + 2))
     for workload in args.workloads.split(","):
         for dtype in args.dtypes.split(","):
-            med = {e: statistics.median([g["tok_s"] for g in rows if (g["engine"], g["dtype"], g["workload"]) ==
-                                         (e, dtype, workload)] or [float("nan")]) for e in engines}
+            got = {e: [g["tok_s"] for g in rows if (g["engine"], g["dtype"], g["workload"]) == (e, dtype, workload)]
+                   or [float("nan")] for e in engines}
+            med = {e: statistics.median(v) for e, v in got.items()}
             ratio = {k: med["ours"] / med[k] if "ours" in med and k in med else float("nan") for k in ("vllm", "static")}
-            print(f"| {workload} | {dtype} | " + " | ".join(f"{med[e]:.1f}" for e in engines) +
+            # Each engine's median, then its slowest and fastest repeat: on a shared box the spread
+            # says whether a ratio near 1 is a difference at all.
+            print(f"| {workload} | {dtype} | " + " | ".join(f"{med[e]:.1f} ({min(v):.0f}-{max(v):.0f})"
+                                                        for e, v in got.items()) +
                   f" | {ratio['vllm']:.2f}x | {ratio['static']:.2f}x |")
+            # Repeat r of every engine ran back to back, so their ratio pairs the same moment of the box.
+            if "ours" in engines and "vllm" in engines and len(got["ours"]) == len(got["vllm"]) > 1:
+                paired = sorted(a / b for a, b in zip(got["ours"], got["vllm"]))
+                print(f"|   ours/vllm per repeat | {dtype} | " + ", ".join(f"{x:.2f}" for x in paired) + " |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 
