@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def compare(tmp_path, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
-    p = subprocess.run([sys.executable, "-m", "experiments.compare", "smoke", "--seeds", "0,1", "--threads", "1",
+    p = subprocess.run([sys.executable, "-m", "experiments.compare", "smoke", "--seeds", "0,1", "--threads", "1", "--workers", "2",
                         "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -71,3 +71,29 @@ def test_bad_flags_are_one_line(tmp_path):
                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and named in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert not os.listdir(tmp_path)  # refused before any run started
+
+
+def test_committed_outcomes_match_committed_results():
+    """Every committed results file has its per-prompt outcomes beside it, and they are the ones
+    its figures came from: per-seed exact match and every McNemar count recount from them (the
+    bootstrap intervals follow by `--recompute`, too slow to run for every regime here)."""
+    from experiments.compare import read_outcomes
+
+    results = os.path.join(ROOT, "experiments", "results")
+    names = sorted(f for f in os.listdir(results) if f.endswith(".json"))
+    assert len(names) >= 7
+    for name in names:
+        res = json.load(open(os.path.join(results, name)))
+        seeds, matrix = read_outcomes(os.path.join(results, name[:-5] + ".outcomes.json.gz"))
+        assert seeds == res["seeds"], name
+        for arm, by_t in res["arms"].items():
+            for t, v in by_t.items():
+                x = matrix[(arm, int(t))]  # (seeds, prompts) of 0/1
+                assert list(x.mean(1)) == pytest.approx(v["per_seed"], abs=1e-12), (name, arm, t)
+        for m in res["mcnemar"]:
+            (a, ta), (b, tb) = (("start", "0") if k == "start" else k.rsplit("-", 1) for k in (m["a"], m["b"]))
+            i = seeds.index(m["seed"])
+            xa, xb = matrix[(a, int(ta))][i], matrix[(b, int(tb))][i]
+            got = dict(both=int((xa & xb).sum()), a_only=int((xa & (1 - xb)).sum()),
+                       b_only=int(((1 - xa) & xb).sum()), neither=int(((1 - xa) & (1 - xb)).sum()))
+            assert got == {k: m[k] for k in got}, (name, m)
