@@ -51,6 +51,7 @@ REQUESTS = ["What is {}?", "Explain {} to a ten-year-old in a few sentences.", "
             "Write a multiple-choice quiz question about {}, with the answer."]
 PROMPTS = [r.format(s) for r in REQUESTS for s in SUBJECTS]
 
+ENGINES = ("ours", "static", "vllm")
 WORKLOADS = {  # name: (prompts, rows in flight, max new tokens, stop at EOS)
     "spin": (128, 64, 128, True),
     "fixed8": (8, 8, 64, False),
@@ -126,6 +127,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write every measurement here")
     args = ap.parse_args()
+    for flag, given, known in (("--workloads", args.workloads, WORKLOADS), ("--engines", args.engines, ENGINES),
+                               ("--dtypes", args.dtypes, ("float32", "bfloat16"))):
+        if bad := [x for x in given.split(",") if x not in known]:
+            ap.error(f"{flag}: unknown {', '.join(bad)} (choose from {', '.join(known)})")
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: need at least 1")
+    sys.path.insert(0, ROOT)
+    from errors import UserError
+    from hf import check_model_folder
+
+    try:
+        check_model_folder(args.model)
+    except UserError as e:
+        ap.error(str(e))
     engines = args.engines.split(",")
     if "vllm" in engines and not args.vllm_python:
         engines.remove("vllm")
@@ -153,7 +168,7 @@ def main():
                         print(f"  {engine} {dtype} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
                         continue
                     got = json.loads(lines[-1][7:])
-                    got["tok_s"] = got["tokens"] / got["seconds"]
+                    got["tok_s"], got["repeat"] = got["tokens"] / got["seconds"], r
                     rows.append(got)
                     print(f"  {dtype:8s} repeat {r}  {engine:6s} {got['tokens']:6d} tokens "
                           f"({got['ended_at_eos']} rows ended at EOS) in {got['seconds']:6.2f} s = "
@@ -173,8 +188,10 @@ def main():
                                                         for e, v in got.items()) +
                   f" | {ratio['vllm']:.2f}x | {ratio['static']:.2f}x |")
             # Repeat r of every engine ran back to back, so their ratio pairs the same moment of the box.
-            if "ours" in engines and "vllm" in engines and len(got["ours"]) == len(got["vllm"]) > 1:
-                paired = sorted(a / b for a, b in zip(got["ours"], got["vllm"]))
+            by = {(g["engine"], g["repeat"]): g["tok_s"] for g in rows if (g["dtype"], g["workload"]) == (dtype, workload)}
+            paired = sorted(by["ours", r] / by["vllm", r] for r in range(args.repeats)
+                            if ("ours", r) in by and ("vllm", r) in by)
+            if len(paired) > 1:
                 print(f"|   ours/vllm per repeat | {dtype} | " + ", ".join(f"{x:.2f}" for x in paired) + " |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)

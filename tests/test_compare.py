@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def compare(tmp_path, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
-    p = subprocess.run([sys.executable, "-m", "experiments.compare", "smoke", "--seeds", "0,1", "--threads", "1", "--workers", "2",
-                        "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), *extra],
+    p = subprocess.run([sys.executable, "-m", "experiments.compare", "smoke", "--seeds", "0,1", "--threads", "1",
+                        "--workers", "2", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return p, json.load(open(tmp_path / "results" / "smoke.json"))
@@ -77,6 +77,7 @@ def test_committed_outcomes_match_committed_results():
     """Every committed results file has its per-prompt outcomes beside it, and they are the ones
     its figures came from: per-seed exact match and every McNemar count recount from them (the
     bootstrap intervals follow by `--recompute`, too slow to run for every regime here)."""
+    from experiments import stats
     from experiments.compare import read_outcomes
 
     results = os.path.join(ROOT, "experiments", "results")
@@ -93,7 +94,6 @@ def test_committed_outcomes_match_committed_results():
         for m in res["mcnemar"]:
             (a, ta), (b, tb) = (("start", "0") if k == "start" else k.rsplit("-", 1) for k in (m["a"], m["b"]))
             i = seeds.index(m["seed"])
-            xa, xb = matrix[(a, int(ta))][i], matrix[(b, int(tb))][i]
-            got = dict(both=int((xa & xb).sum()), a_only=int((xa & (1 - xb)).sum()),
-                       b_only=int(((1 - xa) & xb).sum()), neither=int(((1 - xa) & (1 - xb)).sum()))
-            assert got == {k: m[k] for k in got}, (name, m)
+            got = stats.mcnemar(matrix[(a, int(ta))][i], matrix[(b, int(tb))][i])
+            assert (got.both, got.a_only, got.b_only, got.neither) == (m["both"], m["a_only"], m["b_only"],
+                                                                       m["neither"]), (name, m)
