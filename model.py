@@ -227,15 +227,22 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # MLP, block, model
 
+def swiglu(x, gate, up, down):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)); gate, up, down are the layers."""
+    return down(F.silu(gate(x)) * up(x))
+
+
 class MLP(nn.Module):
+    glu = staticmethod(swiglu)  # kernels.install puts a CPU decode step with fused products here
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):  # SwiGLU (Shazeer 2020)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x):
+        return self.glu(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class Block(nn.Module):

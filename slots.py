@@ -1,5 +1,5 @@
-"""Continuous batching for generate.sample: a fixed number of rows in flight, and a row that ends
-(at EOS or at its length) takes the next prompt at once, so decode steps compute live rows only.
+"""Continuous batching for generate.sample: a fixed number of rows in flight, and rows that end
+(at EOS or at their length) take the next prompts, so decode steps compute live rows only.
 
     decode(model, prompts, keys, order, rows, ...) -> [(tokens, finished, logprobs)]
 
@@ -8,7 +8,9 @@
 A static batch decodes until its longest row ends. SPIN samples at temperature 1 and each answer
 stops at its own EOS, so lengths spread from a few tokens to the limit, and most of a static
 batch's late steps compute rows whose answers ended long ago (generate.sample_batch, the plain
-version kept beside this one). Here a finished row is handed the next prompt before the next step.
+version kept beside this one). Here finished rows are handed the next prompts, in groups: once
+1/REFILL_SHARE of the rows have ended (a prefill forward costs about one decode step on CPU,
+however few prompts it holds).
 
 ## How a row is replaced
 
@@ -46,6 +48,13 @@ from kernels.cuda_graph import StaticKVCache, graphed_step
 from model import KVCache
 
 COMPACT_AT = 32  # compact once every live row leaves this many slots unused on its left
+
+
+# Ended rows wait until 1/REFILL_SHARE of the rows have ended (or every waiting prompt fits)
+# before prompts enter: one prefill forward reads every weight, which on CPU costs about as much
+# for a single 40-token prompt as a 64-row decode step, so entering 8 prompts at once saves 7
+# such passes for a few steps of rows decoding discarded tokens (bench/RESULTS_generate_cpu.md).
+REFILL_SHARE = 8
 
 
 @torch.inference_mode()
@@ -102,6 +111,7 @@ def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, unifo
             u[at] = torch.stack([uniforms(keys[i]) for i in idx]).to(device)
 
     enter(list(range(B)))
+    free = []  # ended rows not yet refilled
     if cuda_graph:
         step = graphed_step(model, cache, B)
         cache = step.cache  # a StaticKVCache on the same buffers; enter and compact now use it
@@ -137,15 +147,18 @@ def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, unifo
                 who[s] = -1
             if progress is not None:
                 progress(prompts=len(ended))
-            if waiting:
-                enter(ended[:len(waiting)])
-            elif not cuda_graph and 0 < len(live) - len(ended) <= len(who) * 3 // 4:
+            free += ended
+            if waiting and len(free) >= min(max(1, len(who) // REFILL_SHARE), len(waiting)):
+                k = min(len(free), len(waiting))
+                enter(free[:k])
+                free = free[k:]
+            elif not waiting and not cuda_graph and 0 < len(live) - len(ended) <= len(who) * 3 // 4:
                 keep = [s for s in range(len(who)) if who[s] >= 0]
                 drop_rows(cache, keep)
                 sel = torch.tensor(keep, dtype=torch.long, device=device)
                 t, u, tokens, logps, feed = (x[sel] for x in (t, u, tokens, logps, feed))
                 who, start = [who[s] for s in keep], [start[s] for s in keep]
-                B = len(who)
+                B, free = len(who), []
     return out
 
 

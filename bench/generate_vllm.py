@@ -186,13 +186,15 @@ def main():
             # says whether a ratio near 1 is a difference at all.
             print(f"| {workload} | {dtype} | " + " | ".join(f"{med[e]:.1f} ({min(v):.0f}-{max(v):.0f})"
                                                         for e, v in got.items()) +
-                  f" | {ratio['vllm']:.2f}x | {ratio['static']:.2f}x |")
+                  " | " + " | ".join("-" if x != x else f"{x:.2f}x" for x in (ratio["vllm"], ratio["static"])) + " |")
             # Repeat r of every engine ran back to back, so their ratio pairs the same moment of the box.
             by = {(g["engine"], g["repeat"]): g["tok_s"] for g in rows if (g["dtype"], g["workload"]) == (dtype, workload)}
             paired = sorted(by["ours", r] / by["vllm", r] for r in range(args.repeats)
                             if ("ours", r) in by and ("vllm", r) in by)
             if len(paired) > 1:
-                print(f"|   ours/vllm per repeat | {dtype} | " + ", ".join(f"{x:.2f}" for x in paired) + " |")
+                print(f"|   ours/vllm per repeat | {dtype} | " + ", ".join(f"{x:.2f}" for x in paired) +
+                      f" (median {statistics.median(paired):.2f}; ours ahead in {sum(x > 1 for x in paired)}"
+                      f" of {len(paired)}) |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 

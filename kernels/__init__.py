@@ -4,7 +4,8 @@
 
 What it swaps (model.py stays the plain reference, and is what runs without this call):
   - every nn.Linear (projections, LM head) -> cpu_linear.Linear: oneDNN for a CPU decode step
-    (few rows, fp32, no autograd), F.linear otherwise;
+    (few rows, fp32 or bf16, no autograd), F.linear otherwise; and each MLP's SwiGLU (MLP.glu)
+    -> cpu_linear.swiglu, whose decode step folds silu and the product into oneDNN's products;
   - each layer's attention (Attention.attend) -> attention.attention: the Triton flash and
     decode kernels, or the torch path (the reference, plus a written-out one-query step);
   - the log-prob head (Mistral.head_logprobs) -> logprob.linear_logprobs: the fused Triton
@@ -26,7 +27,7 @@ import torch.nn as nn
 
 from kernels import attention, cpu_linear, logprob
 from kernels.common import IMPLS, INTERPRET
-from model import Attention
+from model import MLP, Attention
 
 
 def use_kernels(flag=None):
@@ -53,6 +54,8 @@ def install(model, impl="auto"):
                 setattr(parent, name, cpu_linear.Linear.adopt(child))
         if isinstance(parent, Attention):
             parent.attend = functools.partial(_attend, impl=per_call)
+        if isinstance(parent, MLP):
+            parent.glu = cpu_linear.swiglu
     model.head_logprobs = functools.partial(logprob.linear_logprobs, impl=per_call)
     model.kernels = choice
     return model

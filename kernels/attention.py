@@ -33,11 +33,12 @@ below visit only those, so time falls with the window.
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kernels.common import (INTERPRET, LOG2E, TL_DTYPES, dot_dtype, dot_precision, resolve_impl, strides, tl, triton,
                      visible)
 from kernels.attention_decode import decode_attention
-from model import attention as reference_attention, visibility
+from model import attention as reference_attention
 
 # --------------------------------------------------------------------------------------
 # The reference is the model's: SDPA with an explicit boolean mask (model.attention). On CPU
@@ -46,13 +47,51 @@ from model import attention as reference_attention, visibility
 
 
 def attention_torch(q, k, v, starts=None, window=None, q_offset=0):
-    """model.attention, except a one-query fp32 step without autograd (a decode step)."""
-    if q.shape[2] == 1 and q.dtype == torch.float32 and not torch.is_grad_enabled():
-        return _decode_torch(q, k, v, visibility(1, k.shape[2], starts, window, q_offset, q.device))
+    """model.attention, except a one-query step without autograd (a decode step): written out
+    in fp32, grouped SDPA in bf16/fp16."""
+    if q.shape[2] == 1 and not torch.is_grad_enabled():
+        bias, empty = _decode_mask(q.shape[0], k.shape[2], starts, window, q_offset, q.dtype, q.device)
+        o = (_decode_torch if q.dtype == torch.float32 else _decode_sdpa)(q, k, v, bias)
+        if empty is not None:  # padding queries output 0
+            o = torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
+        return o
     return reference_attention(q, k, v, starts, window, q_offset)
 
 
-def _decode_torch(q, k, v, mask):
+_STEP_MASK = {}  # the last CPU decode step's mask: every layer of a step asks for the same one
+
+
+def _decode_mask(B, Tk, starts, window, q_offset, dtype, device):
+    """The visibility rule for one query per row at key index qi = q_offset (model.visibility):
+    row b sees keys lo[b] <= j <= qi, lo = starts (raised by a window). Returns an additive
+    (B, 1, 1, Tk) mask in `dtype` (0 where visible, -inf elsewhere), and (B, 1, 1, 1) True for
+    rows whose query sees no key (qi < starts[b], a padding query), or None when it is known on
+    the host that there are none. A padding row is given its own key so its softmax stays finite;
+    the caller zeroes its output.
+    On CPU the mask is built once per step and kept for the other layers (about 10 small ops a
+    layer otherwise, ~5% of a bf16 step of SmolLM2-135M at 64 rows); the key holds the starts'
+    values, which slots.py changes between steps. Not on CUDA, where reading them would sync."""
+    key = None
+    if device.type == "cpu" and isinstance(q_offset, int):
+        key = (B, Tk, window, q_offset, dtype, None if starts is None else tuple(starts.tolist()))
+        if key in _STEP_MASK:
+            return _STEP_MASK[key]
+    lo = torch.zeros(B, dtype=torch.long, device=device) if starts is None else starts.to(device, torch.long)
+    empty = (lo > q_offset).view(B, 1, 1, 1)
+    if window is not None:
+        lo = lo.clamp(min=q_offset - window + 1)
+    j = torch.arange(Tk, device=device)
+    # j <= qi: a static cache (kernels/cuda_graph.py) passes every slot, filled or not
+    seen = (j >= lo.clamp(max=q_offset)[:, None]) & (j <= q_offset)  # (B, Tk)
+    bias = torch.full((B, Tk), float("-inf"), dtype=dtype, device=device).masked_fill_(seen, 0).view(B, 1, 1, Tk)
+    if key is None:
+        return bias, empty
+    _STEP_MASK.clear()
+    _STEP_MASK[key] = bias, (empty if empty.any() else None)
+    return _STEP_MASK[key]
+
+
+def _decode_torch(q, k, v, bias):
     """One fp32 query per row (a decode step) written out: the (B, H, 1, Tk) scores are small,
     and on CPU two batched matmuls and a softmax cost a third of SDPA's kernel at these sizes
     (bench/RESULTS_generate_cpu.md). Grouped-query heads share K/V by a view, never a copy.
@@ -62,11 +101,20 @@ def _decode_torch(q, k, v, mask):
     Hkv = k.shape[1]
     G = H // Hkv
     s = (q.reshape(B, Hkv, G, D) * D ** -0.5) @ k.transpose(2, 3)  # (B, Hkv, G, Tk)
-    # mask (B|1, 1, 1, Tk) broadcasts over kv heads and their G query heads; a row with no
-    # visible key (a padding query) gets all -inf, softmax NaN, and is zeroed by the where.
-    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
-    o = (p @ v).reshape(B, H, 1, D)
-    return torch.where(mask.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device))
+    p = (s + bias).softmax(-1)  # bias (B, 1, 1, Tk) broadcasts over kv heads and their G query heads
+    return (p @ v).reshape(B, H, 1, D)
+
+
+def _decode_sdpa(q, k, v, bias):
+    """One bf16/fp16 query per row: SDPA (scores kept in fp32) with the G query heads of a kv
+    head as G query rows against that head's K/V, (B, Hkv, G, D), instead of enable_gqa. On
+    CPU the flash kernel then reads each K/V block once for G queries, not once per query
+    head: 0.55-0.7x the time of the enable_gqa call over the decode shapes of the SPIN
+    benchmark (bench/RESULTS_generate_cpu.md)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=bias)
+    return o.reshape(B, H, 1, D)
 
 
 # --------------------------------------------------------------------------------------

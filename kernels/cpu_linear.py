@@ -2,6 +2,8 @@
 
     linear(x, w)                 F.linear(x, w), or oneDNN for a CPU decode-sized product
     Linear                       nn.Linear whose forward is linear(): what kernels.install puts in
+    swiglu(x, gate, up, down)    model.swiglu, or, on packed weights, with silu and the product
+                                 fused into oneDNN's gate and up products (MLP.glu)
     cpu_decode_weights(model, rows)   within the block, linear() reads packed weight copies
 
 ## Motivation
@@ -22,6 +24,8 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model import swiglu as reference_swiglu
 
 PACK_BUDGET_BYTES = 1 << 30  # never copy more than this much of a model's weights
 DECODE_ROWS = 64  # up to this many rows a CPU product is a "decode step" (MKL wins above)
@@ -58,6 +62,42 @@ def linear(x, w, b=None):
         packed = PACKED.get(id(w))
         return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], b, "none", [], "")
     return F.linear(x, w, b)
+
+
+def _probe_fused(dtype):
+    """oneDNN's post-ops swiglu() uses (silu on the gate product, a multiply by another tensor
+    on the up product), tried once like _probe_onednn and kept only if they agree with torch."""
+    if dtype not in ONEDNN:
+        return False
+    try:
+        with torch.no_grad():
+            w, x = (torch.arange(12.0).view(3, 4) / 8).to(dtype), torch.ones(2, 4, dtype=dtype) / 4
+            g = torch.ops.mkldnn._linear_pointwise(x, w, None, "swish", [], "")
+            h = torch.ops.mkldnn._linear_pointwise.binary(x, g, w, None, "mul")
+        want = F.silu(F.linear(x, w).float()) * F.linear(x, w).float()
+        return torch.allclose(h.float(), want, rtol=2e-2) and torch.allclose(g.float(), F.silu(F.linear(x, w).float()), rtol=2e-2)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+# bf16 only: there the fusion saves two roundings as well as two passes; in float32 oneDNN's silu
+# is a few ulps (~5e-7 relative) off torch's, and float32 generation stays as exact as it was.
+FUSED = {dtype for dtype in ONEDNN if dtype == torch.bfloat16 and _probe_fused(dtype)}  # dtypes swiglu() fuses
+
+
+def swiglu(x, gate, up, down):
+    """model.swiglu, except inside cpu_decode_weights for a decode-sized product (as linear()):
+    silu is oneDNN's post-op of the gate product and the multiply by it the up product's, each
+    applied to the float32 accumulator before the output is rounded, so two elementwise passes
+    over (rows, intermediate) go (in bf16 the result is nearer float64 than the plain path's,
+    which rounds the gate and up outputs first; tests/test_cpu_linear.py). A layer that is not
+    this module's Linear (a LoRA layer) or a weight that was not packed takes the reference."""
+    pg, pu = (PACKED.get(id(m.weight)) if type(m) is Linear else None for m in (gate, up))
+    if pg is None or pu is None or x.dtype not in FUSED or torch.is_grad_enabled() or not torch.backends.mkldnn.enabled \
+            or x.numel() > DECODE_ROWS * x.shape[-1] or gate.bias is not None or up.bias is not None:
+        return reference_swiglu(x, gate, up, down)
+    g = torch.ops.mkldnn._linear_pointwise(x, pg[1], None, "swish", [], "")  # silu(x @ gate.T)
+    return down(torch.ops.mkldnn._linear_pointwise.binary(x, g, pu[1], None, "mul"))  # (x @ up.T) * g
 
 
 class Linear(nn.Linear):

@@ -66,3 +66,49 @@ def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied, dty
         assert not any(cl.PACKED)
     with cpu_decode_weights(load_model(folder), rows=8):  # a plain model has no layer to pack for
         assert not cl.PACKED
+
+
+def test_fused_swiglu_matches_float64(tmp_path, monkeypatch):
+    """cpu_linear.swiglu (silu and the product as oneDNN post-ops, on packed weights) against
+    the float64 SwiGLU, no further from it than the plain path; and it is the path taken inside
+    cpu_decode_weights only: outside it, with autograd, or on a LoRA layer the reference runs."""
+    assert torch.float32 not in cl.FUSED  # float32 generation keeps torch's silu
+    dtype = torch.bfloat16
+    if dtype not in cl.FUSED:
+        pytest.skip("this torch build or CPU has no working oneDNN bf16 post-ops (kernels/cpu_linear.py)")
+    import lora
+
+    _, folder = make_hf(tmp_path)
+    model = kernels.install(load_model(folder, dtype=dtype), "torch")
+    mlp = model.model.layers[1].mlp
+    assert mlp.glu is cl.swiglu
+    calls = []
+    real = cl.reference_swiglu
+    monkeypatch.setattr(cl, "reference_swiglu", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 5, 8):
+        x = torch.randn(rows, 1, model.config.hidden_size, generator=g).to(dtype)
+        w = [m.weight.double() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        xd = x.double()
+        ref = F.linear(F.silu(F.linear(xd, w[0])) * F.linear(xd, w[1]), w[2])
+        with torch.no_grad():
+            plain = mlp(x)
+            assert len(calls) == 1
+            with cpu_decode_weights(model, rows=8):
+                fused = mlp(x)
+                assert len(calls) == 1  # the fused path, not the reference
+                with torch.enable_grad():
+                    mlp(x)
+                assert len(calls) == 2
+        calls.clear()
+        scale = ref.abs().max().item()
+        err_fused, err_plain = ((y.double() - ref).abs().max().item() / scale for y in (fused, plain))
+        assert fused.dtype == dtype and fused.shape == plain.shape
+        # the plain path rounds gate, up, silu and their product to bf16 before down, the fused
+        # one only the product
+        assert err_fused <= 2 ** -7
+        assert err_fused <= err_plain * 1.5
+    lora.add_adapters(model, lora.LoraSettings(2, 4.0, ("gate",)))
+    with torch.no_grad(), cpu_decode_weights(model, rows=8):
+        model.model.layers[1].mlp(x)
+    assert calls  # a LoRA layer is not cpu_linear.Linear: the reference runs

@@ -159,6 +159,31 @@ def test_refill_replaces_rows_and_compacts(ckpt, monkeypatch):
     assert calls["tokens"] == sum(len(g.tokens) for g in got)
 
 
+def test_ended_rows_are_refilled_in_groups(ckpt, monkeypatch):
+    """Rows that end wait until 1/REFILL_SHARE of the rows have (here 2 of 8) before prompts
+    enter, together in one prefill, unless fewer prompts wait; the samples stay the static
+    batches'. Rows end one at a time here, so entering at once would show groups of 1."""
+    import slots
+
+    _, model = ckpt
+    prompts = prompts_of([12, 3, 9, 6, 7, 11, 2, 5, 8, 4, 6, 10, 3, 9, 5, 7, 2, 8, 11, 4], seed=5)
+    free = sample(model, prompts, max_new_tokens=30, eos_id=None, greedy=True)
+    eos = free[0].tokens[3]
+    kw = dict(max_new_tokens=30, eos_id=eos, greedy=True, batch_size=8)
+    ref = sample(model, prompts, refill=False, **kw)
+    groups = []
+    real = slots.collate_prompts
+    monkeypatch.setattr(slots, "collate_prompts", lambda heads, **k: groups.append(len(heads)) or real(heads, **k))
+    for share, least in ((4, 2), (8, 1)):
+        groups.clear()
+        monkeypatch.setattr(slots, "REFILL_SHARE", share)
+        got = sample(model, prompts, **kw)
+        assert [(g.tokens, g.finished) for g in got] == [(r.tokens, r.finished) for r in ref]
+        assert groups[0] == 8 and sum(groups) == len(prompts)
+        assert min(groups[1:-1]) >= least and groups[-1] >= 1
+    assert min(groups[1:-1]) == 1  # share 8: every row that ends is refilled at once (1 of 8)
+
+
 def allowed_sets(logits, top_k, top_p, slack):
     """Reference sets computed from the definitions: (surely allowed, possibly allowed).
     A token may be kept iff fewer than k tokens have a larger logit and the probability mass
