@@ -2,7 +2,7 @@
 log-probs log p_t(y|x), log p_t(y'|x) once, here, so training never holds a reference model.
 
     sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   KV-cached decode;
-                                        a row that ends takes the next prompt (slots.py)
+                                        rows that end take the next prompts (slots.py)
     score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
     generate_dataset(model, tok, examples, out_path, ...)   sharded, resumable, Parquet out
     rescore(model_dir, in_path, out_path, ...)   an older iteration's pairs under the current p_t
@@ -206,8 +206,8 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
     prompt, in input order. eos_id: the id, or a list of ids, that ends a row (a chat model may
     have several: Llama 3 stops at <|eot_id|> and <|end_of_text|>); None never stops early.
-    batch_size: rows decoded together. refill: a row that ends takes the next prompt at once
-    (slots.decode, continuous batching); False decodes static batches (sample_batch), the
+    batch_size: rows decoded together. refill: rows that end take the next prompts (slots.decode,
+    continuous batching, in groups of batch_size / 8); False decodes static batches (sample_batch), the
     plain version, every row until the batch's last one ends. prompt_ids: the key of each
     prompt's random stream (default: its index in `prompts`); pass global ids when sharding, so
     that prompt i gets the same sample whichever rank, batch or slot it lands in. cuda_graph:
