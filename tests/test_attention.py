@@ -189,9 +189,9 @@ def test_decode_matches_reference(case, splits, dtype, device):
 @pytest.mark.parametrize("G", [1, 4, 8])
 @pytest.mark.parametrize("window", [None, 7])
 def test_torch_decode_step_matches_reference(G, window, dtype):
-    # bf16 takes SDPA (the one-query branch is fp32 only); both must meet the reference.
-    """The torch path's one-query branch (no autograd: generation) against the float64 rule:
-    ragged rows, a row that is all padding (its one query precedes its start), GQA ratios."""
+    """The torch path's one-query branch (no autograd: generation; written-out matmuls in fp32,
+    SDPA on grouped query rows in bf16) against the float64 rule: ragged rows, a row that is all
+    padding (its one query precedes its start), GQA ratios."""
     B, Hkv, D, q_offset = 3, 2, 32, 40
     g = torch.Generator().manual_seed(G)
     raw = [torch.randn(B, h, t, D, generator=g).to(dtype)
@@ -287,3 +287,21 @@ def test_tensor_offset_takes_the_torch_path_over_every_slot(grad):
         want = attention(q, k[:, :, :7], v[:, :, :7], starts=starts, window=4, q_offset=6, impl="torch")
         got = attention(q, k, v, starts=starts, window=4, q_offset=torch.tensor(6), impl="triton")
     assert (got - want).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_mask_kept_for_a_step_follows_the_starts(dtype):
+    """The one-query branch keeps its CPU mask for the layers of a step; a cache whose starts
+    change in place between steps (slots.py refills and compacts rows) must get a new one, even
+    at the same cache length."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, t, 16, generator=g).to(dtype) for h, t in ((4, 1), (2, 9), (2, 9)))
+    with torch.inference_mode():  # as in generation: inference tensors have no version counter
+        starts = torch.tensor([0, 3])
+        first = attention(q, k, v, starts=starts, q_offset=8, impl="torch")
+        starts[1] = 6  # in place, same length
+        second = attention(q, k, v, starts=starts, q_offset=8, impl="torch")
+    for got, st in ((first, [0, 3]), (second, [0, 6])):
+        ref = reference(q, k, v, torch.tensor(st), None, 8)
+        assert rel_err(got, ref) < tol(dtype, "cpu")
+    assert not torch.equal(first[1], second[1])
