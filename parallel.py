@@ -86,6 +86,14 @@ def on_rank0(fn):
     return result
 
 
+def from_rank0(obj):
+    """rank 0's `obj` on every rank (a small picklable value)."""
+    box = [obj]
+    if world() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def first_report(message):
     """Called by a failing rank: marks the failure for peer_failed, and returns True when no rank
     has reported this message yet (the caller prints it then). message None only marks. Outside

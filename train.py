@@ -216,6 +216,9 @@ def start(cfg, extra_settings=None):
     the starting HF folder."""
     cfg = replace(cfg, run=replace(cfg.run, kernels=kernels.use_kernels(cfg.run.kernels)))
     rank, world, device = parallel.setup()
+    # The default run folder carries the time of day, read by each rank as it parsed its flags:
+    # ranks started across a second boundary would name two folders, so all take rank 0's.
+    cfg = replace(cfg, run=replace(cfg.run, out=parallel.from_rank0(cfg.run.out)))
     run_folder.stop_on_sigterm()  # rank 0 says where the run stopped and how to resume it
     # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
     # checks it; every rank learns the verdict, so none waits forever.

@@ -315,3 +315,12 @@ def test_user_errors_keep_their_old_types():
     for cls in (DataError, TemplateError, TokenizerNotFound):
         assert issubclass(cls, errors.UserError) and issubclass(cls, ValueError)
     assert issubclass(errors.MissingInput, FileNotFoundError) and issubclass(errors.Diverged, FloatingPointError)
+
+
+def test_every_rank_takes_rank0s_value():
+    """train.start gives every rank rank 0's run folder: the default name carries the time of day
+    each rank read while parsing its flags, and two ranks once named two folders a second apart."""
+    p = cli("tests/rank0_value.py", procs=2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = sorted(l for l in p.stdout.splitlines() if l.startswith("rank "))
+    assert got == ["rank 0 got runs/spin-rank0", "rank 1 got runs/spin-rank0"]
