@@ -74,8 +74,8 @@ def _probe_fused(dtype):
             w, x = (torch.arange(12.0).view(3, 4) / 8).to(dtype), torch.ones(2, 4, dtype=dtype) / 4
             g = torch.ops.mkldnn._linear_pointwise(x, w, None, "swish", [], "")
             h = torch.ops.mkldnn._linear_pointwise.binary(x, g, w, None, "mul")
-        want = F.silu(F.linear(x, w).float()) * F.linear(x, w).float()
-        return torch.allclose(h.float(), want, rtol=2e-2) and torch.allclose(g.float(), F.silu(F.linear(x, w).float()), rtol=2e-2)
+        y = F.linear(x, w).float()
+        return torch.allclose(g.float(), F.silu(y), rtol=2e-2) and torch.allclose(h.float(), F.silu(y) * y, rtol=2e-2)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
@@ -93,8 +93,8 @@ def swiglu(x, gate, up, down):
     which rounds the gate and up outputs first; tests/test_cpu_linear.py). A layer that is not
     this module's Linear (a LoRA layer) or a weight that was not packed takes the reference."""
     pg, pu = (PACKED.get(id(m.weight)) if type(m) is Linear else None for m in (gate, up))
-    if pg is None or pu is None or x.dtype not in FUSED or torch.is_grad_enabled() or not torch.backends.mkldnn.enabled \
-            or x.numel() > DECODE_ROWS * x.shape[-1] or gate.bias is not None or up.bias is not None:
+    if pg is None or pu is None or gate.bias is not None or up.bias is not None or x.dtype not in FUSED \
+            or torch.is_grad_enabled() or not torch.backends.mkldnn.enabled or x.numel() > DECODE_ROWS * x.shape[-1]:
         return reference_swiglu(x, gate, up, down)
     g = torch.ops.mkldnn._linear_pointwise(x, pg[1], None, "swish", [], "")  # silu(x @ gate.T)
     return down(torch.ops.mkldnn._linear_pointwise.binary(x, g, pu[1], None, "mul"))  # (x @ up.T) * g
