@@ -51,13 +51,17 @@ ONEDNN = {dtype for dtype in (torch.float32, torch.bfloat16) if _probe_onednn(dt
 PACKED = {}  # id(weight) -> (weight, oneDNN copy), filled only inside cpu_decode_weights
 
 
+def _decode_step(x):
+    """x is a decode step's input for oneDNN: no autograd, oneDNN on, at most DECODE_ROWS rows."""
+    return not torch.is_grad_enabled() and torch.backends.mkldnn.enabled and x.numel() <= DECODE_ROWS * x.shape[-1]
+
+
 def linear(x, w, b=None):
     """F.linear(x, w, b), except for a CPU decode step (at most DECODE_ROWS rows, float32 or
     bfloat16, no autograd), which calls oneDNN's kernel directly, on the packed copy of w when
     cpu_decode_weights made one. Both agree to float32 summation order (bf16: to its rounding of
     the output; oneDNN accumulates in float32, as F.linear does)."""
-    if x.dtype in ONEDNN and x.device.type == "cpu" and not torch.is_grad_enabled() \
-            and x.numel() <= DECODE_ROWS * x.shape[-1] and torch.backends.mkldnn.enabled \
+    if x.dtype in ONEDNN and x.device.type == "cpu" and _decode_step(x) \
             and w.dtype == x.dtype and (b is None or b.dtype == x.dtype):
         packed = PACKED.get(id(w))
         return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed[1], b, "none", [], "")
@@ -94,7 +98,7 @@ def swiglu(x, gate, up, down):
     this module's Linear (a LoRA layer) or a weight that was not packed takes the reference."""
     pg, pu = (PACKED.get(id(m.weight)) if type(m) is Linear else None for m in (gate, up))
     if pg is None or pu is None or gate.bias is not None or up.bias is not None or x.dtype not in FUSED \
-            or torch.is_grad_enabled() or not torch.backends.mkldnn.enabled or x.numel() > DECODE_ROWS * x.shape[-1]:
+            or not _decode_step(x):
         return reference_swiglu(x, gate, up, down)
     g = torch.ops.mkldnn._linear_pointwise(x, pg[1], None, "swish", [], "")  # silu(x @ gate.T)
     return down(torch.ops.mkldnn._linear_pointwise.binary(x, g, pu[1], None, "mul"))  # (x @ up.T) * g
