@@ -5,7 +5,7 @@ folders are written: atomically.
     atomic_folder(path)              the same for a folder (a Hugging Face export, say)
     save_ckpt / load_ckpt            torch.distributed.checkpoint of a sharded training state
 
-Hugging Face folders (reading, writing, exporting a sharded model) are hf.py's.
+Hugging Face folders (reading, writing, exporting a sharded model) are hf_folder.py's.
 
 A crash (or SIGKILL) at any instant leaves either the old content or the new one, never a
 file or folder that looks complete but is not: everything is written under a hidden sibling

@@ -12,11 +12,11 @@ import os
 import torch
 
 import parallel
-from config import Preset
+from settings import Preset
 from data import readers, task
 from data.template import render_prompt
 from data.tokenizer import Tokenizer, train_tokenizer
-from hf import save_model
+from hf_folder import save_model
 from model import Mistral, ModelConfig
 
 # ckpt_every 100: a checkpoint costs about as much as a few steps of this tiny model, and a killed
@@ -39,7 +39,7 @@ def tiny_config(vocab_size, dim, layers, max_length, bos_id, eos_id):
 
 def prepare(cfg):
     """Task files, tokenizer and initial model in the run folder (rank 0 writes them; a previous
-    attempt's finished folder is reused). cfg: a config.Config. Returns (train file, held-out file,
+    attempt's finished folder is reused). cfg: a settings.Config. Returns (train file, held-out file,
     init folder); with val_prompts the data folder also holds val.jsonl."""
     out, d, data = cfg.run.out, cfg.demo, cfg.data
     data_dir, tok_dir, init_dir = (os.path.join(out, d) for d in ("data", "tokenizer", "init"))

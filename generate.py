@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 import parallel
-import kernels
+import spin_kernels
 from checkpoint import atomic_file, write_json
 from data.pairs import OPPONENT_COLUMNS, collate_prompts, left_pad, tokenize_example, tokenized_pairs, truncate
 from data.readers import DataError, Example, read_examples, write_examples
@@ -44,9 +44,9 @@ from data.template import ChatFormat, PrefixError, load_chat_template
 from data.tokenizer import load_tokenizer
 from errors import (ArgumentParser, InputError, non_negative_int, positive_int, probability,
                     run_command)
-from hf import check_model_folder, load_model, read_config
-from kernels.cpu_linear import cpu_decode_weights
-from kernels.cuda_graph import graphed_step
+from hf_folder import check_model_folder, load_model, read_config
+from spin_kernels.cpu_linear import cpu_decode_weights
+from spin_kernels.cuda_graph import graphed_step
 from model import KVCache
 import slots
 
@@ -458,13 +458,13 @@ def rescore(model_dir, in_path, out_path, fmt, *, device, dtype, max_length, max
     need log-probs under p_t (OPPONENT_COLUMNS); the geometric-mixture arm needs them under the
     base model too (data/pairs.BASE_COLUMNS). Other columns are kept. Rows whose tokenisation
     leaves no response are dropped, as training would skip them. Work is split in fixed parts
-    (parallel.parts_of); every rank must call it. impl: the kernels (kernels.install)."""
+    (parallel.parts_of); every rank must call it. impl: the kernels (spin_kernels.install)."""
     if os.path.exists(out_path):
         return
     examples, _ = read_examples(in_path, layout="spin")
     kept = tokenized_pairs(fmt, examples, max_length=max_length, max_prompt_length=max_prompt_length)
     rank, world = parallel.rank(), parallel.world()
-    model = kernels.install(load_model(model_dir, device=device, dtype=dtype), impl)
+    model = spin_kernels.install(load_model(model_dir, device=device, dtype=dtype), impl)
     got = []
     for part in parallel.parts_of(len(kept), rank, world):
         prompts = [kept[i][1].prompt_ids for i in part]
@@ -596,7 +596,7 @@ def chat(model, fmt, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.kernels = kernels.use_kernels(args.kernels)  # the flag, else SPIN_KERNELS, else auto
+    args.kernels = spin_kernels.use_kernels(args.kernels)  # the flag, else SPIN_KERNELS, else auto
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = torch.device("cpu")
@@ -607,7 +607,7 @@ def main(argv=None):
     fmt = load_format(args.model, args.tokenizer, args.chat_template)
     check_vocab(fmt.tok, read_config(args.model).vocab_size, f"{args.model} with {fmt.tok.path}")
     if args.chat:
-        chat(kernels.install(load_model(args.model, dtype=args.dtype, device=device), args.kernels), fmt, args)
+        chat(spin_kernels.install(load_model(args.model, dtype=args.dtype, device=device), args.kernels), fmt, args)
         return None
     if world_size > 1:
         parallel.init_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
@@ -619,7 +619,7 @@ def main(argv=None):
     if report.skipped:
         print(report.summary(), file=sys.stderr)
     examples = examples[:args.num_prompts] if args.num_prompts else examples
-    model = kernels.install(load_model(args.model, dtype=args.dtype, device=device), args.kernels)
+    model = spin_kernels.install(load_model(args.model, dtype=args.dtype, device=device), args.kernels)
     summary = generate_dataset(
         model, fmt, examples, args.out, iteration=args.iteration, seed=args.seed, rank=rank,
         world_size=world_size, part_size=args.part_size, max_new_tokens=args.max_new_tokens,

@@ -19,7 +19,7 @@ PEFT's saved names, less its `base_model.model.` prefix. Those keys are all a DC
 a LoRA run needs to hold besides the optimiser state (stage.py).
 
 Why the merged folder is the opponent: generation, evaluation and lm-eval then load an ordinary
-model, with one weight per layer instead of three (and kernels.install's CPU decode path for
+model, with one weight per layer instead of three (and spin_kernels.install's CPU decode path for
 it). An unmerged LoraLinear is still correct anywhere: its base product is F.linear, what
 training computes (tests/test_lora.py).
 """
@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import parallel
 from checkpoint import atomic_folder
-from hf import config_to_hf, save_hf
+from hf_folder import config_to_hf, save_hf
 
 # --lora-targets short names -> the model's (and PEFT's target_modules) module names.
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",

@@ -6,8 +6,8 @@ residual] -> RMSNorm -> LM head. Llama is the same network; Qwen2/Qwen2.5 add a 
 projections (ModelConfig.attention_bias) and Qwen3 an RMSNorm over each head of q and k before
 the rotation (ModelConfig.qk_norm). Module attribute names equal the Hugging Face keys
 (`model.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load strictly with no rename table.
-Reading and writing Hugging Face folders is hf.py's. Everything here is the plain reference;
-faster kernels replace parts of a built model in one call, kernels.install(model, impl).
+Reading and writing Hugging Face folders is hf_folder.py's. Everything here is the plain reference;
+faster kernels replace parts of a built model in one call, spin_kernels.install(model, impl).
 
 The model is stateless: a KVCache object is passed into forward, never stored on the module.
 Batches are left-padded (see DESIGN.md): `attention_mask` is zeros then ones per row.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------
-# Config (read from a checkpoint's config.json by hf.read_config)
+# Config (read from a checkpoint's config.json by hf_folder.read_config)
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -192,7 +192,7 @@ def attention(q, k, v, starts=None, window=None, q_offset=0):
 
 
 class Attention(nn.Module):
-    attend = staticmethod(attention)  # kernels.install puts a flash/decode kernel here
+    attend = staticmethod(attention)  # spin_kernels.install puts a flash/decode kernel here
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -233,7 +233,7 @@ def swiglu(x, gate, up, down):
 
 
 class MLP(nn.Module):
-    glu = staticmethod(swiglu)  # kernels.install puts a CPU decode step with fused products here
+    glu = staticmethod(swiglu)  # spin_kernels.install puts a CPU decode step with fused products here
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -269,7 +269,7 @@ class Backbone(nn.Module):  # the `model.` prefix of the checkpoint keys
 def linear_logprobs(hidden, weight, targets, *, ignore_index=-100):
     """log_softmax(hidden @ weight.T)[n, targets[n]] in fp32 (fp64 for fp64 inputs), (N,);
     0 where targets == ignore_index. hidden (N, C), weight (V, C), targets (N,).
-    Written plainly: the full (N, V) logits are built (kernels/logprob.py computes the same
+    Written plainly: the full (N, V) logits are built (spin_kernels/logprob.py computes the same
     without keeping them)."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     logits = hidden.to(dtype) @ weight.to(dtype).T  # (N, V)
@@ -280,8 +280,8 @@ def linear_logprobs(hidden, weight, targets, *, ignore_index=-100):
 
 
 class Mistral(nn.Module):
-    head_logprobs = staticmethod(linear_logprobs)  # kernels.install puts a fused kernel here
-    kernels = "reference"  # what kernels.install put in, for a reader (and a run's record)
+    head_logprobs = staticmethod(linear_logprobs)  # spin_kernels.install puts a fused kernel here
+    kernels = "reference"  # what spin_kernels.install put in, for a reader (and a run's record)
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -44,7 +44,7 @@ import collections
 import torch
 
 from data.pairs import collate_prompts
-from kernels.cuda_graph import StaticKVCache, graphed_step
+from spin_kernels.cuda_graph import StaticKVCache, graphed_step
 from model import KVCache
 
 COMPACT_AT = 32  # compact once every live row leaves this many slots unused on its left

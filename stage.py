@@ -1,7 +1,7 @@
 """One training stage under FSDP2, from a Hugging Face folder to a Hugging Face folder: SPIN on
 (real, generated) pairs against stored opponent log-probs, or SFT (cross-entropy on the ground
 truth). train.py describes each stage with a `Stage` (its data, steps, learning rate and the
-run's config.TrainSettings) and calls `run_stage` with the run's `StageEnv` (below): where a
+run's settings.TrainSettings) and calls `run_stage` with the run's `StageEnv` (below): where a
 stage computes and where its results go, nothing else of the run.
 
 Model set-up follows a fixed order (as torchtitan): build on meta -> activation checkpointing ->
@@ -26,13 +26,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 import lora
 import parallel
 import run_folder
-import kernels
+import spin_kernels
 from checkpoint import check_finite, last_checkpoint, load_ckpt, resume_hint, save_ckpt
-from config import TrainSettings
+from settings import TrainSettings
 from data import pairs
 from errors import Diverged, InputError
 from lora import LoraSettings
-from hf import export, load_model, read_config
+from hf_folder import export, load_model, read_config
 from model import Mistral
 from parallel import log
 from spin_loss import sequence_logps, spin_loss
@@ -44,7 +44,7 @@ class StageEnv:
     results go (train.Run.env builds it once)."""
     device: torch.device
     compute: torch.dtype  # the run's compute dtype (train.compute_dtype)
-    kernels: str  # what kernels.install puts into every model (--kernels)
+    kernels: str  # what spin_kernels.install puts into every model (--kernels)
     pad_id: int  # the tokenizer's EOS, which pads batches (never attended, never scored)
     out: str  # the run folder: metrics.jsonl
     tok_files: dict  # {name in an export: source path}: the tokenizer files and chat template
@@ -53,7 +53,7 @@ class StageEnv:
 
 def build_model(folder, settings, compute, device, impl, lora_settings=None):
     """A sharded, trainable copy of the HF folder; compute: the run's compute dtype (train.compute_dtype);
-    impl: the kernels (kernels.install)."""
+    impl: the kernels (spin_kernels.install)."""
     config = read_config(folder)
     with torch.device("meta"):
         model = Mistral(config)
@@ -71,7 +71,7 @@ def build_model(folder, settings, compute, device, impl, lora_settings=None):
             fresh = lora.initial_adapters(model, torch.Generator().manual_seed(settings.seed))
     # The fast paths go in before checkpointing and fully_shard wrap the modules (FSDP keeps the
     # modules it wraps): on CPUs the chunked log-prob head, on GPUs the Triton kernels.
-    kernels.install(model, impl)
+    spin_kernels.install(model, impl)
     if settings.activation_checkpointing:
         for i, block in enumerate(model.model.layers):
             model.model.layers[i] = checkpoint_wrapper(block)
@@ -184,7 +184,7 @@ def train_stage(env, stage):
     start = load_ckpt(stage.folder, model, opt, sched)
     live = None
     if s.live_reference and stage.kind == "spin":
-        live = kernels.install(load_model(stage.init_dir, device=env.device, dtype=env.compute), env.kernels)
+        live = spin_kernels.install(load_model(stage.init_dir, device=env.device, dtype=env.compute), env.kernels)
     end = stage.steps if stage.stop_at is None else min(stage.stop_at, stage.steps)
     for step in range(start, end):
         t0 = time.time()

@@ -7,7 +7,7 @@
                       opponent log-probs; FSDP2, RMSprop, linear warmup/decay
         3. export     iter{t}/model, a Hugging Face folder: the next p_t
         4. evaluate   held-out ground-truth log-likelihood, reward accuracy/margin, task metric
-                      (evaluate.py), on the export
+                      (heldout.py), on the export
 
 Launch:
     python train.py                                   # embedded demo, one process
@@ -17,7 +17,7 @@ Launch:
 
 Read main() from the bottom of this file: it calls the stages below in order. The flags and
 their two presets (the paper's recipe, the embedded demo) are in train_args.py; they resolve to
-the typed settings of config.py. The study that compares SPIN with variants of it from one SFT
+the typed settings of settings.py. The study that compares SPIN with variants of it from one SFT
 start (experiments/) reuses these functions through `Arm`.
 
 How this departs from the paper and the official code (uclaml/SPIN):
@@ -43,14 +43,14 @@ import live_curves
 import parallel
 import report
 import run_folder
-from config import Config, TrainSettings, settings
+from settings import Config, TrainSettings, settings
 from data import export_files, pairs, readers, task
 from errors import InputError, run_command
 from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
-from evaluate import evaluate
-import kernels
-from hf import check_model_folder, load_model, read_config, resolve_dtype
+from heldout import heldout
+import spin_kernels
+from hf_folder import check_model_folder, load_model, read_config, resolve_dtype
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
@@ -108,8 +108,8 @@ def compute_dtype(name, device):
 
 def load_frozen(run, model_dir):
     """A plain (unsharded) copy of a HF folder for generation and scoring, with the run's kernels
-    (kernels/__init__.py: the Triton kernels on GPUs, the fused torch paths on CPUs)."""
-    return kernels.install(load_model(model_dir, device=run.device, dtype=run.compute), run.cfg.run.kernels)
+    (spin_kernels/__init__.py: the Triton kernels on GPUs, the fused torch paths on CPUs)."""
+    return spin_kernels.install(load_model(model_dir, device=run.device, dtype=run.compute), run.cfg.run.kernels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def run_generation(run, model_dir, examples, out_path, iteration, seed):
 
 
 def run_evaluation(run, model_dir, examples, beta, details=None):
-    """evaluate.py on a HF folder; details: a row name, whose per-example outcomes go to
+    """heldout.py on a HF folder; details: a row name, whose per-example outcomes go to
     eval/<name>.jsonl (what paired statistics between runs need)."""
     g, d = run.cfg.gen, run.cfg.data
     path = None if details is None else os.path.join(run.out, "eval", f"{details}.jsonl")
@@ -214,7 +214,7 @@ def folder_settings(cfg, extra_settings=None):
 def start(cfg, extra_settings=None):
     """Everything before the first stage: processes, the run folder, the data. Returns the Run and
     the starting HF folder."""
-    cfg = replace(cfg, run=replace(cfg.run, kernels=kernels.use_kernels(cfg.run.kernels)))
+    cfg = replace(cfg, run=replace(cfg.run, kernels=spin_kernels.use_kernels(cfg.run.kernels)))
     rank, world, device = parallel.setup()
     # The default run folder carries the time of day, read by each rank as it parsed its flags:
     # ranks started across a second boundary would name two folders, so all take rank 0's.

@@ -1,13 +1,13 @@
 """train.py's command line: its flags, the two presets they default to, and the checks between
 flags, so a mistake is one line naming the flag (errors.ArgumentParser) before any work starts.
-resolve() turns the parsed flags into the typed settings of config.py, which is all that the
+resolve() turns the parsed flags into the typed settings of settings.py, which is all that the
 code below train.main sees."""
 import argparse
 import os
 import time
 
 import demo
-from config import (Config, DataConfig, DemoConfig, GenConfig, Preset, RunConfig, SftConfig, SpinConfig,
+from settings import (Config, DataConfig, DemoConfig, GenConfig, Preset, RunConfig, SftConfig, SpinConfig,
                     TrainSettings)
 import live_curves
 from data import task
@@ -162,6 +162,6 @@ def parser():
 
 
 def parse_args(argv=None):
-    """train.py's flags -> config.Config."""
+    """train.py's flags -> settings.Config."""
     p = parser()
     return resolve(p, p.parse_args(argv))

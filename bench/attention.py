@@ -1,4 +1,4 @@
-"""TFLOP/s of kernels/attention.py against torch SDPA (best backend) and flash_attn.
+"""TFLOP/s of spin_kernels/attention.py against torch SDPA (best backend) and flash_attn.
 
 Prepared GPU run (H100/H200; the issue's shape: B*T = 16k tokens, H=32, Hkv=8, D=128,
 causal, bf16, with and without a 4096 window, T = 1k..16k):
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.attention import attention  # noqa: E402
+from spin_kernels.attention import attention  # noqa: E402
 
 
 def visible_pairs(T, window):

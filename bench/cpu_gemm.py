@@ -1,4 +1,4 @@
-"""Why a CPU decode step packs its weights for oneDNN (kernels.cpu_linear.cpu_decode_weights): one product
+"""Why a CPU decode step packs its weights for oneDNN (spin_kernels.cpu_linear.cpu_decode_weights): one product
 of a few rows against a large fp32 weight, the three ways torch can run it, in one run.
 
     python bench/cpu_gemm.py                       # bench/generate.py's LM head: 8 x 256 @ 256 x 32000

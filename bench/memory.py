@@ -14,7 +14,7 @@ RMSprop 1, AdamW 2). A step adds on top, and the peak is the largest of five mom
 
   backward starts  every layer's saved activations + the last norm's + the root's unsharded
                    weights (FSDP keeps the embedding and LM head gathered from forward to backward)
-                   + the log-prob backward (kernels/logprob.py: a (rows, V) fp32 chunk and an fp32
+                   + the log-prob backward (spin_kernels/logprob.py: a (rows, V) fp32 chunk and an fp32
                    copy of a bf16 head on the CPU, dW (V, C) fp32 when the head trains)
   a block recomputes  (activation checkpointing) the block inputs or the gradients so far, plus one
                    block's activations and backward temporaries, two gathered blocks, the root
@@ -55,7 +55,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import lora  # noqa: E402
-from kernels.logprob import TORCH_TILE_ELEMENTS  # noqa: E402
+from spin_kernels.logprob import TORCH_TILE_ELEMENTS  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
 BYTES = {"fp32": 4, "bf16": 2}
@@ -156,7 +156,7 @@ def predict(s: Shape, u: Setup):
     # head's input rows (the scored tokens only)
     last = tokens * (4 * s.C + 4 + (b * s.C if full else 0) + 8 + 2 * s.D * b) + scored * s.C * b
     root = s.root * b
-    if u.device == "cpu":  # kernels/logprob.py torch path
+    if u.device == "cpu":  # spin_kernels/logprob.py torch path
         head = min(scored, max(1, TORCH_TILE_ELEMENTS // s.V)) * s.V * 4 + scored * s.C * 4 * (2 if full else 1)
         head += s.V * s.C * 4 if full else 0
         head += s.V * s.C * 4 if b != 4 else 0  # it computes in fp32: a (V, C) fp32 copy of a bf16 head
@@ -213,9 +213,9 @@ def measure(s: Shape, u: Setup, steps_before=2):
     import parallel
     import stage
     from bench.logprob import peak_extra_bytes
-    from config import TrainSettings
+    from settings import TrainSettings
     from data.pairs import Pair
-    from hf import save_model
+    from hf_folder import save_model
     from model import Mistral, ModelConfig
 
     folder = [None]

@@ -7,7 +7,7 @@ trl-style; (issue 19) at the SmolLM2-135M shape, LoRA >= 1.4x pairs/s and <= 0.5
 (resident + step) of full-parameter ours.
 
     ours      our Mistral; real and generated rows in one left-padded (2B, T) forward; per-token
-              log-probs through the fused LM-head path (kernels/logprob.py, no (N, V) logits);
+              log-probs through the fused LM-head path (spin_kernels/logprob.py, no (N, V) logits);
               spin_loss against opponent log-probs precomputed at generation time, so no
               reference model is resident. Exactly stage.py's train_stage step for one
               micro-batch, minus FSDP (one process here) and the metric bookkeeping.
@@ -19,7 +19,7 @@ trl-style; (issue 19) at the SmolLM2-135M shape, LoRA >= 1.4x pairs/s and <= 0.5
               then the reference forward under no_grad, every step, while the policy graph
               is alive (TRL's get_batch_loss_metrics order); the sigmoid loss written inline.
 Both: same weights (an HF random init saved to a folder; ours loads it with
-hf.load_model), same batch, RMSprop(alpha 0.99, eps 1e-8), clipping at 1.0, fp32.
+hf_folder.load_model), same batch, RMSprop(alpha 0.99, eps 1e-8), clipping at 1.0, fp32.
 The reference/opponent is a second random init, so the first-step loss is not trivially
 log 2 and its agreement checks both log-prob paths. The batch is built once (collate_pairs)
 and reused; collation is not timed on either side.
@@ -70,8 +70,8 @@ sys.path.insert(0, ROOT)
 from bench.logprob import peak_extra_bytes  # noqa: E402
 from data.pairs import Pair, collate_pairs  # noqa: E402
 import lora  # noqa: E402
-import kernels  # noqa: E402
-from hf import load_model  # noqa: E402
+import spin_kernels  # noqa: E402
+from hf_folder import load_model  # noqa: E402
 from spin_loss import sequence_logps, spin_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -166,7 +166,7 @@ def make_batch(args, gen):
 # The steps. Each returns (loss, pre-clip grad norm, sequence log-probs (2B,)) as floats.
 
 def make_ours(folder, opponent_folder, batch, args, device, dtype, lora_settings=None):
-    model = kernels.install(load_model(folder, dtype=dtype, device=device)).train()
+    model = spin_kernels.install(load_model(folder, dtype=dtype, device=device)).train()
     if lora_settings is not None:  # the lora arm: adapters in place, the rest frozen, B = 0
         lora.add_adapters(model, lora_settings, torch.Generator().manual_seed(args.seed))
     if args.checkpointing:  # as stage.build_model wraps them
@@ -178,7 +178,7 @@ def make_ours(folder, opponent_folder, batch, args, device, dtype, lora_settings
     n = args.batch
     # Generation time (generate.py's scoring prefill): the opponent p_t scores both responses
     # once; only these 2B numbers, not the model, stay around for training.
-    opponent = kernels.install(load_model(opponent_folder, dtype=dtype, device=device))
+    opponent = spin_kernels.install(load_model(opponent_folder, dtype=dtype, device=device))
     with torch.no_grad():
         ref = sequence_logps(opponent(ids, attention_mask=mask, targets=tgt), tgt != -100)
     ref_real, ref_gen = ref[:n].clone(), ref[n:].clone()

@@ -74,7 +74,7 @@ def _ids(value, where):
 
 def generation_ids(folder, name):
     """`name` (eos_token_id, bos_token_id, pad_token_id) as transformers' generate() sees it:
-    from generation_config.json, else from config.json (transformers builds the generation
+    from generation_config.json, else from settings.json (transformers builds the generation
     config from the model config when the folder has none). A list for eos (Llama 3 stops at
     <|eot_id|> and <|end_of_text|>); [] when unset."""
     for f in ("generation_config.json", "config.json"):

@@ -30,7 +30,7 @@ import torch
 import parallel
 import train
 from checkpoint import write_json
-from hf import export, resolve_dtype
+from hf_folder import export, resolve_dtype
 from data import pairs, readers, task
 from errors import non_negative_int, positive_int, probability, run_command
 from parallel import log

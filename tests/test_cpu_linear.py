@@ -1,14 +1,14 @@
-"""kernels/cpu_linear.py: the oneDNN decode path, packed and unpacked, against F.linear."""
+"""spin_kernels/cpu_linear.py: the oneDNN decode path, packed and unpacked, against F.linear."""
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.cpu_linear as cl
-from kernels.cpu_linear import cpu_decode_weights
-import kernels
-from hf import load_model
+import spin_kernels.cpu_linear as cl
+from spin_kernels.cpu_linear import cpu_decode_weights
+import spin_kernels
+from hf_folder import load_model
 
 pytest.importorskip("transformers")
 from hf_tiny import random_hf_mistral  # noqa: E402
@@ -22,9 +22,9 @@ def make_hf(tmp_path, **kw):
 @pytest.mark.parametrize("tied", [False, True])
 def test_cpu_decode_weights_packs_and_cleans_up(tmp_path, monkeypatch, tied, dtype):
     if dtype not in cl.ONEDNN:
-        pytest.skip(f"this torch build or CPU has no working oneDNN {dtype} linear (kernels/cpu_linear.py)")
+        pytest.skip(f"this torch build or CPU has no working oneDNN {dtype} linear (spin_kernels/cpu_linear.py)")
     _, folder = make_hf(tmp_path, tie_word_embeddings=tied)
-    model = kernels.install(load_model(folder, dtype=dtype), "torch")  # puts cpu_linear.Linear in
+    model = spin_kernels.install(load_model(folder, dtype=dtype), "torch")  # puts cpu_linear.Linear in
     # float32: oneDNN and F.linear differ only in summation order. bfloat16: both accumulate in
     # float32 and round the output once, so they may differ by one bf16 rounding (2^-8 relative).
     tol = 1e-6 if dtype == torch.float32 else 2 ** -7
@@ -75,11 +75,11 @@ def test_fused_swiglu_matches_float64(tmp_path, monkeypatch):
     assert torch.float32 not in cl.FUSED  # float32 generation keeps torch's silu
     dtype = torch.bfloat16
     if dtype not in cl.FUSED:
-        pytest.skip("this torch build or CPU has no working oneDNN bf16 post-ops (kernels/cpu_linear.py)")
+        pytest.skip("this torch build or CPU has no working oneDNN bf16 post-ops (spin_kernels/cpu_linear.py)")
     import lora
 
     _, folder = make_hf(tmp_path)
-    model = kernels.install(load_model(folder, dtype=dtype), "torch")
+    model = spin_kernels.install(load_model(folder, dtype=dtype), "torch")
     mlp = model.model.layers[1].mlp
     assert mlp.glu is cl.swiglu
     calls = []

@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory):
     """A tiny Hugging Face folder (config.json, model.safetensors, tokenizer.model)."""
     from data.tokenizer import Tokenizer, train_tokenizer
     from demo import tiny_config
-    from hf import save_model
+    from hf_folder import save_model
     from model import Mistral
 
     root = tmp_path_factory.mktemp("model")

@@ -209,7 +209,7 @@ def test_generate_prompt_lengths_checked(model_dir):
 
 def test_shape_mismatch_names_a_few_and_a_count(model_dir, tmp_path):
     from errors import InputError
-    from hf import load_hf_state, read_config
+    from hf_folder import load_hf_state, read_config
 
     config = read_config(str(model_dir))
     wrong = {k: (v[0] + 1, *v[1:]) for k, v in

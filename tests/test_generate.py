@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from generate import graphed_step as _real_graphed_step
 from generate import draw, filter_logits, generate_dataset, main, merge_parts, sample, score
 from data.template import ChatFormat
-import kernels
-from hf import load_model
+import spin_kernels
+from hf_folder import load_model
 
 transformers = pytest.importorskip("transformers")
 from hf_tiny import random_hf_mistral  # noqa: E402
@@ -28,7 +28,7 @@ def make_hf(folder, vocab=VOCAB, seed=0, **kw):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     hf, folder = make_hf(str(tmp_path_factory.mktemp("gen") / "ckpt"), sliding_window=6)
-    return hf, kernels.install(load_model(folder))  # as generate.main runs it
+    return hf, spin_kernels.install(load_model(folder))  # as generate.main runs it
 
 
 def prompts_of(lengths, seed=1):
@@ -389,7 +389,7 @@ def world(tmp_path_factory):
     examples[4] = Example([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "story?"}],
                           "once upon a time")
-    return tok, kernels.install(load_model(folder)), folder, examples
+    return tok, spin_kernels.install(load_model(folder)), folder, examples
 
 
 KW = dict(max_new_tokens=6, temperature=1.0, seed=3, part_size=4, batch_size=3, progress=False)
@@ -522,7 +522,7 @@ def test_bfloat16_samples_within_bf16_tolerance(tmp_path):
     _, folder = make_hf(str(tmp_path / "ckpt"), sliding_window=6)
     model = load_model(folder)  # float32, model.py alone: the reference
     prompts = prompts_of([6, 13, 2, 9, 4, 11])
-    fast = kernels.install(load_model(folder, dtype=torch.bfloat16), "torch")
+    fast = spin_kernels.install(load_model(folder, dtype=torch.bfloat16), "torch")
     plain = load_model(folder, dtype=torch.bfloat16)
     outs = sample(fast, prompts, max_new_tokens=10, eos_id=None, seed=3, batch_size=4, logprobs=True)
     errs = {"fast": [], "plain": []}

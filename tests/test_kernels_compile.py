@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for an H100 (sm_90) and fits its shared memory, checked on a
-machine without a GPU: Triton's compiler and ptxas run ahead of time (kernels/compile_check.py).
+machine without a GPU: Triton's compiler and ptxas run ahead of time (spin_kernels/compile_check.py).
 The CPU tests run the kernels only through the interpreter, which never compiles them."""
 import importlib.util
 import os
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_every_kernel_compiles_for_the_gpu(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated to silence its warning
-    p = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", str(arch)], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "spin_kernels.compile_check", "--arch", str(arch)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert " 0 problems" in p.stdout

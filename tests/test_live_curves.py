@@ -78,8 +78,8 @@ def test_exports_describe_themselves(resumed):
     from data import readers
     from data.template import ChatFormat, load_chat_template
     from data.tokenizer import load_tokenizer
-    import kernels
-    from hf import load_model
+    import spin_kernels
+    from hf_folder import load_model
     for folder in ("sft/model", "iter1/model"):
         export = resumed / folder
         assert {"chat_template.jinja", "tokenizer_config.json", "generation_config.json"} <= set(os.listdir(export))
@@ -90,7 +90,7 @@ def test_exports_describe_themselves(resumed):
         prompts = [hf_tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
                    for e in exs]
         assert prompts == [fmt.prompt_ids(e.prompt) for e in exs]
-        ours = generate.sample(kernels.install(load_model(str(export))), prompts, max_new_tokens=28, greedy=True,
+        ours = generate.sample(spin_kernels.install(load_model(str(export))), prompts, max_new_tokens=28, greedy=True,
                                eos_id=list(tok.eos_ids))
         hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
         for p, o in zip(prompts, ours):
@@ -121,7 +121,7 @@ def test_wandb_offline(tmp_path, monkeypatch):
 
 def test_lm_eval_reproduces_our_greedy_exact_match(resumed, tmp_path):
     """lm-eval-harness (optional: runs where `pip install lm-eval` was done) on the run's export,
-    --apply_chat_template, a local generate_until task (tools/lm_eval_demo.py): the same answers as
+    --apply_chat_template, a local generate_until task (spin_tools/lm_eval_demo.py): the same answers as
     our greedy decode, prompt by prompt. bench/RESULTS_lm_eval.md has the full demo's figure."""
     pytest.importorskip("lm_eval")
     import glob
@@ -135,7 +135,7 @@ def test_lm_eval_reproduces_our_greedy_exact_match(resumed, tmp_path):
     # listen on that same port.
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    p = subprocess.run([sys.executable, "-m", "tools.lm_eval_demo", "--run", str(resumed), "--model", "iter1/model",
+    p = subprocess.run([sys.executable, "-m", "spin_tools.lm_eval_demo", "--run", str(resumed), "--model", "iter1/model",
                         "--out", str(tmp_path), "-n", "16"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     command = p.stdout.strip().splitlines()[-1].split()

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels.logprob as lp
-from kernels.logprob import linear_logprobs, linear_logprobs_naive
+import spin_kernels.logprob as lp
+from spin_kernels.logprob import linear_logprobs, linear_logprobs_naive
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IMPLS = ["torch", "triton"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import generate
-import kernels
+import spin_kernels
 import lora
-from hf import load_model
-from kernels.cpu_linear import cpu_decode_weights
+from hf_folder import load_model
+from spin_kernels.cpu_linear import cpu_decode_weights
 from model import Mistral
 
 transformers = pytest.importorskip("transformers")
@@ -78,11 +78,11 @@ def lora_model(folder, targets=ALL, rank=4, alpha=8.0, dropout=0.0, seed=0):
     model = load_model(folder)
     settings = lora.LoraSettings.from_flags(rank, alpha, targets, dropout)
     lora.add_adapters(model, settings, torch.Generator().manual_seed(seed))
-    return kernels.install(model, "torch"), settings  # adapters first, as stage.build_model does
+    return spin_kernels.install(model, "torch"), settings  # adapters first, as stage.build_model does
 
 
 def test_step_zero_is_the_base_model_exactly(base_dir):
-    base = kernels.install(load_model(base_dir), "torch")
+    base = spin_kernels.install(load_model(base_dir), "torch")
     model, _ = lora_model(base_dir, dropout=0.3)
     model.train()  # dropout active: B = 0 still makes the adapter add exactly 0
     ids, mask, tgt = batch(base.config.vocab_size)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+import spin_kernels
 import lora
 from bench import memory
 from model import Mistral, ModelConfig
@@ -28,7 +28,7 @@ def saved_bytes_of_one_block(shape, setup, dtype):
                                      setup.extra.get("lora_dropout", 0.0))
         lora.add_adapters(model, settings)
         model.to(dtype)  # as FSDP's MixedPrecisionPolicy computes: everything in the compute dtype
-    kernels.install(model, "torch")  # as stage.build_model does
+    spin_kernels.install(model, "torch")  # as stage.build_model does
     model.train()
     rows, T = 2 * setup.pairs, setup.length
     ids = torch.randint(0, shape.V, (rows, T))

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-import kernels
-from hf import config_from_dict, load_model, read_config, save_model
-from kernels.cpu_linear import cpu_decode_weights
-from kernels.cuda_graph import StaticKVCache
+import spin_kernels
+from hf_folder import config_from_dict, load_model, read_config, save_model
+from spin_kernels.cpu_linear import cpu_decode_weights
+from spin_kernels.cuda_graph import StaticKVCache
 from model import KVCache, Mistral, ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -127,7 +127,7 @@ def test_cached_decode_equals_full_forward(tmp_path, window, mode, installed):
     _, folder = make_hf(tmp_path, sliding_window=window)
     model = load_model(folder)
     if installed:
-        kernels.install(model, "torch")
+        spin_kernels.install(model, "torch")
     ids = torch.randint(0, VOCAB, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # row 1 is left-padded by 4
@@ -304,7 +304,7 @@ def test_triton_paths_match_torch_paths_in_the_model(tmp_path, device):
     targets[1, :7] = -100
     results = []
     for impl in ("torch", "triton"):
-        model = kernels.install(load_model(folder, device=device), impl)
+        model = spin_kernels.install(load_model(folder, device=device), impl)
         assert model.kernels == impl
         lp = model(ids, attention_mask=mask, targets=targets)
         lp.sum().backward()
@@ -329,7 +329,7 @@ def test_logits_to_keep(tmp_path):
 def test_cpu_paths_run_without_triton():
     """Triton has no macOS or Windows wheels: with it unimportable the model still imports,
     trains and scores on the torch paths, "auto" never picks Triton, and asking for a kernel
-    says why it cannot run (kernels/no_triton.py)."""
+    says why it cannot run (spin_kernels/no_triton.py)."""
     import subprocess
     import sys
     code = (
@@ -337,14 +337,14 @@ def test_cpu_paths_run_without_triton():
         "sys.modules['triton'] = None\n"
         "sys.modules['triton.language'] = None\n"
         "import torch\n"
-        "import kernels\n"
-        "from kernels.attention import attention\n"
-        "from kernels.common import HAS_TRITON, resolve_impl\n"
+        "import spin_kernels\n"
+        "from spin_kernels.attention import attention\n"
+        "from spin_kernels.common import HAS_TRITON, resolve_impl\n"
         "from model import Mistral, ModelConfig\n"
         "assert not HAS_TRITON and resolve_impl('auto', on_cuda=True) == 'torch'\n"
         "m = Mistral(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
         "                        num_attention_heads=2, num_key_value_heads=1, head_dim=16))\n"
-        "kernels.install(m)\n"
+        "spin_kernels.install(m)\n"
         "ids = torch.randint(0, 64, (2, 9))\n"
         "m(ids).float().sum().backward()\n"
         "assert torch.isfinite(m.token_logprobs(ids, ids)).all()\n"
@@ -419,7 +419,7 @@ def test_unsupported_config_fields_are_refused_by_name(field, value, message):
 
 def test_model_file_is_the_architecture_alone():
     """model.py imports only torch and the standard library, and names no fast path: those are
-    swapped in by kernels.install."""
+    swapped in by spin_kernels.install."""
     import ast
     import sys
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model.py")
@@ -437,12 +437,12 @@ def test_model_file_is_the_architecture_alone():
 
 
 def test_install_keeps_the_reference_numbers(tmp_path):
-    """kernels.install(model, "torch") against the plain model: the same logits (decode-sized,
+    """spin_kernels.install(model, "torch") against the plain model: the same logits (decode-sized,
     so the oneDNN linears and the one-query attention run), per-token log-probs and gradients
     (the chunked log-prob head), and the same Parameter objects (tied weights stay tied)."""
-    from kernels.cpu_linear import Linear
+    from spin_kernels.cpu_linear import Linear
     _, folder = make_hf(tmp_path, sliding_window=5, tie_word_embeddings=True)
-    plain, fast = load_model(folder), kernels.install(load_model(folder), "torch")
+    plain, fast = load_model(folder), spin_kernels.install(load_model(folder), "torch")
     assert plain.kernels == "reference" and fast.kernels == "torch"
     assert type(plain.lm_head) is torch.nn.Linear and type(fast.lm_head) is Linear
     assert fast.lm_head.weight is fast.model.embed_tokens.weight
@@ -476,14 +476,14 @@ def test_install_reads_spin_kernels_once(tmp_path, monkeypatch):
     impl wins; a bad value is a clear error; changing the variable later changes nothing."""
     _, folder = make_hf(tmp_path)
     monkeypatch.setenv("SPIN_KERNELS", "torch")
-    model = kernels.install(load_model(folder))
+    model = spin_kernels.install(load_model(folder))
     assert model.kernels == "torch"
     assert model.model.layers[0].self_attn.attend.keywords == {"impl": "torch"}
     assert model.head_logprobs.keywords == {"impl": "torch"}
-    assert kernels.install(load_model(folder), "triton").kernels == "triton"
+    assert spin_kernels.install(load_model(folder), "triton").kernels == "triton"
     monkeypatch.setenv("SPIN_KERNELS", "fast")
     assert model.model.layers[0].self_attn.attend.keywords == {"impl": "torch"}
     with pytest.raises(ValueError, match="SPIN_KERNELS"):
-        kernels.install(load_model(folder))
+        spin_kernels.install(load_model(folder))
     monkeypatch.delenv("SPIN_KERNELS")
-    assert kernels.install(load_model(folder)).kernels == "auto"
+    assert spin_kernels.install(load_model(folder)).kernels == "auto"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from errors import InputError
-from hf import config_from_dict, load_model, read_config, save_model
+from hf_folder import config_from_dict, load_model, read_config, save_model
 from model import Mistral
 
 transformers = pytest.importorskip("transformers")

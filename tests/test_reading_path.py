@@ -1,4 +1,4 @@
-"""The reader's path stays short and true: README.md quotes tools/reading_path.py's table, the
+"""The reader's path stays short and true: README.md quotes spin_tools/reading_path.py's table, the
 path reads without the production rooms, and the house has no import circles."""
 import ast
 import os
@@ -9,10 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_readme_quotes_the_reading_path_and_it_stays_short():
-    from tools.reading_path import table
+    from spin_tools.reading_path import table
     text, total = table()
     readme = open(os.path.join(ROOT, "README.md")).read()
-    assert text in readme, "README.md's 'Read the code' table is stale: paste `python -m tools.reading_path`"
+    assert text in readme, "README.md's 'Read the code' table is stale: paste `python -m spin_tools.reading_path`"
     assert f"{total:,} lines" in readme
     assert total <= 1100, f"the reading path grew to {total} lines"
     heading = next(i for i, line in enumerate(readme.splitlines(), 1) if line.startswith("## Read the code"))
@@ -73,7 +73,7 @@ def _project_imports():
 
 def test_no_import_circles_among_the_project_modules():
     graph = _project_imports()
-    assert "stage" in graph["train"] and "model" in graph["hf"]  # the walk found the modules
+    assert "stage" in graph["train"] and "model" in graph["hf_folder"]  # the walk found the modules
     state, cycle = {}, []
 
     def visit(m, stack):

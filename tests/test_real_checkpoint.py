@@ -1,6 +1,6 @@
 """A real pretrained chat model end to end: SmolLM2-135M-Instruct (Llama architecture, tied
 embeddings, byte-level BPE tokenizer.json, ChatML template), built once per machine by
-tools/smollm2.py. transformers is the reference for answers, tokens and exports."""
+spin_tools/smollm2.py. transformers is the reference for answers, tokens and exports."""
 import json
 import os
 import subprocess

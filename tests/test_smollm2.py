@@ -1,4 +1,4 @@
-"""tools/smollm2.py: the cached SmolLM2-135M-Instruct folder, and how its builder behaves when
+"""spin_tools/smollm2.py: the cached SmolLM2-135M-Instruct folder, and how its builder behaves when
 two processes build at once or when pip or the test extras are missing (faked: no download)."""
 
 import json
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tools import smollm2
+from spin_tools import smollm2
 
 
 def test_built_folder(smollm2_dir):
@@ -27,7 +27,7 @@ def test_built_folder(smollm2_dir):
     # Cached: a second call returns at once, and the CLI says so in one line.
     t0 = time.time()
     assert smollm2.smollm2_dir(smollm2_dir) == smollm2_dir and time.time() - t0 < 1
-    r = subprocess.run([sys.executable, "-m", "tools.smollm2", smollm2_dir], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "spin_tools.smollm2", smollm2_dir], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and r.stdout == f"SmolLM2-135M-Instruct: {smollm2_dir} (already built)\n"
 

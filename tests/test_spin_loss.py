@@ -333,7 +333,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_reduction_none_gives_per_pair_metrics():
-    """evaluate.py sums per-pair rewards from spin_loss itself: with reduction="none" every
+    """heldout.py sums per-pair rewards from spin_loss itself: with reduction="none" every
     metric is (B,), and its mean is the reduction="mean" metric."""
     g = torch.Generator().manual_seed(0)
     x = [torch.randn(7, generator=g) * 3 for _ in range(4)]

@@ -97,7 +97,7 @@ def test_first_spin_step_is_log2(single):
 def test_exports_load_in_transformers(single):
     transformers = pytest.importorskip("transformers")
     out, _ = single
-    from hf import load_model
+    from hf_folder import load_model
     folder = os.path.join(out, "iter1", "model")
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ours = load_model(folder)
@@ -112,13 +112,13 @@ def test_opponent_logprobs_equal_fresh_forward(single):
     from data.template import ChatFormat
     from data.tokenizer import Tokenizer
     import generate
-    import kernels
-    from hf import load_model
+    import spin_kernels
+    from hf_folder import load_model
     tok = ChatFormat(Tokenizer(os.path.join(out, "sft", "model")))
     examples, _ = readers.read_examples(os.path.join(out, "iter1", "synthetic.parquet"))
     items, _ = pairs.tokenize_examples(tok, examples[:24], max_length=128, max_prompt_length=64)
     # p_1 made iteration 1's data, with the kernels the run installs
-    opponent = kernels.install(load_model(os.path.join(out, "iter0", "model")))
+    opponent = spin_kernels.install(load_model(os.path.join(out, "iter0", "model")))
     real = generate.score(opponent, [i.prompt_ids for i in items], [i.real_ids for i in items])
     gen = generate.score(opponent, [i.prompt_ids for i in items], [i.generated_ids for i in items])
     for it, a, b in zip(items, real, gen):

@@ -1,7 +1,7 @@
 """Stand-ins for `triton` and `triton.language` where Triton cannot be installed (its wheels are
 for Linux only: a macOS or Windows laptop running the CPU demo). The kernel modules still
 import and define their kernels, their torch paths run, and launching a kernel says why it
-cannot. kernels.common.resolve_impl never picks "triton" for "auto" without the real package."""
+cannot. spin_kernels.common.resolve_impl never picks "triton" for "auto" without the real package."""
 
 
 class _Anything:

@@ -25,7 +25,7 @@ Two fused paths with the same semantics:
 
 import torch
 
-from kernels.common import INTERPRET, resolve_impl, tl, triton
+from spin_kernels.common import INTERPRET, resolve_impl, tl, triton
 # The reference is the model's own head: full fp32 logits, log_softmax, gather.
 from model import linear_logprobs as linear_logprobs_naive  # noqa: F401
 

@@ -1,7 +1,7 @@
 """Decode attention: a few new queries (Tq <= 16) against a long KV cache (flash-decoding).
 
-Same semantics as kernels/attention.py (see its docstring and DESIGN.md); forward only,
-for generation. kernels.attention.attention_triton routes here when Tq is small and no
+Same semantics as spin_kernels/attention.py (see its docstring and DESIGN.md); forward only,
+for generation. spin_kernels.attention.attention_triton routes here when Tq is small and no
 gradient is needed.
 
 ## Motivation
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from kernels.common import INTERPRET, LOG2E, dot_dtype, dot_precision, strides, tl, triton, visible
+from spin_kernels.common import INTERPRET, LOG2E, dot_dtype, dot_precision, strides, tl, triton, visible
 
 
 @triton.jit

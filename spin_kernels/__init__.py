@@ -1,6 +1,6 @@
 """Speed-ups for a built model, put in by one call:
 
-    model = kernels.install(hf.load_model(path), impl)      # impl: "auto", "torch" or "triton"
+    model = spin_kernels.install(hf_folder.load_model(path), impl)      # impl: "auto", "torch" or "triton"
 
 What it swaps (model.py stays the plain reference, and is what runs without this call):
   - every nn.Linear (projections, LM head) -> cpu_linear.Linear: oneDNN for a CPU decode step
@@ -25,8 +25,8 @@ import os
 
 import torch.nn as nn
 
-from kernels import attention, cpu_linear, logprob
-from kernels.common import IMPLS, INTERPRET
+from spin_kernels import attention, cpu_linear, logprob
+from spin_kernels.common import IMPLS, INTERPRET
 from model import MLP, Attention
 
 

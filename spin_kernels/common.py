@@ -11,7 +11,7 @@ try:
     import triton.language as tl
     HAS_TRITON = True
 except ImportError:
-    from kernels.no_triton import tl, triton  # noqa: F401
+    from spin_kernels.no_triton import tl, triton  # noqa: F401
     HAS_TRITON = False
 
 IMPLS = ("auto", "torch", "triton")
@@ -25,7 +25,7 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 def resolve_impl(impl, on_cuda):
     """impl as passed to a kernel entry point ("auto", "torch", "triton") -> "torch" or "triton".
     "auto" is Triton for CUDA tensors (when Triton is installed), torch otherwise. Which impl a
-    model's layers pass is fixed once, by kernels.install."""
+    model's layers pass is fixed once, by spin_kernels.install."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "auto":
@@ -57,7 +57,7 @@ def strides(x):
 
 @triton.jit
 def visible(offs_m, offs_n, q_offset, start, window, HAS_WINDOW: tl.constexpr):
-    """The attention rule of kernels/attention.py for a tile: query rows offs_m (call-relative)
+    """The attention rule of spin_kernels/attention.py for a tile: query rows offs_m (call-relative)
     against key columns offs_n (absolute), left padding `start`, optional window."""
     qi = q_offset + offs_m  # absolute index of each query on the key axis
     vis = (offs_n[None, :] <= qi[:, None]) & (offs_n[None, :] >= start)

@@ -1,7 +1,7 @@
 """Linear layers for a CPU decode step: oneDNN directly, on weights packed once.
 
     linear(x, w)                 F.linear(x, w), or oneDNN for a CPU decode-sized product
-    Linear                       nn.Linear whose forward is linear(): what kernels.install puts in
+    Linear                       nn.Linear whose forward is linear(): what spin_kernels.install puts in
     swiglu(x, gate, up, down)    model.swiglu, or, on packed weights, with silu and the product
                                  fused into oneDNN's gate and up products (MLP.glu)
     cpu_decode_weights(model, rows)   within the block, linear() reads packed weight copies
@@ -134,7 +134,7 @@ def cpu_decode_weights(model, rows):
     not change inside the block. The copies cost the weights' memory again, so models with more
     than PACK_BUDGET_BYTES of linear weights (and GPU or float16 models, or more than
     DECODE_ROWS rows, which never take the oneDNN path) run unpacked."""
-    ws = [m.weight for m in model.modules() if isinstance(m, Linear)]  # the layers kernels.install put in
+    ws = [m.weight for m in model.modules() if isinstance(m, Linear)]  # the layers spin_kernels.install put in
     # Plain tensors only: an FSDP-sharded weight (a DTensor) is left to F.linear.
     ok = ws and rows <= DECODE_ROWS and ws[0].dtype in ONEDNN and all(
         type(w.detach()) is torch.Tensor and w.device.type == "cpu" and w.dtype == ws[0].dtype for w in ws) \

@@ -10,7 +10,7 @@ class RunConfig:
     out: str  # the run folder
     resume: bool
     seed: int
-    kernels: str | None  # --kernels, as kernels.use_kernels resolved it
+    kernels: str | None  # --kernels, as spin_kernels.use_kernels resolved it
     model: str | None  # a HF folder; None: the embedded demo
     chat_template: str | None
     dtype: str | None  # compute dtype of every model; None: bf16 on GPUs, fp32 on CPUs

@@ -19,13 +19,13 @@ import os
 import torch
 
 import generate
-import kernels
+import spin_kernels
 import parallel
 from checkpoint import atomic_file
 from data import task
 from data.pairs import tokenized_pairs
 from data.readers import read_examples
-from hf import load_model
+from hf_folder import load_model
 from spin_loss import spin_loss
 
 
@@ -38,11 +38,11 @@ def evaluate(model_dir, examples, fmt, *, beta, device, dtype, max_length, max_p
     details: a .jsonl path where rank 0 writes one line per example (its index, exact match,
     ground-truth log-prob and tokens, whether the reward ranks the ground truth first), the
     outcomes paired comparisons between models need (experiments/stats.py). impl: the kernels
-    (kernels.install)."""
+    (spin_kernels.install)."""
     if isinstance(examples, (str, os.PathLike)):
         examples, _ = read_examples(examples, layout="spin")
     rewards = all(ex.generated is not None for ex in examples)
-    model = kernels.install(load_model(model_dir, device=device, dtype=dtype), impl)
+    model = spin_kernels.install(load_model(model_dir, device=device, dtype=dtype), impl)
     sums = dict(gt_logp=0.0, gt_tokens=0.0, accuracy=0.0, margin=0.0, equal=0.0, n=0.0, exact=0.0)
     records = []
     for part in parallel.parts_of(len(examples), parallel.rank(), parallel.world()):

@@ -5,7 +5,7 @@ can take longer than the GPU needs to read the weights; a graph replay is one la
 replays fixed kernel arguments, so no shape and no argument may depend on the cache length:
 StaticKVCache keeps the length in a device tensor that each step advances in place, and every
 step attends over all slots, the unfilled ones hidden by the causal rule (slots past the query
-are invisible). Attention with a tensor offset takes the torch path (kernels/attention.py): the
+are invisible). Attention with a tensor offset takes the torch path (spin_kernels/attention.py): the
 Triton decode kernel takes the length as a launch argument.
 """
 import contextlib

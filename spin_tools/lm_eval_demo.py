@@ -1,6 +1,6 @@
 """lm-eval-harness on a demo export, against our own greedy decode on the same prompts.
 
-    python -m tools.lm_eval_demo --run runs/demo --model iter0/model --out /tmp/lm_eval_demo
+    python -m spin_tools.lm_eval_demo --run runs/demo --model iter0/model --out /tmp/lm_eval_demo
     # then the command it prints:
     lm_eval --model hf --model_args pretrained=OUT/model,dtype=float32 --apply_chat_template \
         --include_path OUT/task --tasks spin_demo --batch_size 16 --output_path OUT/results
@@ -25,8 +25,8 @@ import generate
 from data import export_files, readers, task
 from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
-import kernels
-from hf import load_model
+import spin_kernels
+from hf_folder import load_model
 
 YAML = """task: spin_demo
 dataset_path: json
@@ -76,7 +76,7 @@ def main():
     with open(os.path.join(a.out, "task", "spin_demo.yaml"), "w") as f:
         f.write(YAML.format(data=data, max_new=cfg["max_new_tokens"]))
 
-    model = kernels.install(load_model(model_dir, dtype=torch.float32))  # as generate.py runs it
+    model = spin_kernels.install(load_model(model_dir, dtype=torch.float32))  # as generate.py runs it
     prompts = [fmt.prompt_ids(e.prompt) for e in exs]
     samples = generate.sample(model, prompts, max_new_tokens=cfg["max_new_tokens"], eos_id=list(tok.eos_ids),
                               greedy=True, batch_size=50)

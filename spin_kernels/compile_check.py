@@ -1,7 +1,7 @@
 """Compile every Triton kernel for an NVIDIA GPU on a machine that has none.
 
-    python -m kernels.compile_check              # sm_90 (H100, H200)
-    python -m kernels.compile_check --arch 80    # sm_80 (A100)
+    python -m spin_kernels.compile_check              # sm_90 (H100, H200)
+    python -m spin_kernels.compile_check --arch 80    # sm_80 (A100)
 
 The interpreter (TRITON_INTERPRET=1, what the CPU tests use) never runs Triton's compiler, so
 a kernel can pass every CPU test and still fail to compile, or need more shared memory than
@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # must be decided before triton is imported
-    sys.exit("kernels.compile_check: unset TRITON_INTERPRET (it compiles for a GPU, not the interpreter)")
+    sys.exit("spin_kernels.compile_check: unset TRITON_INTERPRET (it compiles for a GPU, not the interpreter)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -54,9 +54,9 @@ def _cases():
     """(label, thunk) pairs; each thunk drives the real wrappers, so the block sizes and
     constexprs are the ones a GPU run uses. Shapes are small: only their strides' alignment
     and the constexprs matter to the compiler."""
-    from kernels.attention import flash_attention_bwd, flash_attention_fwd
-    from kernels.attention_decode import decode_attention
-    from kernels.logprob import triton_blocks, TritonLinearLogprobs
+    from spin_kernels.attention import flash_attention_bwd, flash_attention_fwd
+    from spin_kernels.attention_decode import decode_attention
+    from spin_kernels.logprob import triton_blocks, TritonLinearLogprobs
 
     def attn(B, H, Hkv, T, D, dtype, window):
         def run():

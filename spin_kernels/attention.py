@@ -10,7 +10,7 @@ qi < starts[b]) outputs exactly 0 and passes no gradient. See DESIGN.md "Attenti
 
 impl: "torch" (the reference plus a one-query fast path, any device), "triton" (CUDA, or the
 interpreter on CPU), "auto" (triton when q is on CUDA, else torch). A q_offset given as a 0-dim
-tensor (the static cache of kernels/cuda_graph.py) always takes the torch path: the Triton
+tensor (the static cache of spin_kernels/cuda_graph.py) always takes the torch path: the Triton
 kernels take the offset as a launch argument.
 
 ## Motivation
@@ -35,9 +35,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.common import (INTERPRET, LOG2E, TL_DTYPES, dot_dtype, dot_precision, resolve_impl, strides, tl, triton,
+from spin_kernels.common import (INTERPRET, LOG2E, TL_DTYPES, dot_dtype, dot_precision, resolve_impl, strides, tl, triton,
                      visible)
-from kernels.attention_decode import decode_attention
+from spin_kernels.attention_decode import decode_attention
 from model import attention as reference_attention
 
 # --------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def _decode_mask(B, Tk, starts, window, q_offset, dtype, device):
     if window is not None:
         lo = lo.clamp(min=q_offset - window + 1)
     j = torch.arange(Tk, device=device)
-    # j <= qi: a static cache (kernels/cuda_graph.py) passes every slot, filled or not
+    # j <= qi: a static cache (spin_kernels/cuda_graph.py) passes every slot, filled or not
     seen = (j >= lo.clamp(max=q_offset)[:, None]) & (j <= q_offset)  # (B, Tk)
     bias = torch.full((B, Tk), float("-inf"), dtype=dtype, device=device).masked_fill_(seen, 0).view(B, 1, 1, Tk)
     if key is None:
@@ -131,7 +131,7 @@ def _decode_sdpa(q, k, v, bias):
 #   so no inf - inf appears; its output is 0 and its LSE is stored as 0 (never used, since
 #   the backward multiplies by vis).
 # * DOT: operand dtype of tl.dot. The input dtype on GPUs (fp32 accumulation); fp32 for
-#   bf16 under the interpreter, whose bf16 arithmetic is wrong (kernels/common.py).
+#   bf16 under the interpreter, whose bf16 arithmetic is wrong (spin_kernels/common.py).
 
 
 @triton.jit
@@ -336,7 +336,7 @@ def _blocks(D, Tq, dtype):
     16-bit inputs: hand-picked for an H100 (not tuned there yet, see
     bench/RESULTS_attention_cpu.md). fp32 inputs take "ieee" dots (no tensor cores), whose
     register demand made the 16-bit blocks spill 3-28 KB per thread on sm_90; these smaller
-    ones compile without spills (python -m kernels.compile_check). Under the interpreter,
+    ones compile without spills (python -m spin_kernels.compile_check). Under the interpreter,
     fewer and bigger blocks are faster (cost ~ programs x steps).
     """
     if INTERPRET:

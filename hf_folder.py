@@ -178,9 +178,9 @@ def checkpoint_files(path):
                 "convert the folder once with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
                 ".save_pretrained(DIR))") if pickles else ""
         gguf = sorted(f for f in os.listdir(path) if f.endswith(".gguf")) if os.path.isdir(path) else []
-        if gguf:  # quantized llama.cpp weights: transformers dequantizes them (tools/smollm2.py does)
+        if gguf:  # quantized llama.cpp weights: transformers dequantizes them (spin_tools/smollm2.py does)
             hint = (f" (found {', '.join(gguf)}: GGUF files are not read; convert them once with transformers "
-                    "as tools/smollm2.py does: from_pretrained(DIR, gguf_file=NAME), its state dict into a fresh "
+                    "as spin_tools/smollm2.py does: from_pretrained(DIR, gguf_file=NAME), its state dict into a fresh "
                     "model of the same config, save_pretrained)")
         raise MissingInput(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
     names = {}

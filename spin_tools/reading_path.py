@@ -1,7 +1,7 @@
 """The reader's path through SPIN: which code to read, in which order, and how long it is.
 
-    python -m tools.reading_path            # the table README.md's "Read the code" quotes
-    python -m tools.reading_path --check    # exit 1 if README.md's table is not this one
+    python -m spin_tools.reading_path            # the table README.md's "Read the code" quotes
+    python -m spin_tools.reading_path --check    # exit 1 if README.md's table is not this one
 
 Each stop names a file and the top-level functions or classes to read there ("__doc__": the
 module docstring; None: the whole file). Lines are counted from the source, so the figures follow the code as it changes;
@@ -47,7 +47,7 @@ def spans(path, names):
             found[node.name] = (first, node.end_lineno)
     missing = [n for n in names if n not in found]
     if missing:
-        raise SystemExit(f"tools/reading_path.py: {path} has no top-level {', '.join(missing)}; update PATH")
+        raise SystemExit(f"spin_tools/reading_path.py: {path} has no top-level {', '.join(missing)}; update PATH")
     return [found[n] for n in names]
 
 
@@ -70,7 +70,7 @@ def main(argv):
     if "--check" in argv:
         readme = open(os.path.join(ROOT, "README.md")).read()
         if text not in readme:
-            print("README.md's reading-order table is stale: paste `python -m tools.reading_path` into it")
+            print("README.md's reading-order table is stale: paste `python -m spin_tools.reading_path` into it")
             return 1
         print(f"README.md's reading path is current ({total} lines)")
         return 0
