@@ -222,7 +222,10 @@ def start(cfg, extra_settings=None):
     run_folder.stop_on_sigterm()  # rank 0 says where the run stopped and how to resume it
     # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
     # checks it; every rank learns the verdict, so none waits forever.
-    parallel.on_rank0(lambda: run_folder.open_run(folder_settings(cfg, extra_settings), world))
+    flat = folder_settings(cfg, extra_settings)
+    parallel.on_rank0(lambda: run_folder.open_run(flat, world))
+    # A --resume keeps the finished iterations' --beta and --lr (run_folder.kept_values).
+    cfg = replace(cfg, spin=replace(cfg.spin, **parallel.from_rank0({k: getattr(flat, k) for k in ("beta", "lr")})))
     parallel.on_rank0(lambda: live_curves.start(cfg.run.out, cfg.run.report_to))  # --report-to, if asked
     return prepare(cfg, device)
 
