@@ -142,8 +142,8 @@ def remove_leftovers(out):
             size += os.path.getsize(path) if not os.path.islink(path) else 0
             os.unlink(path)
     if found:
-        print(f"{out}: removed {len(found)} half-written temporary file(s) ({size / 2**20:.1f} MiB) left by a "
-              "stopped run: " + ", ".join(os.path.relpath(p, out) for p in found[:3])
+        print(f"{out}: removed what a killed run left half-written ({len(found)} hidden temporary "
+              f"{'entries' if len(found) > 1 else 'entry'}, {size / 2**20:.1f} MiB): " + ", ".join(os.path.relpath(p, out) for p in found[:3])
               + (f" and {len(found) - 3} more" if len(found) > 3 else ""), flush=True)
 
 
