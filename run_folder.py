@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 
+import errors
 import fingerprint
 import live_curves
 import parallel
@@ -286,13 +287,12 @@ def drop_torn_tail(path):
           flush=True)
 
 
-_LAST_STEP = {}  # the last step record written: where a stopped run stopped
-
-
 def record(out, rec):
     """Append one record to metrics.jsonl (rank 0), and print a line for every 10th step. The
     line goes out in one write of an O_APPEND file, so a kill leaves it whole or torn at the
     end (drop_torn_tail), never interleaved."""
+    if rec["type"] == "step":  # where a stopped run stopped (errors.where), on every rank
+        errors.WHERE.update(step=f"{rec['stage']} step {rec['step']}", phase="training")
     if parallel.rank() != 0:
         return
     path = os.path.join(out, "metrics.jsonl")
@@ -306,8 +306,6 @@ def record(out, rec):
                 raise OSError(28, os.strerror(28), path)
         finally:
             os.close(fd)
-    if rec["type"] == "step":
-        _LAST_STEP.update(stage=rec["stage"], step=rec["step"])
     live_curves.log(out, rec)  # --report-to: TensorBoard / W&B, after the file, never ahead of it
     if rec["type"] == "step" and (rec["step"] % 10 == 0 or rec["step"] == rec["steps"]):
         extra = f" acc {rec['rewards/accuracies']:.2f} margin {rec['rewards/margins']:.3f}" if "rewards/margins" in rec else ""
@@ -318,19 +316,25 @@ def record(out, rec):
 def stop_on_sigterm(argv=None):
     """SIGTERM (a scheduler's stop, `kill`, torchrun passing it on) ends the run as Ctrl-C does:
     the exception unwinds, so a checkpoint or export being written is deleted, not left half
-    done, and rank 0 says where the run stopped and how to continue it."""
+    done, and rank 0 says where the run stopped and how to continue it. torchrun also sends it
+    to the ranks left when one rank died: then every surviving rank says which rank died."""
     argv = list(sys.argv if argv is None else argv)
     resume = argv + ([] if "--resume" in argv else ["--resume"])
     launcher = (f"torchrun --nproc_per_node={parallel.world()} " if "TORCHELASTIC_RUN_ID" in os.environ
                 else "python ")
+    errors.WHERE["resume"] = f"{launcher}{shlex.join(resume)}"
+    prog = os.path.basename(argv[0])
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        parallel.mark_exit()  # before a peer that got the same SIGTERM looks for ranks that died
+        dead = parallel.dead_peers()
+        if dead:
+            print(f"{prog}: error: {errors.peer_died(dead)}", file=sys.stderr, flush=True)
+            sys.exit(1)
         if parallel.rank() == 0:
-            where = (f"at {_LAST_STEP['stage']} step {_LAST_STEP['step']}" if _LAST_STEP
-                     else "before its first training step")
-            print(f"{os.path.basename(argv[0])}: stopped by SIGTERM {where}; resume with: "
-                  f"{launcher}{shlex.join(resume)}", file=sys.stderr, flush=True)
+            print(f"{prog}: stopped by SIGTERM {errors.where() or 'before its first training step'}; "
+                  f"{errors.resume_hint()}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)

@@ -45,7 +45,7 @@ import report
 import run_folder
 from settings import Config, TrainSettings, settings
 from data import export_files, pairs, readers, task
-from errors import InputError, run_command
+from errors import InputError, doing, run_command
 from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
 from heldout import evaluate
@@ -91,6 +91,7 @@ class Run:
 
 
 def timed(run, name, fn):
+    doing(name)  # what a stop (SIGTERM, memory, a rank that died) says the run was doing
     t0 = time.time()
     result = fn()
     run.timings[name] = run.timings.get(name, 0.0) + time.time() - t0
