@@ -644,7 +644,7 @@ def main(argv=None):
                     device=str(device))
     if rank == 0:
         print("generate settings:", json.dumps(settings, indent=1))
-    examples, report = read_examples(args.data, on_error=args.on_bad_row)
+    examples, report = read_examples(args.data, on_error=args.on_bad_row, need_answer=True)
     if report.skipped:
         print(report.summary(), file=sys.stderr)
     examples = examples[:args.num_prompts] if args.num_prompts else examples
