@@ -165,10 +165,10 @@ def _at(values, t):
 
 
 def kept_values(out, old, new):
-    """On --resume, the values of the per-iteration settings (PER_ITERATION) the run goes on with:
-    a finished iteration keeps its old value, the others take the new one; and what to say about
-    it. A change that would apply to no stage is refused (InputError): it would only relabel
-    finished ones. --sft-lr likewise, once the SFT stage is finished."""
+    """On --resume, the values of the per-iteration settings (PER_ITERATION) the run goes on with,
+    and what to say about them: a finished iteration keeps its old value, the others take the new
+    one. --sft-lr likewise, once the SFT stage is finished. A value that applies to no stage is
+    kept out of config.json, and said."""
     settings, said = dict(new), []
     done = finished_iterations(out)
     for k in PER_ITERATION:
@@ -176,25 +176,28 @@ def kept_values(out, old, new):
             continue
         n = new.get("iterations") or 1
         keep = sorted(t for t in done if t < n)
-        if len(keep) == n:
-            raise InputError(f"--resume --{k.replace('_', '-')}: every iteration is finished (trained and evaluated with "
-                             f"{k} {_fmt(old[k])}), so the new value would apply to no stage; resume without it, or "
-                             "start another --out to train with it")
-        if keep:
-            merged = [_at(old[k], t) if t in keep else _at(new[k], t) for t in range(n)]
-            said.append(f"{k} {_fmt(new[k])} applies from iteration {min(set(range(n)) - set(keep))} on; finished "
-                        f"iteration{'s' if len(keep) > 1 else ''} {', '.join(map(str, keep))} keep "
-                        + ", ".join(f"{_fmt([_at(old[k], t)])}" for t in keep) + f" (now {_fmt(merged)})")
+        if not keep:
+            continue
+        merged = [_at(old[k], t) if t in keep else _at(new[k], t) for t in range(n)]
+        kept = f"finished iteration{'s' if len(keep) > 1 else ''} {_fmt(keep)} keep{'' if len(keep) > 1 else 's'} " \
+               f"{k} {_fmt([_at(old[k], t) for t in keep])}"
+        if merged == [_at(old[k], t) for t in range(n)]:
+            settings[k] = old[k]
+            said.append(f"--{k} {_fmt(new[k])} applies to no stage: {kept}")
+        else:
             settings[k] = merged
-    if old.get("sft_lr") != new.get("sft_lr") and os.path.isdir(os.path.join(out, "sft", "model")):
-        raise InputError(f"--resume --sft-lr: the SFT stage is finished ({os.path.join(out, 'sft', 'model')}, "
-                         f"trained with --sft-lr {old.get('sft_lr')}), so the new value would apply to no stage; "
-                         "resume without it, or start another --out")
+            said.append(f"--{k} {_fmt(new[k])} applies from iteration {min(set(range(n)) - set(keep))} on; {kept} "
+                        f"({k} per iteration now {_fmt(merged)})")
+    sft_model = os.path.join(out, "sft", "model")
+    if old.get("sft_lr") is not None and old.get("sft_lr") != new.get("sft_lr") and os.path.isdir(sft_model):
+        settings["sft_lr"] = old["sft_lr"]
+        said.append(f"--sft-lr {_fmt(new.get('sft_lr'))} applies to no stage: the SFT stage is finished ({sft_model}) "
+                    f"and keeps --sft-lr {_fmt(old['sft_lr'])}")
     return settings, said
 
 
 def _fmt(v):
-    return ",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+    return ", ".join(_fmt(x) for x in v) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def open_run(args, world):
@@ -253,8 +256,10 @@ def open_run(args, world):
                                                  "changed": changed}]
             record(out, {"type": "resume", "world_size": world, "changed": changed})
             if changed:
-                print("--resume changes " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-                      + "".join(f"; {line}" for line in kept), flush=True)
+                print("--resume changes " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+                      flush=True)
+            for line in kept:
+                print(f"--resume: {line}", flush=True)
         print(json.dumps({**settings, "world_size": world}), flush=True)
         write_json(saved, {**MARK, **settings, "world_size": world, "inputs": inputs,
                            **({"resumes": resumes} if resumes else {})}, indent=2)

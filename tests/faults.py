@@ -1,6 +1,6 @@
 """Fault injection for the resume and divergence tests; test-only, never part of a real run.
 
-    python -m tests.faults [--kill-at STAGE:STEP] [--nan-at STAGE:STEP[:weights]] [--kill-in-export]
+    python -m tests.faults [--kill-at STAGE:STEP] [--nan-at STAGE:STEP[:weights]] [--kill-in-export NAME]
                            [--oom-at STAGE:STEP] [--rank R] [--entry MODULE] -- FLAGS
     python -m torch.distributed.run --nproc_per_node=2 -m tests.faults --kill-at spin1:5 -- FLAGS
 
@@ -12,8 +12,9 @@ STAGE:STEP (written after that step's optimiser update):
     --oom-at    asks torch for more memory than any machine has, so the allocator's own
                 "can't allocate memory" error is raised there, as on a machine that ran out.
 --rank R puts the faults in rank R alone (default: every rank).
---kill-in-export SIGKILLs the process halfway through writing the first export's weights (the
-file is cut to half its size), as a kill during an export of a large model would.
+--kill-in-export NAME SIGKILLs the process halfway through writing the weights of the first export
+named NAME (model: a stage's export; init: the demo's start; the file is cut to half its size),
+as a kill during the export of a large model would.
 The step loop knows nothing of this: torch's global optimizer-step hook remembers the optimiser
 that stepped last, and run_folder.record is wrapped to watch the step records go by.
 """
@@ -40,13 +41,15 @@ def inject_nan(opt, weights):
         (t.to_local() if hasattr(t, "to_local") else t).view(-1)[:1].fill_(float("nan"))
 
 
-def kill_in_export():
+def kill_in_export(name):
     import hf_folder
 
     save_file = hf_folder.save_file
 
     def half_then_kill(tensors, path, **kw):
         save_file(tensors, path, **kw)
+        if not os.path.basename(os.path.dirname(path)).startswith(f".{name}."):  # the hidden folder of the export
+            return
         with open(path, "rb+") as f:
             f.truncate(os.path.getsize(path) // 2)
         os.kill(os.getpid(), 9)
@@ -80,7 +83,7 @@ def main():
     p.add_argument("--nan-at", default=None)
     p.add_argument("--oom-at", default=None)
     p.add_argument("--rank", default=None, help="only this rank gets the faults")
-    p.add_argument("--kill-in-export", action="store_true")
+    p.add_argument("--kill-in-export", default=None, metavar="NAME")
     p.add_argument("--entry", default="train", help="the module whose main() runs: train or experiments.arms")
     p.add_argument("flags", nargs=argparse.REMAINDER)
     a = p.parse_args()
@@ -88,7 +91,7 @@ def main():
     if a.rank is None or a.rank == os.environ.get("RANK", "0"):
         install(a.kill_at, a.nan_at, a.oom_at)
     if a.kill_in_export and (a.rank is None or a.rank == os.environ.get("RANK", "0")):
-        kill_in_export()
+        kill_in_export(a.kill_in_export)
     entry = importlib.import_module(a.entry)
     # The entry's error messages name it, as when it is launched directly.
     sys.argv = [os.path.join(ROOT, *a.entry.split(".")) + ".py", *flags]
