@@ -235,7 +235,7 @@ def open_run(args, world):
             by_content = {"out"} | ({k for k in fingerprint.INPUT_FLAGS if old.get(k) and settings.get(k)}
                                     if "inputs" in old else set())
             diff = sorted(k for k in settings if old.get(k) != settings[k]
-                          and k not in RESUMABLE_CHANGES and k not in by_content)
+                          and k not in RESUMABLE_CHANGES and k not in by_content and not _was_fitted(k, old, settings))
             if diff:
                 raise InputError(f"{saved}: --resume with different settings: " + ", ".join(
                     f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in diff) + " (only "
@@ -268,6 +268,14 @@ def open_run(args, world):
         raise
     _HELD.append(lock)
     return lock
+
+
+def _was_fitted(k, old, new):
+    """A length left unset, which train_args.fit_lengths now fits to the model, against a run
+    started before that, which recorded the recipe's value: the same run (the model, unchanged, had
+    room for the recipe's lengths, or that run would have been refused)."""
+    from train_args import FITTED, RECIPE
+    return k in FITTED and new[k] is None and not new.get("demo") and old.get(k) == getattr(RECIPE, k)
 
 
 def warn_same_data(settings):

@@ -55,7 +55,7 @@ from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
 from stage import Stage, StageEnv, run_stage, split_batch
-from train_args import parse_args
+from train_args import fit_lengths, parse_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +190,10 @@ def prepare(cfg, device):
     check_batches(cfg.train, len(train_ex), train_path)  # fail now, not after generating for an hour
     config = read_config(init_dir)
     generate.check_vocab(tok, config.vocab_size, init_dir)  # fail now, not mid-SFT
+    cfg, note = fit_lengths(cfg, config.max_position_embeddings)  # the recipe's lengths left unset
+    d = cfg.data
+    if note:
+        log(note)
     need = max(d.max_length, d.max_prompt_length + cfg.gen.max_new_tokens)
     if need > config.max_position_embeddings:  # fail now, not after an hour of SFT
         raise InputError(f"{init_dir}: the model has {config.max_position_embeddings} positions, but "

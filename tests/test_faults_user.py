@@ -217,3 +217,17 @@ def test_interactive_keeps_the_conversation_when_a_message_is_too_long(model_dir
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "it exceeds the model's 256 positions: shorten it)" in p.stderr, p.stderr
     assert "starting over" not in p.stderr, p.stderr  # the first turn was not thrown away
+
+
+def test_train_recipe_lengths_fit_the_model(tmp_path, model_dir):
+    """The recipe's --max-length 1024 (and 512 + 256) refused every model of fewer positions when
+    left unset; now fitted to the fixture's 256. A length given is still checked."""
+    data = write_jsonl(tmp_path / "d.jsonl", [qa(i) for i in range(20)])
+    flags = ["--model", model_dir, "--data", data, "--batch-size", "8", "--micro-batch-size", "8", "--iterations", "1",
+             "--eval-prompts", "2", "--gen-batch-size", "8", "--epochs", "1"]
+    p = cli("train.py", "--out", tmp_path / "run", *flags)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert ("the model has 256 positions: the recipe's lengths fitted to them: --max-length 256, "
+            "--max-prompt-length 128, --max-new-tokens 128") in p.stdout, p.stdout[-3000:]
+    p = cli("train.py", "--out", tmp_path / "run2", *flags, "--max-length", "1024")
+    assert_user_error(p, "the model has 256 positions, but --max-length 1024")
