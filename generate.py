@@ -517,7 +517,7 @@ def parse_args(argv=None):
     ap.add_argument("--iteration", type=non_negative_int, default=0)
     # -- lengths (the training truncation rule, data/pairs.py)
     ap.add_argument("--max-prompt-length", type=positive_int, default=None,
-                    help="default 512, or half of --max-length when that is shorter")
+                    help="default 512, or half of --max-length or of the model's positions when shorter")
     ap.add_argument("--max-length", type=positive_int, default=None,
                     help="default 1024, or the model's positions when fewer")
     # -- hardware
