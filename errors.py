@@ -188,16 +188,101 @@ def positive_list(text):
 
 
 # ----------------------------------------------------------------------------------------------
+# Where the process is: for the messages of a stop it did not choose (memory ran out, a peer
+# died, SIGTERM). train.py says what it is doing (doing), run_folder.record which step it logged.
+
+WHERE = {"phase": None, "step": None, "resume": None}
+_PHASES = {"sft": "training", "train": "training", "baseline": "training", "generate": "generating",
+           "evaluate": "evaluating"}
+
+
+def doing(phase):
+    WHERE["phase"] = _PHASES.get(phase, phase)
+
+
+def where():
+    """'at spin1 step 10', 'while generating (after spin0 step 8)', or '' when nothing is known."""
+    phase, step = WHERE["phase"], WHERE["step"]
+    if phase == "training" and step:
+        return f"at {step}"
+    if phase:
+        return f"while {phase}" + (f" (after {step})" if step else "")
+    return f"after {step}" if step else ""
+
+
+def resume_hint():
+    """How to continue: the resume command run_folder.stop_on_sigterm recorded, else the same
+    command again (generate.py keeps its finished parts)."""
+    cmd = WHERE["resume"]
+    return f"resume with: {cmd}" if cmd else "run the same command again to continue (finished parts are kept)"
+
+
+# What lowers the memory of each phase.
+_MEMORY_FLAGS = {"generating": "--gen-batch-size (prompts sampled at once)",
+                 "evaluating": "--gen-batch-size (prompts scored at once)",
+                 "training": "--micro-batch-size (pairs per forward), --activation-checkpointing or --max-length"}
+
+
+def out_of_memory(e):
+    """The one line for an allocation that failed, or None when `e` is no such failure."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()):
+        return None
+    prog = os.path.basename(sys.argv[0])
+    phase = WHERE["phase"]
+    if prog == "generate.py":
+        flags = "--batch-size, --max-new-tokens or --max-length"
+    else:
+        flags = _MEMORY_FLAGS.get(phase, "--gen-batch-size (generation, evaluation) or --micro-batch-size, "
+                                         "--activation-checkpointing (training)")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    first = first[first.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in first else first
+    first = first.split(" bytes.")[0] + " bytes" if "tried to allocate" in first and " bytes." in first else first
+    first = first if len(first) <= 160 else first[:160].rsplit(" ", 1)[0] + " ..."
+    return (f"out of memory {where() or 'in this process'} ({first}): lower {flags}, or free memory; "
+            f"{resume_hint()}")
+
+
+def peer_died(dead):
+    """The line every surviving rank prints when another rank died without a word."""
+    return (f"{' and '.join(dead)} died without a word (killed, e.g. by the out-of-memory killer or a kill -9, or "
+            f"crashed in native code; torchrun's summary names its exit), so rank {parallel.rank()} stopped"
+            f"{' ' + where() if where() else ''}; {resume_hint()}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The boundary
+
+class Stopped(UserError):
+    """Stopped by something outside this code: memory ran out, or another rank died."""
+
+
+def _stops_named(main):
+    """main(), with the failures that are no bug of this code named in one line (Stopped): a
+    collective broken because a peer rank died without a word, an allocation refused."""
+    try:
+        main()
+    except (KeyboardInterrupt, SystemExit, UserError, parallel.PeerFailed):
+        raise
+    except BaseException as e:
+        if parallel.peer_failed():  # a peer failed and said why: this is its consequence (run_command)
+            raise
+        line = peer_died(dead) if (dead := parallel.dead_peers(wait=3.0)) else out_of_memory(e)
+        if line is None:
+            raise
+        raise Stopped(line) from None
+
 
 def run_command(main):
     """Run an entry point's main(). A UserError prints one line (once over all ranks) and exits 1,
     and so does a write the system refused (disk full, permission denied, read-only: an OSError
-    naming its path); a rank that fails because another rank failed first exits 1 without a
-    word; anything else is a bug in this code and keeps its traceback."""
+    naming its path), memory that ran out and a peer rank that died (Stopped); a rank that fails
+    because another rank failed first exits 1 without a word; anything else is a bug in this code
+    and keeps its traceback."""
     prog = os.path.basename(sys.argv[0])
     try:
-        main()
+        _stops_named(main)
     except UserError as e:
         if parallel.first_report(str(e)):
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)

@@ -507,7 +507,8 @@ def parse_args(argv=None):
     ap.add_argument("--interactive", action="store_true", help="chat with the model on the terminal")
     ap.add_argument("--format", choices=["text", "jsonl"], default="text", help="how --prompt answers are printed")
     # -- sampling
-    ap.add_argument("--max-new-tokens", type=positive_int, default=256)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None,
+                    help="default 256, or what the model's positions leave (fit_lengths)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=probability, default=1.0)
     ap.add_argument("--top-k", type=non_negative_int, default=0)
@@ -515,8 +516,10 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--iteration", type=non_negative_int, default=0)
     # -- lengths (the training truncation rule, data/pairs.py)
-    ap.add_argument("--max-prompt-length", type=positive_int, default=512)
-    ap.add_argument("--max-length", type=positive_int, default=1024)
+    ap.add_argument("--max-prompt-length", type=positive_int, default=None,
+                    help="default 512, or half of --max-length or of the model's positions when shorter")
+    ap.add_argument("--max-length", type=positive_int, default=None,
+                    help="default 1024, or the model's positions when fewer")
     # -- hardware
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
@@ -534,6 +537,26 @@ def parse_args(argv=None):
     if args.out and not args.out.lower().endswith(".parquet"):
         ap.error(f"--out {args.out}: the output is Parquet, so its name must end in .parquet")
     return args
+
+
+DEFAULT_LENGTHS = {"max_new_tokens": 256, "max_prompt_length": 512, "max_length": 1024}
+
+
+def fit_lengths(args, limit):
+    """The length flags left unset take their defaults cut to the model's `limit` positions (a
+    demo export has 128), so the defaults always fit; flags given are kept, and checked later
+    against the model (chat, generate_dataset). Returns a note naming what was cut, or None."""
+    given = {k for k in DEFAULT_LENGTHS if getattr(args, k) is not None}
+    if args.max_length is None:
+        args.max_length = min(DEFAULT_LENGTHS["max_length"], limit)
+    if args.max_prompt_length is None:
+        args.max_prompt_length = min(DEFAULT_LENGTHS["max_prompt_length"], args.max_length // 2, limit // 2)
+    if args.max_new_tokens is None:
+        room = limit // 2 if args.chat else limit - args.max_prompt_length  # a chat's prompt: up to half
+        args.max_new_tokens = max(1, min(DEFAULT_LENGTHS["max_new_tokens"], room))
+    cut = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in DEFAULT_LENGTHS
+           if k not in given and getattr(args, k) != DEFAULT_LENGTHS[k] and (not args.chat or k == "max_new_tokens")]
+    return f"the model has {limit} positions: defaults fitted to them: {', '.join(cut)}" if cut else None
 
 
 def load_format(model_dir, tokenizer=None, chat_template=None):
@@ -566,6 +589,9 @@ def chat(model, fmt, args):
             print(json.dumps({"prompt": p, "answer": answer}) if args.format == "jsonl" else f">>> {p}\n{answer}\n",
                   flush=True)
         return
+    if sys.stdin is None or sys.stdin.closed:  # `generate.py --interactive <&-`: input() would fail
+        raise InputError("--interactive reads the messages from stdin, which is closed: run it in a terminal, or "
+                         "pipe the messages in (one a line), or pass them with --prompt")
     print(f"chatting with {args.model} ({fmt.name}); an empty line starts over, Ctrl-D ends", file=sys.stderr)
     messages = list(system)
     turn = 0
@@ -578,15 +604,15 @@ def chat(model, fmt, args):
         if not line.strip():
             messages = list(system)
             continue
-        messages.append({"role": "user", "content": line})
-        if len(fmt.prompt_ids(messages)) + args.max_new_tokens > limit and len(messages) > len(system) + 1:
-            print(f"(the conversation has outgrown the model's {limit} positions: starting over)", file=sys.stderr)
-            messages = list(system) + messages[-1:]
-        if (n := len(fmt.prompt_ids(messages))) + args.max_new_tokens > limit:
+        message = {"role": "user", "content": line}
+        if (n := len(fmt.prompt_ids(system + [message]))) + args.max_new_tokens > limit:  # the conversation is kept
             print(f"(that message is {n} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the model's "
                   f"{limit} positions: shorten it)", file=sys.stderr)
-            messages.pop()
             continue
+        messages.append(message)
+        if len(fmt.prompt_ids(messages)) + args.max_new_tokens > limit:
+            print(f"(the conversation has outgrown the model's {limit} positions: starting over)", file=sys.stderr)
+            messages = list(system) + [message]
         out = sample(model, [fmt.prompt_ids(messages)], prompt_ids=[turn], **kw)[0]
         answer = answer_text(fmt.tok, out.tokens)
         print(answer, flush=True)
@@ -605,7 +631,10 @@ def main(argv=None):
         torch.cuda.set_device(device)
     check_model_folder(args.model)  # a missing folder or one of pickles, named before its tokenizer
     fmt = load_format(args.model, args.tokenizer, args.chat_template)
-    check_vocab(fmt.tok, read_config(args.model).vocab_size, f"{args.model} with {fmt.tok.path}")
+    config = read_config(args.model)
+    check_vocab(fmt.tok, config.vocab_size, f"{args.model} with {fmt.tok.path}")
+    if (note := fit_lengths(args, config.max_position_embeddings)) and rank == 0:
+        print(note, file=sys.stderr)
     if args.chat:
         chat(spin_kernels.install(load_model(args.model, dtype=args.dtype, device=device), args.kernels), fmt, args)
         return None
@@ -615,7 +644,7 @@ def main(argv=None):
                     device=str(device))
     if rank == 0:
         print("generate settings:", json.dumps(settings, indent=1))
-    examples, report = read_examples(args.data, on_error=args.on_bad_row)
+    examples, report = read_examples(args.data, on_error=args.on_bad_row, need_answer=True)
     if report.skipped:
         print(report.summary(), file=sys.stderr)
     examples = examples[:args.num_prompts] if args.num_prompts else examples

@@ -161,11 +161,19 @@ def checkpoint_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise InputError(f"{index}: not a valid safetensors index ({e!r})") from None
+        try:
+            with open(index, encoding="utf-8") as f:
+                doc = json.load(f)
+            if not isinstance(doc, dict):
+                raise TypeError(f"it holds a JSON {type(doc).__name__}, not an object")
+            weight_map = doc["weight_map"]
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise TypeError("'weight_map' is not a map of tensor names to file names")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{index}: not UTF-8 text (byte {e.start}), so not a safetensors index") from None
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError; a list has no ["weight_map"]
+            raise InputError(f"{index}: not a valid safetensors index ({e if isinstance(e, TypeError) else repr(e)}): "
+                             "expected a JSON object with a 'weight_map' of tensor names to shard files") from None
         files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):

@@ -3,9 +3,13 @@ work, metric reduction and the fixed parts that make 1 and N processes compute t
 
 `python train.py` is a world of one on the same code path as `torchrun --nproc_per_node=N`.
 """
+import atexit
 import hashlib
+import json
 import os
 import socket
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,6 +44,9 @@ def init_group(backend, device_id=None):
     r, w = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store, _, _ = next(dist.rendezvous("env://", r, w))
     _group["store"] = store
+    if w > 1:  # who each rank is, so that the others can tell when it died without a word (dead_peers)
+        store.set(f"spin/pid/{r}", json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        atexit.register(mark_exit)
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=r, world_size=w,
                             device_id=device_id)
 
@@ -120,6 +127,59 @@ def peer_failed():
         return store.check(["spin/failed"])
     except Exception:  # the store's host (rank 0, or torchrun's agent) is gone
         return True
+
+
+def mark_exit():
+    """This rank ends on its own terms (an error it reports, SIGTERM, the end of the run): a peer
+    that finds it gone then knows it did not die (dead_peers)."""
+    store = _group.get("store")
+    if store is None or _group.get("exited"):
+        return
+    _group["exited"] = True
+    try:
+        store.set_timeout(timedelta(seconds=5))  # on the way out: never wait long for a store that is gone
+        store.set(f"spin/exit/{rank()}", "1")
+    except Exception:
+        pass
+
+
+def _gone(pid):
+    """True when no process `pid` runs on this machine (or only its zombie, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def dead_peers(wait=0.0):
+    """The other ranks of this machine that died without a word (SIGKILL, the out-of-memory killer,
+    a crash in C code): their process is gone and they never marked an exit. ["rank 1 (pid 123)"];
+    [] when none, or when it cannot be told (one process, no store). Ranks on other machines are
+    not seen. wait: seconds to keep looking, for a collective that broke as a peer's sockets were
+    closed, which the kernel does before the process is gone."""
+    store, host = _group.get("store"), socket.gethostname()
+    if store is None or world() == 1:
+        return []
+    deadline = time.time() + wait
+    try:
+        store.set_timeout(timedelta(seconds=5))  # called on the way out
+        peers = {r: json.loads(store.get(f"spin/pid/{r}")) for r in range(world())
+                 if r != rank() and store.check([f"spin/pid/{r}"])}
+        while True:
+            dead = [f"rank {r} (pid {who['pid']})" for r, who in peers.items()
+                    if who["host"] == host and _gone(who["pid"]) and not store.check([f"spin/exit/{r}"])]
+            if dead or time.time() >= deadline:
+                return dead
+            time.sleep(0.1)
+    except Exception:  # the store's host is gone too: nothing can be told
+        return []
 
 
 def reduce_sums(sums, op="sum"):

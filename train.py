@@ -45,7 +45,7 @@ import report
 import run_folder
 from settings import Config, TrainSettings, settings
 from data import export_files, pairs, readers, task
-from errors import InputError, run_command
+from errors import InputError, doing, run_command
 from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
 from heldout import evaluate
@@ -55,7 +55,7 @@ from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
 from stage import Stage, StageEnv, run_stage, split_batch
-from train_args import parse_args
+from train_args import fit_lengths, parse_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +91,7 @@ class Run:
 
 
 def timed(run, name, fn):
+    doing(name)  # what a stop (SIGTERM, memory, a rank that died) says the run was doing
     t0 = time.time()
     result = fn()
     run.timings[name] = run.timings.get(name, 0.0) + time.time() - t0
@@ -189,6 +190,10 @@ def prepare(cfg, device):
     check_batches(cfg.train, len(train_ex), train_path)  # fail now, not after generating for an hour
     config = read_config(init_dir)
     generate.check_vocab(tok, config.vocab_size, init_dir)  # fail now, not mid-SFT
+    cfg, note = fit_lengths(cfg, config.max_position_embeddings)  # the recipe's lengths left unset
+    d = cfg.data
+    if note:
+        log(note)
     need = max(d.max_length, d.max_prompt_length + cfg.gen.max_new_tokens)
     if need > config.max_position_embeddings:  # fail now, not after an hour of SFT
         raise InputError(f"{init_dir}: the model has {config.max_position_embeddings} positions, but "
@@ -222,7 +227,10 @@ def start(cfg, extra_settings=None):
     run_folder.stop_on_sigterm()  # rank 0 says where the run stopped and how to resume it
     # Rank 0 locks the run folder for as long as it lives, so a second run on it is refused, and
     # checks it; every rank learns the verdict, so none waits forever.
-    parallel.on_rank0(lambda: run_folder.open_run(folder_settings(cfg, extra_settings), world))
+    flat = folder_settings(cfg, extra_settings)
+    parallel.on_rank0(lambda: run_folder.open_run(flat, world))
+    # A --resume keeps the finished iterations' --beta and --lr (run_folder.kept_values).
+    cfg = replace(cfg, spin=replace(cfg.spin, **parallel.from_rank0({k: getattr(flat, k) for k in ("beta", "lr")})))
     parallel.on_rank0(lambda: live_curves.start(cfg.run.out, cfg.run.report_to))  # --report-to, if asked
     return prepare(cfg, device)
 

@@ -5,6 +5,7 @@ code below train.main sees."""
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import demo
 from settings import (Config, DataConfig, DemoConfig, GenConfig, Preset, RunConfig, SftConfig, SpinConfig,
@@ -21,6 +22,28 @@ RECIPE = Preset(iterations=4, beta=[0.1, 0.1, 0.1, 5.0], lr=[5e-7, 5e-7, 1e-7, 1
                 batch_size=64, micro_batch_size=1, optimizer="rmsprop", max_new_tokens=256,
                 temperature=1.0, max_length=1024, max_prompt_length=512, mix_previous=True,
                 eval_prompts=500, baseline=False, ckpt_every=200, gen_batch_size=32)
+
+
+# The recipe's lengths are the most it uses: left unset, each is cut to what the model's positions
+# hold (fit_lengths), so the defaults fit any model; a length given is kept, and checked.
+FITTED = ("max_length", "max_prompt_length", "max_new_tokens")
+
+
+def fit_lengths(cfg, positions):
+    """cfg with the lengths left unset (None, the recipe's) fitted to a model of `positions`
+    positions, and a note naming those cut below the recipe's (or None)."""
+    d, g = cfg.data, cfg.gen
+    ml = d.max_length if d.max_length is not None else min(RECIPE.max_length, positions)
+    mpl = d.max_prompt_length if d.max_prompt_length is not None else \
+        min(RECIPE.max_prompt_length, ml // 2, positions // 2)
+    mnt = g.max_new_tokens if g.max_new_tokens is not None else max(1, min(RECIPE.max_new_tokens, positions - mpl))
+    got = {"max_length": ml, "max_prompt_length": mpl, "max_new_tokens": mnt}
+    cut = [f"--{k.replace('_', '-')} {got[k]}" for k in FITTED
+           if (d.max_length, d.max_prompt_length, g.max_new_tokens)[FITTED.index(k)] is None
+           and got[k] != getattr(RECIPE, k)]
+    cfg = replace(cfg, data=replace(d, max_length=ml, max_prompt_length=mpl), gen=replace(g, max_new_tokens=mnt))
+    return cfg, (f"the model has {positions} positions: the recipe's lengths fitted to them: {', '.join(cut)}"
+                 if cut else None)
 
 
 def report_list(text):
@@ -114,7 +137,7 @@ def resolve(p, args):
         p.error("--task, --task-digits and --val-prompts belong to the embedded demo (no --model)")
     preset = demo.DEFAULTS if is_demo else RECIPE
     for k, v in vars(preset).items():
-        if getattr(args, k, None) is None:
+        if getattr(args, k, None) is None and (is_demo or k not in FITTED):  # FITTED: fit_lengths, later
             setattr(args, k, v)
     if not is_demo and not args.data:
         p.error("--model needs --data (training prompts with ground truth)")

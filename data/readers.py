@@ -116,7 +116,9 @@ def _raw_rows(path):
         yield from enumerate(rows, start=1)
         return
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that row's error, not a crash
-        lines = f.read().splitlines()  # \n, \r\n or \r, as text mode's universal newlines
+        data = f.read()
+    # A UTF-8 byte order mark, which Windows editors write at the start of a file: not part of row 1.
+    lines = data.removeprefix(b"\xef\xbb\xbf").splitlines()  # \n, \r\n or \r, as universal newlines
     for line_no, raw in enumerate(lines, start=1):
         try:
             line = raw.decode("utf-8")
@@ -172,7 +174,16 @@ def _split_conversation(messages):
     return messages[:last], messages[last]["content"]
 
 
-def _convert(row, layout):
+def _convert(row, layout, need_answer):
+    ex = _convert_layout(row, layout)
+    if need_answer and not ex.response.strip():  # it would train as an answer of EOS alone
+        field = {"spin": "real", "messages": "messages"}.get(layout, "response")
+        raise DataError(f"field '{field}': the answer (the last assistant turn) is empty: nothing to learn from; "
+                        "fill it in, or drop the row (--on-bad-row skip)")
+    return ex
+
+
+def _convert_layout(row, layout):
     if layout == "spin":
         real = _messages(row, "real", prompt=False)
         generated = _messages(row, "generated", prompt=False)
@@ -196,8 +207,9 @@ def _convert(row, layout):
     return Example(prompt, response, generated, extras)
 
 
-def read_examples(path, *, layout="auto", on_error="raise"):
-    """Read a file into Examples. Returns (examples, ReadReport)."""
+def read_examples(path, *, layout="auto", on_error="raise", need_answer=False):
+    """Read a file into Examples. Returns (examples, ReadReport). need_answer: a row whose answer
+    is empty is bad (training data: it would teach an answer of EOS alone)."""
     path = os.fspath(path)
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -219,7 +231,7 @@ def read_examples(path, *, layout="auto", on_error="raise"):
         try:
             if isinstance(row, str):
                 raise DataError(row)
-            examples.append(_convert(row, report.layout))
+            examples.append(_convert(row, report.layout, need_answer))
         except DataError as e:
             msg = f"{path}: row {row_no}: {e}"
             if on_error == "raise":
@@ -302,13 +314,13 @@ def load_splits(train_path, eval_path=None, *, num_prompts=None, eval_prompts=50
     """(train examples, held-out examples) for a run: read and validated, sampled by seed, and the
     held-out prompts either from eval_path or split from the training sample (at most a tenth).
     SPIN-layout files carry an old `generated` answer: it is dropped, p_t answers anew."""
-    train, rep = read_examples(train_path, on_error=on_error)
+    train, rep = read_examples(train_path, on_error=on_error, need_answer=True)
     log(f"data: {rep.summary()}")
     if not train:
         raise DataError(f"{train_path}: no usable rows (all {rep.rows} skipped; see the reasons above)")
     train = sample_examples(train, num_prompts, seed)
     if eval_path:
-        held, rep = read_examples(eval_path, on_error=on_error)
+        held, rep = read_examples(eval_path, on_error=on_error, need_answer=True)
         log(f"eval data: {rep.summary()}")
         if not held:
             raise DataError(f"{eval_path}: no usable rows (all {rep.rows} skipped; see the reasons above)")
@@ -324,5 +336,17 @@ def load_splits(train_path, eval_path=None, *, num_prompts=None, eval_prompts=50
         log(f"using {len(train)} training prompts and {len(held)} held-out prompts split from them "
             f"(--eval-prompts {eval_prompts}, capped at a tenth of the {len(train) + len(held)} prompts "
             f"sampled; pass --eval-data for a separate held-out file)")
+    warn_repeated_prompts(train, held, eval_path or train_path, log)
     strip = lambda exs: [Example(e.prompt, e.response) for e in exs]  # noqa: E731
     return strip(train), strip(held)
+
+
+def warn_repeated_prompts(train, held, held_path, log):
+    """A held-out prompt that is also a training prompt (a file that repeats prompts, split by
+    row) measures memory, not generalisation: say how many there are."""
+    seen = {json.dumps(ex.prompt, sort_keys=True) for ex in train}
+    n = sum(json.dumps(ex.prompt, sort_keys=True) in seen for ex in held)
+    if n:
+        log(f"WARNING: {held_path}: {n} of the {len(held)} held-out prompts are also training prompts (the data "
+            "repeats prompts), so the held-out metrics are partly measured on training prompts; deduplicate the "
+            "file, or pass --eval-data FILE with other prompts")

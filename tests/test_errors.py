@@ -126,7 +126,7 @@ def test_rank0_only_refusal_under_torchrun_is_said_once(tmp_path):
     failed and stops without a word (before: 'Connection closed by peer' from rank 1)."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"written_by": "train.py"}')  # a run of ours (run_folder.MARK)
     (out / "metrics.jsonl").write_text('{"type": "step"}\n')
     p = cli("train.py", "--out", out, procs=2)
     assert_user_error(p, str(out), "already holds a run", "--resume")
