@@ -127,6 +127,7 @@ def test_refilled_rows_equal_static_batches(ckpt, lengths, rows, max_new, eos, m
         got = sample(model, prompts, **kw)
     finally:
         slots.COMPACT_AT = old
+    assert len(got) == len(ref) == len(prompts)
     for r, g in zip(ref, got):
         assert (g.tokens, g.finished) == (r.tokens, r.finished)
         assert max((abs(x - y) for x, y in zip(g.logprobs, r.logprobs)), default=0) <= 1e-5
