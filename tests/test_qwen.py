@@ -120,6 +120,7 @@ def test_greedy_answers_equal_transformers(qwen):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ours = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [o["prompt"] for o in ours] == QUESTIONS  # one answer per prompt, in order
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for q, o in zip(QUESTIONS, ours):
