@@ -15,7 +15,6 @@ from data.template import ChatFormat
 import spin_kernels
 from hf_folder import load_model
 
-transformers = pytest.importorskip("transformers")
 from hf_tiny import random_hf_mistral  # noqa: E402
 
 VOCAB = 97

@@ -7,7 +7,6 @@ truth first on some pairs only, and the scorer accepts the greedy answer of some
 import json
 
 import torch
-import transformers
 
 import heldout
 from data import task

@@ -100,7 +100,7 @@ def test_first_spin_step_is_log2(single):
 
 
 def test_exports_load_in_transformers(single):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     out, _ = single
     from hf_folder import load_model
     folder = os.path.join(out, "iter1", "model")
@@ -224,8 +224,8 @@ def test_recipe_path_on_a_hugging_face_folder(tmp_path, tied):
     tokenizer), official SPIN-layout Parquet data, the recipe's defaults (beta schedule,
     mixing in iteration t-1's data rescored by p_t), two iterations, no task metric; with
     untied and tied embeddings (FSDP and the exports must keep one shared tensor)."""
-    pytest.importorskip("transformers")
-    mistral_common = pytest.importorskip("mistral_common")
+    import mistral_common
+    import transformers
     from hf_tiny import random_hf_mistral
     from data.readers import Example, write_examples
     model = tmp_path / "model"
@@ -259,7 +259,6 @@ def test_recipe_path_on_a_hugging_face_folder(tmp_path, tied):
         assert abs(first["loss"] - math.log(2)) < 1e-4 and first["steps"] == int(2 * (n_pairs // 8))
     evals = [r for r in records(out) if r["type"] == "eval"]
     assert len(evals) == 3 and all("exact_match" not in r for r in evals)
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "model")
     assert hf.config.tie_word_embeddings == tied
     assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight) == tied
