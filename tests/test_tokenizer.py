@@ -3,7 +3,6 @@ on the real Mistral-7B v0.1 tokenizer.model (shipped by mistral-common)."""
 
 import os
 import shutil
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -141,9 +140,7 @@ def test_missing_and_corrupt_file(tmp_path):
 
 def test_train_tokenizer_layout_deterministic_and_parity(tmp_path):
     texts = [f"{a}+{b}: {a + b} and some words, émigré 日本" for a in range(0, 400, 7) for b in range(3, 300, 41)]
-    t0 = time.time()
     p1 = train_tokenizer(texts, tmp_path / "a", vocab_size=320)
-    assert time.time() - t0 < 5
     p2 = train_tokenizer(texts, tmp_path / "b", vocab_size=320)
     assert open(p1, "rb").read() == open(p2, "rb").read()
     assert sorted(os.listdir(tmp_path / "a")) == ["tokenizer.model"]  # no temp file left
