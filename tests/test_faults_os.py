@@ -3,6 +3,7 @@ folder the user cannot write (root without CAP_DAC_OVERRIDE, via setpriv), SIGTE
 line in metrics.jsonl, inputs edited before a --resume. Each is one line naming the path and the
 cause and leaves nothing half-written; --resume after a full disk gives the losses of an
 uninterrupted run."""
+import errno
 import json
 import os
 import re
@@ -87,10 +88,12 @@ def test_full_disk_is_one_line_and_resume_gives_the_same_losses(small_disk, refe
     assert losses(out) == reference, line
 
 
-def test_full_disk_in_the_middle_of_a_checkpoint_write(tmp_path):
+def test_full_disk_in_the_middle_of_a_checkpoint_write(tmp_path, monkeypatch):
     """torch's writer reports a full disk as `[enforce fail at inline_container.cc] unexpected
     pos`: with the free-space check passed (the space went between the check and the write),
-    the error still names the disk, and the partial .tmp-step folder is gone."""
+    the error still names the disk, and the partial .tmp-step folder is gone. A real 200 KB
+    tmpfs where root can mount one; elsewhere the writer fails as it does there, on a disk
+    that reports no free space once the check has passed."""
     import torch
 
     import checkpoint
@@ -100,7 +103,14 @@ def test_full_disk_in_the_middle_of_a_checkpoint_write(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
     if os.geteuid() != 0 or not can(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)]):
-        pytest.skip("needs root and tmpfs to make a small filesystem")
+        real_usage = shutil.disk_usage
+
+        def save(state, checkpoint_id):  # writes a part, then the disk is full
+            os.makedirs(checkpoint_id, exist_ok=True)
+            open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb").write(b"x" * 1000)
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054")
+        monkeypatch.setattr(checkpoint.dcp, "save", save)
     try:
         parallel.setup()
         model = torch.nn.Linear(256, 256)
@@ -136,18 +146,20 @@ def test_sigterm_says_where_and_how_to_resume(tmp_path):
     assert not leftovers(out), leftovers(out)
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
 def test_read_only_folders_are_one_line(tmp_path, model_dir):
-    if os.geteuid() != 0:
-        pytest.skip("runs as root and drops CAP_DAC_OVERRIDE")
+    """A folder without write permission: its mode stops any user but root; root runs the
+    commands without CAP_DAC_OVERRIDE (setpriv), which would let it write anyway."""
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE with")
+    prefix = DROP_CAPS if os.geteuid() == 0 else []
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o555)
-    p = train(ro / "run", prefix=DROP_CAPS)
+    p = train(ro / "run", prefix=prefix)
     assert_user_error(p, f"cannot write {ro}/run: permission denied")
     assert os.listdir(ro) == []
     data = write_jsonl(tmp_path / "d.jsonl", [qa(i) for i in range(4)])
-    p = subprocess.run([*DROP_CAPS, sys.executable, "generate.py", "--model", str(model_dir), "--data", str(data),
+    p = subprocess.run([*prefix, sys.executable, "generate.py", "--model", str(model_dir), "--data", str(data),
                         "--out", str(ro / "o.parquet"), "--max-new-tokens", "4", "--max-length", "64",
                         "--max-prompt-length", "32"],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
@@ -229,14 +241,21 @@ def test_report_drops_a_torn_last_line(tmp_path, capsys):
     assert capsys.readouterr().err.count("dropped a torn last line (line 2)") == 1
 
 
-def test_read_only_filesystem_names_the_file(tmp_path):
+def test_read_only_filesystem_names_the_file(tmp_path, monkeypatch):
     from checkpoint import write_json
     from errors import DiskError
 
     mnt = tmp_path / "ro"
     mnt.mkdir()
     if os.geteuid() != 0 or not can(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)]):
-        pytest.skip("needs root and tmpfs to make a read-only filesystem")
+        # No mount without root: the system's answer inside that folder is injected instead.
+        real = os.makedirs
+
+        def makedirs(path, *a, **kw):
+            if str(path).startswith(str(mnt)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real(path, *a, **kw)
+        monkeypatch.setattr(os, "makedirs", makedirs)
     try:
         with pytest.raises(DiskError, match=f"^cannot write {mnt}/a/x.json: read-only file system$"):
             write_json(mnt / "a" / "x.json", {})
