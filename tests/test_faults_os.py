@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from test_errors import ROOT, assert_user_error, cli, model_dir, qa, write_jsonl  # noqa: F401 (a fixture)
+from test_errors import PROJECT_FRAME, ROOT, assert_user_error, cli, model_dir, qa, write_jsonl  # noqa: F401 (a fixture)
 
 # SFT alone (--sft) on the demo, a checkpoint after every update: the shortest run with checkpoints.
 SFT = ["--sft", "--num-prompts", "48", "--eval-prompts", "8", "--sft-steps", "4", "--sft-lr", "3e-3",
@@ -261,3 +261,40 @@ def test_read_only_filesystem_names_the_file(tmp_path, monkeypatch):
             write_json(mnt / "a" / "x.json", {})
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_torchrun_run_holds_the_lock_and_sigterm_says_how_to_resume(tmp_path):
+    """The torchrun side of stopping and locking: while a two-rank run lives, another command
+    on its folder is refused naming the torchrun pid; SIGTERM to torchrun (what `kill` of the
+    launcher or a scheduler sends; torchrun passes it on to the ranks) ends the run with one line
+    from rank 0 giving the torchrun command that resumes it, leaves nothing half-written, and
+    frees the folder."""
+    from run_folder import open_run
+    from train import folder_settings, parse_args
+
+    out = tmp_path / "run"
+    flags = [*SFT, "--micro-batch-size", "8", "--sft-steps", "1000"]  # alive for as long as the test needs
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "--out", str(out), *flags], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "sft" / "ckpt" / "step-2").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        p = train(out, *flags[len(SFT):], "--resume")  # a second writer while the run lives
+        assert_user_error(p, f"{out} is in use by a live run", f"started by torchrun pid {proc.pid}")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, stderr[-3000:]
+    lines = [l for l in stderr.splitlines() if "stopped by SIGTERM" in l]
+    # rank 0 alone says it; torchrun prints its own SignalException traceback, but no frame of
+    # this project's code may show
+    assert len(lines) == 1 and not PROJECT_FRAME.search(stderr), stderr[-3000:]
+    assert re.search(r"train\.py: stopped by SIGTERM at sft step \d+; resume with: ", lines[0]), lines[0]
+    assert lines[0].endswith(f"resume with: torchrun --nproc_per_node=2 train.py --out {out} {' '.join(flags)} --resume"), lines[0]
+    assert not leftovers(out), leftovers(out)
+    open_run(folder_settings(parse_args(["--out", str(out), *flags, "--resume"])), world=1).close()  # free again
