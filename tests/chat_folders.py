@@ -59,7 +59,7 @@ def llama3_folder(folder, *, config=None, generation=True):
     """A Llama-3-style tokenizer folder: byte-level BPE (vocab ~600) trained here, Llama 3's split
     pattern and special tokens, BOS post-processor, eos list in generation_config.json.
     `config` entries are merged into tokenizer_config.json (None deletes a key)."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
     tok = tokenizers.Tokenizer(models.BPE())

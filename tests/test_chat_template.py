@@ -8,7 +8,7 @@ from chat_folders import LLAMA3_TEMPLATE, ZEPHYR_TEMPLATE, llama3_folder, write_
 from data.template import ChatFormat, ChatTemplate, PrefixError, TemplateError, load_chat_template, render_prompt
 from data.tokenizer import load_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -49,7 +49,7 @@ def llama3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zephyr(tmp_path_factory):
-    pytest.importorskip("google.protobuf")
+    import google.protobuf  # noqa: F401 (transformers reads tokenizer.model through it)
     folder = zephyr_folder(str(tmp_path_factory.mktemp("zephyr")))
     tok = load_tokenizer(folder)
     return ChatFormat(tok, load_chat_template(folder, tok)), transformers.LlamaTokenizer.from_pretrained(folder, legacy=True)

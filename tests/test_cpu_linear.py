@@ -10,8 +10,35 @@ from spin_kernels.cpu_linear import cpu_decode_weights
 import spin_kernels
 from hf_folder import load_model
 
-pytest.importorskip("transformers")
-from hf_tiny import random_hf_mistral  # noqa: E402
+from hf_tiny import random_hf_mistral
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def test_probes_find_onednn_where_the_machine_has_it():
+    """The probes decide whether the decode path exists at all, and every other test here skips
+    where they fail: so where the hardware and torch build certainly have oneDNN's kernels (an x86
+    build with oneDNN; for bf16 a CPU with AVX512-BF16 or AMX, or one torch says oneDNN serves
+    bf16 on), the probes must find them (a probe broken by a torch upgrade fails here, not skips)."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and torch.backends.mkldnn.is_available():
+        assert torch.float32 in cl.ONEDNN
+    flags = cpu_flags()
+    bf16 = x86 and torch.backends.mkldnn.is_available() and (
+        bool(flags & {"avx512_bf16", "amx_bf16"}) or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if bf16:
+        assert torch.bfloat16 in cl.ONEDNN and torch.bfloat16 in cl.FUSED
+    if not x86 and not cl.ONEDNN:
+        pytest.skip(f"{platform.machine()}: oneDNN's kernels are optional here, and this build lacks them")
 
 
 def make_hf(tmp_path, **kw):

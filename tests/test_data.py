@@ -257,7 +257,7 @@ def tok(folder):
 
 @pytest.fixture(scope="module")
 def ref(folder):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.LlamaTokenizer.from_pretrained(str(folder), legacy=True)
 
 
@@ -315,19 +315,24 @@ def test_truncation_to_nothing_is_reported(tok):
     st.integers(1, 80), st.integers(1, 80),
 )
 def test_truncation_property(n_prompt, n_resps, max_length, max_prompt_length):
+    """The rule, written out: a pair that fits is left alone; one that does not loses the prompt's
+    oldest tokens beyond max_prompt_length, then the responses' tails beyond what is left; an
+    error exactly when nothing would be left for a response."""
     prompt = list(range(n_prompt))
     resps = [list(range(100, 100 + n)) for n in n_resps]
+    fits = n_prompt + max(n_resps) <= max_length
+    kept_prompt = n_prompt if fits else min(n_prompt, max_prompt_length)
     try:
         p, rs, cut = truncate(prompt, resps, max_length, max_prompt_length)
     except TruncationError:
-        assert max_prompt_length >= max_length or n_prompt >= max_length
+        assert not fits and kept_prompt >= max_length
         return
-    assert all(len(r) >= 1 for r in rs)  # never an empty response without an error
-    assert p == prompt[len(prompt) - len(p):]  # prompt cut from the left
-    assert all(r == full[: len(r)] for r, full in zip(rs, resps))  # responses cut from the right
-    assert cut == (p != prompt or rs != resps)
-    if cut:
-        assert len(p) + max(len(r) for r in rs) <= max_length
+    assert kept_prompt < max_length or fits  # an error where one was due
+    assert cut == (not fits)
+    assert p == prompt[n_prompt - kept_prompt:]  # prompt cut from the left, only as far as the rule says
+    assert rs == [full[: max_length - kept_prompt] for full in resps]  # responses cut from the right
+    assert len(rs) == len(resps) and all(len(r) >= 1 for r in rs)  # never an empty response
+    assert len(p) + max(len(r) for r in rs) <= max_length
 
 
 # -- collate -----------------------------------------------------------------------------

@@ -8,15 +8,14 @@ import json
 import os
 import shutil
 
-import pytest
 
 from chat_folders import llama3_folder, mistral_model_file, write_json
 from data import export_files, task
 from data.template import ChatFormat, load_chat_template, render_prompt
 from data.tokenizer import load_tokenizer, train_tokenizer
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("google.protobuf")  # transformers reads tokenizer.model through protobuf
+import transformers
+import google.protobuf  # noqa: F401 (transformers reads tokenizer.model through protobuf)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 372 + 485?"}],

@@ -3,6 +3,7 @@ folder the user cannot write (root without CAP_DAC_OVERRIDE, via setpriv), SIGTE
 line in metrics.jsonl, inputs edited before a --resume. Each is one line naming the path and the
 cause and leaves nothing half-written; --resume after a full disk gives the losses of an
 uninterrupted run."""
+import errno
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from test_errors import ROOT, assert_user_error, cli, model_dir, qa, write_jsonl  # noqa: F401 (a fixture)
+from test_errors import PROJECT_FRAME, ROOT, assert_user_error, cli, model_dir, qa, write_jsonl  # noqa: F401 (a fixture)
 
 # SFT alone (--sft) on the demo, a checkpoint after every update: the shortest run with checkpoints.
 SFT = ["--sft", "--num-prompts", "48", "--eval-prompts", "8", "--sft-steps", "4", "--sft-lr", "3e-3",
@@ -30,8 +31,8 @@ def env():
     return e
 
 
-def train(out, *extra, prefix=()):
-    return subprocess.run([*prefix, sys.executable, "train.py", "--out", str(out), *SFT, *extra], cwd=ROOT, env=env(),
+def train(out, *extra, prefix=(), python=(sys.executable,)):
+    return subprocess.run([*prefix, *python, "train.py", "--out", str(out), *SFT, *extra], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -61,21 +62,26 @@ def reference(tmp_path_factory):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs of 1.2 MB: two checkpoints of the SFT run (0.53 MB each) fit, the third does not."""
+    """1.2 MB: two checkpoints of the SFT run (0.53 MB each) fit, the third does not. A tmpfs
+    where root can mount one (prefix ()); elsewhere the folder pretends to be that filesystem
+    (the prefix runs train.py under tests/small_disk.py)."""
     mnt = tmp_path / "run" / "sft" / "ckpt"
     mnt.mkdir(parents=True)
-    if os.geteuid() != 0 or not can(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)]):
-        pytest.skip("needs root and tmpfs to make a small filesystem")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    if os.geteuid() == 0 and can(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)]):
+        yield mnt, ()
+        subprocess.run(["umount", "-l", str(mnt)])
+    else:
+        yield mnt, (sys.executable, "-m", "tests.small_disk", str(mnt), str(1200 * 1024))
 
 
 def test_full_disk_is_one_line_and_resume_gives_the_same_losses(small_disk, reference):
+    small_disk, python = small_disk
     out = small_disk.parent.parent
-    p = train(out)
+    p = train(out, python=python or (sys.executable,))
     line = assert_user_error(p, f"no space left on device: {small_disk}", "the checkpoint of step 3 needs", "--resume")
     assert sorted(os.listdir(small_disk)) == ["step-1", "step-2"] and not leftovers(out), leftovers(out)
-    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space is freed
+    if not python:  # space is freed (without the tmpfs: the resume runs without the pretence)
+        subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
     with open(out / "metrics.jsonl", "a") as f:  # and, as if a kill had torn it, a half-written record
         f.write('{"type": "step", "stage": "sft", "st')
     p = train(out, "--resume")
@@ -87,10 +93,12 @@ def test_full_disk_is_one_line_and_resume_gives_the_same_losses(small_disk, refe
     assert losses(out) == reference, line
 
 
-def test_full_disk_in_the_middle_of_a_checkpoint_write(tmp_path):
+def test_full_disk_in_the_middle_of_a_checkpoint_write(tmp_path, monkeypatch):
     """torch's writer reports a full disk as `[enforce fail at inline_container.cc] unexpected
     pos`: with the free-space check passed (the space went between the check and the write),
-    the error still names the disk, and the partial .tmp-step folder is gone."""
+    the error still names the disk, and the partial .tmp-step folder is gone. A real 200 KB
+    tmpfs where root can mount one; elsewhere the writer fails as it does there, on a disk
+    that reports no free space once the check has passed."""
     import torch
 
     import checkpoint
@@ -100,7 +108,14 @@ def test_full_disk_in_the_middle_of_a_checkpoint_write(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
     if os.geteuid() != 0 or not can(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)]):
-        pytest.skip("needs root and tmpfs to make a small filesystem")
+        real_usage = shutil.disk_usage
+
+        def save(state, checkpoint_id):  # writes a part, then the disk is full
+            os.makedirs(checkpoint_id, exist_ok=True)
+            open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb").write(b"x" * 1000)
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054")
+        monkeypatch.setattr(checkpoint.dcp, "save", save)
     try:
         parallel.setup()
         model = torch.nn.Linear(256, 256)
@@ -136,18 +151,20 @@ def test_sigterm_says_where_and_how_to_resume(tmp_path):
     assert not leftovers(out), leftovers(out)
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
 def test_read_only_folders_are_one_line(tmp_path, model_dir):
-    if os.geteuid() != 0:
-        pytest.skip("runs as root and drops CAP_DAC_OVERRIDE")
+    """A folder without write permission: its mode stops any user but root; root runs the
+    commands without CAP_DAC_OVERRIDE (setpriv), which would let it write anyway."""
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE with")
+    prefix = DROP_CAPS if os.geteuid() == 0 else []
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o555)
-    p = train(ro / "run", prefix=DROP_CAPS)
+    p = train(ro / "run", prefix=prefix)
     assert_user_error(p, f"cannot write {ro}/run: permission denied")
     assert os.listdir(ro) == []
     data = write_jsonl(tmp_path / "d.jsonl", [qa(i) for i in range(4)])
-    p = subprocess.run([*DROP_CAPS, sys.executable, "generate.py", "--model", str(model_dir), "--data", str(data),
+    p = subprocess.run([*prefix, sys.executable, "generate.py", "--model", str(model_dir), "--data", str(data),
                         "--out", str(ro / "o.parquet"), "--max-new-tokens", "4", "--max-length", "64",
                         "--max-prompt-length", "32"],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
@@ -229,16 +246,60 @@ def test_report_drops_a_torn_last_line(tmp_path, capsys):
     assert capsys.readouterr().err.count("dropped a torn last line (line 2)") == 1
 
 
-def test_read_only_filesystem_names_the_file(tmp_path):
+def test_read_only_filesystem_names_the_file(tmp_path, monkeypatch):
     from checkpoint import write_json
     from errors import DiskError
 
     mnt = tmp_path / "ro"
     mnt.mkdir()
     if os.geteuid() != 0 or not can(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)]):
-        pytest.skip("needs root and tmpfs to make a read-only filesystem")
+        # No mount without root: the system's answer inside that folder is injected instead.
+        real = os.makedirs
+
+        def makedirs(path, *a, **kw):
+            if str(path).startswith(str(mnt)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real(path, *a, **kw)
+        monkeypatch.setattr(os, "makedirs", makedirs)
     try:
         with pytest.raises(DiskError, match=f"^cannot write {mnt}/a/x.json: read-only file system$"):
             write_json(mnt / "a" / "x.json", {})
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_torchrun_run_holds_the_lock_and_sigterm_says_how_to_resume(tmp_path):
+    """The torchrun side of stopping and locking: while a two-rank run lives, another command
+    on its folder is refused naming the torchrun pid; SIGTERM to torchrun (what `kill` of the
+    launcher or a scheduler sends; torchrun passes it on to the ranks) ends the run with one line
+    from rank 0 giving the torchrun command that resumes it, leaves nothing half-written, and
+    frees the folder."""
+    from run_folder import open_run
+    from train import folder_settings, parse_args
+
+    out = tmp_path / "run"
+    flags = [*SFT, "--micro-batch-size", "8", "--sft-steps", "1000"]  # alive for as long as the test needs
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "--out", str(out), *flags], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "sft" / "ckpt" / "step-2").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        p = train(out, *flags[len(SFT):], "--resume")  # a second writer while the run lives
+        assert_user_error(p, f"{out} is in use by a live run", f"started by torchrun pid {proc.pid}")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, stderr[-3000:]
+    lines = [l for l in stderr.splitlines() if "stopped by SIGTERM" in l]
+    # rank 0 alone says it; torchrun prints its own SignalException traceback, but no frame of
+    # this project's code may show
+    assert len(lines) == 1 and not PROJECT_FRAME.search(stderr), stderr[-3000:]
+    assert re.search(r"train\.py: stopped by SIGTERM at sft step \d+; resume with: ", lines[0]), lines[0]
+    assert lines[0].endswith(f"resume with: torchrun --nproc_per_node=2 train.py --out {out} {' '.join(flags)} --resume"), lines[0]
+    assert not leftovers(out), leftovers(out)
+    open_run(folder_settings(parse_args(["--out", str(out), *flags, "--resume"])), world=1).close()  # free again

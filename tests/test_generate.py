@@ -15,7 +15,6 @@ from data.template import ChatFormat
 import spin_kernels
 from hf_folder import load_model
 
-transformers = pytest.importorskip("transformers")
 from hf_tiny import random_hf_mistral  # noqa: E402
 
 VOCAB = 97
@@ -127,6 +126,7 @@ def test_refilled_rows_equal_static_batches(ckpt, lengths, rows, max_new, eos, m
         got = sample(model, prompts, **kw)
     finally:
         slots.COMPACT_AT = old
+    assert len(got) == len(ref) == len(prompts)
     for r, g in zip(ref, got):
         assert (g.tokens, g.finished) == (r.tokens, r.finished)
         assert max((abs(x - y) for x, y in zip(g.logprobs, r.logprobs)), default=0) <= 1e-5
@@ -536,8 +536,11 @@ def test_bfloat16_samples_within_bf16_tolerance(tmp_path):
     fast_err, plain_err = (torch.tensor(errs[k]) for k in ("fast", "plain"))
     print(f"bf16 log-prob error: fast mean {fast_err.mean():.4f} max {fast_err.max():.4f}; "
           f"plain mean {plain_err.mean():.4f} max {plain_err.max():.4f}")
-    assert fast_err.mean() <= 2 * plain_err.mean() + 1e-3
-    assert fast_err.max() <= 0.25 and plain_err.max() <= 0.25  # bf16: ~3 significant digits per logit
+    # Measured (2-core AVX512-BF16 CPU): fast mean 0.0100, max 0.066; plain mean 0.0102, max 0.066.
+    # The bounds leave a margin for other CPUs' summation orders; a fast path whose products are
+    # truncated to bf16 instead of rounded (mean 0.022, max 0.137: twice the error) fails both.
+    assert fast_err.mean() <= 1.25 * plain_err.mean()
+    assert fast_err.max() <= 0.1 and plain_err.max() <= 0.1  # bf16: ~3 significant digits per logit
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -13,7 +13,7 @@ from chat_folders import llama3_folder, write_json
 from data.hf_tokenizer import HFTokenizer
 from data.tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_zephyr_style_folder_with_tokenizer_json_matches_autotokenizer(tmp_path)
     import importlib.util
     import shutil
 
-    transformers = pytest.importorskip("transformers")
+    import transformers
     spec = importlib.util.find_spec("mistral_common")
     if spec is None:
         pytest.skip("mistral-common not installed")

@@ -14,7 +14,7 @@ from hf_folder import load_model
 from spin_kernels.cpu_linear import cpu_decode_weights
 from model import Mistral
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from hf_tiny import random_hf_mistral  # noqa: E402
 
 ALL = "q,k,v,o,gate,up,down"
@@ -181,7 +181,7 @@ def test_bf16_base_with_fp32_adapters(base_dir):
 
 
 def test_peft_loads_our_adapter_and_matches(base_dir, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     model, settings = lora_model(base_dir, targets="q,k,v,o,gate,up,down", rank=3, alpha=6.0)
     model = train_steps(model)
     lora.save_adapter(model.state_dict(), settings, str(tmp_path / "adapter"), base_dir)

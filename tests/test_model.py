@@ -12,7 +12,7 @@ from spin_kernels.cpu_linear import cpu_decode_weights
 from spin_kernels.cuda_graph import StaticKVCache
 from model import KVCache, Mistral, ModelConfig
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from hf_tiny import random_hf_mistral  # noqa: E402
 
 VOCAB = 97

@@ -16,7 +16,7 @@ from errors import InputError
 from hf_folder import config_from_dict, load_model, read_config, save_model
 from model import Mistral
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = ["What is the capital of France?", "List three prime numbers.", "Say hi."]
@@ -120,6 +120,7 @@ def test_greedy_answers_equal_transformers(qwen):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ours = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [o["prompt"] for o in ours] == QUESTIONS  # one answer per prompt, in order
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for q, o in zip(QUESTIONS, ours):
@@ -135,7 +136,7 @@ def test_lora_adapter_loads_in_peft(qwen, tmp_path):
     """LoRA on every projection of a Qwen base (Qwen2's biased q/k/v included): PEFT puts the
     saved adapter on transformers' model and computes our adapted logits; the merged state is
     the same model."""
-    peft = pytest.importorskip("peft")
+    import peft
     import lora
     _, folder = qwen
     settings = lora.LoraSettings.from_flags(4, 8.0, "q,k,v,o,gate,up,down", 0.0)
@@ -208,7 +209,7 @@ def test_spin_iteration_under_torchrun(qwen, tmp_path):
         assert not torch.equal(before["model.layers.0.self_attn.q_norm.weight"],
                                after["model.layers.0.self_attn.q_norm.weight"])
         return
-    peft = pytest.importorskip("peft")
+    import peft
     base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     with_adapter = peft.PeftModel.from_pretrained(base, str(out / "iter0" / "adapter")).eval()
     ids = torch.randint(3, 40000, (2, 9), generator=torch.Generator().manual_seed(3))

@@ -6,10 +6,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",

@@ -13,7 +13,7 @@ import pytest
 from spin_tools import smollm2
 
 
-def test_built_folder(smollm2_dir):
+def test_built_folder(smollm2_dir, monkeypatch):
     names = set(os.listdir(smollm2_dir))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= names
     with open(os.path.join(smollm2_dir, "config.json")) as f:
@@ -24,9 +24,12 @@ def test_built_folder(smollm2_dir):
         assert "chat_template.jinja" in names or "chat_template" in json.load(f)
     with open(os.path.join(smollm2_dir, "generation_config.json")) as f:
         assert json.load(f)["eos_token_id"] == 2
-    # Cached: a second call returns at once, and the CLI says so in one line.
-    t0 = time.time()
-    assert smollm2.smollm2_dir(smollm2_dir) == smollm2_dir and time.time() - t0 < 1
+    # Cached: a second call builds nothing, and the CLI says so in one line.
+    def rebuild(path):
+        raise AssertionError(f"rebuilt {path}")
+    with monkeypatch.context() as m:
+        m.setattr(smollm2, "_build", rebuild)
+        assert smollm2.smollm2_dir(smollm2_dir) == smollm2_dir
     r = subprocess.run([sys.executable, "-m", "spin_tools.smollm2", smollm2_dir], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and r.stdout == f"SmolLM2-135M-Instruct: {smollm2_dir} (already built)\n"

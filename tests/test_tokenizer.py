@@ -3,7 +3,6 @@ on the real Mistral-7B v0.1 tokenizer.model (shipped by mistral-common)."""
 
 import os
 import shutil
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,8 +27,8 @@ def tok(folder):
 
 @pytest.fixture(scope="module")
 def ref(folder):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("google.protobuf")
+    import transformers
+    import google.protobuf  # noqa: F401 (transformers reads tokenizer.model through it)
     return transformers.LlamaTokenizer.from_pretrained(str(folder), legacy=True)
 
 
@@ -141,15 +140,13 @@ def test_missing_and_corrupt_file(tmp_path):
 
 def test_train_tokenizer_layout_deterministic_and_parity(tmp_path):
     texts = [f"{a}+{b}: {a + b} and some words, émigré 日本" for a in range(0, 400, 7) for b in range(3, 300, 41)]
-    t0 = time.time()
     p1 = train_tokenizer(texts, tmp_path / "a", vocab_size=320)
-    assert time.time() - t0 < 5
     p2 = train_tokenizer(texts, tmp_path / "b", vocab_size=320)
     assert open(p1, "rb").read() == open(p2, "rb").read()
     assert sorted(os.listdir(tmp_path / "a")) == ["tokenizer.model"]  # no temp file left
     t = Tokenizer(p1)
     assert (t.unk_id, t.bos_id, t.eos_id) == (0, 1, 2)
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ref = transformers.LlamaTokenizer.from_pretrained(str(tmp_path / "a"), legacy=True)
     for s in texts[:20] + ["</s>\n<|user|>\n372+485:", "  unseen 😀 chars  "]:
         assert t.encode(s) == ref_ids(ref, s)

@@ -39,8 +39,8 @@ def test_lora_settings_recorded_and_first_step_is_log2(lora_run):
 def test_exports_merged_model_and_peft_adapter(lora_run):
     """iter{t}/model is the merged model (no adapter keys); only the adapted layers differ from
     the opponent; PEFT puts iter{t}/adapter on the opponent and computes iter{t}/model's logits."""
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import transformers
+    import peft
     for t, opponent in ((0, lora_run / "sft" / "model"), (1, lora_run / "iter0" / "model")):
         folder = lora_run / f"iter{t}"
         assert sorted(os.listdir(folder / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
