@@ -53,6 +53,10 @@ COMMON = ["--eval-prompts", "500", "--val-prompts", "500", "--sft-lr", "1e-3", "
 # The sweep's SPIN settings other than the demo's (beta 2.0, lr 3e-5, the arm "spin").
 SWEEP = [swept_name(b, lr) for b in (0.5, 2.0, 5.0) for lr in (1e-5, 3e-5, 1e-4) if (b, lr) != (2.0, 3e-5)]
 
+# The confirmation's arms: continued SFT at two lrs, SPIN at beta 5 and 10 (lr 1e-5), and SPIN at beta 5
+# without the pairs whose sample equals the ground truth (no verifier).
+CONFIRM_ARMS = ["sft_lr1e-05", "sft_lr3e-05", swept_name(5.0, 1e-5), swept_name(10.0, 1e-5), "spin_eqdrop_b5_lr1e-05"]
+
 # Regimes where SFT stops below perfect held-out accuracy (experiments/EXPLORATION.md): the task,
 # its size, how many training examples, the SFT budget.
 REGIMES = {
@@ -77,6 +81,10 @@ REGIMES = {
                          "--arms", ",".join(["sft", "spin", *SWEEP])],
     "anyorder3-1200-sweep": ["--task", "addition_anyorder", "--task-digits", "3", "--num-prompts", "1200",
                              "--sft-steps", "3000", "--arms", ",".join(["sft", "spin", *SWEEP])],
+    # The confirmation (issue 37; protocol: experiments/CONFIRMATION.md, committed before it ran): factor5-1k
+    # on fresh seeds 5-14, 4 iterations, every model also scored on the validation prompts.
+    "factor5-1k-confirm": ["--task", "factor", "--task-digits", "5", "--num-prompts", "1000", "--sft-steps", "3000",
+                           "--iterations", "4", "--score-val", "--arms", ",".join(CONFIRM_ARMS)],
     # Seconds long, for the test suite: the machinery, not an experiment (its flags override COMMON's).
     "smoke": ["--task", "addition_anyorder", "--task-digits", "2", "--num-prompts", "96", "--eval-prompts", "24",
               "--val-prompts", "24", "--sft-steps", "20", "--sft-lr", "3e-3", "--sft-eval-every", "10",
@@ -136,6 +144,23 @@ def outcomes(out):
             with open(os.path.join(out, "eval", f"{name}.jsonl")) as f:
                 got[(r["arm"], r["iteration"])] = np.array([json.loads(line)["exact"] for line in f], dtype=np.int8)
     return got, recs
+
+
+def validation_outcomes(out, recs):
+    """{(arm, iteration): (P,) 0/1 exact match per validation prompt} of one run (--score-val)."""
+    got = {}
+    for r in recs:
+        if r["type"] == "val_eval":
+            with open(os.path.join(out, "eval", f"val-{r['arm']}-{r['iteration']}.jsonl")) as f:
+                got[(r["arm"], r["iteration"])] = np.array([json.loads(line)["exact"] for line in f], dtype=np.int8)
+    return got
+
+
+def load_validation(regime, seeds, runs, recs_of):
+    """{(arm, iteration): (S, P) validation outcomes} over what every seed scored ({} without --score-val)."""
+    per_seed = [validation_outcomes(os.path.join(runs, regime, f"seed{s}"), recs) for s, recs in zip(seeds, recs_of)]
+    keys = sorted(set.intersection(*(set(o) for o in per_seed)), key=lambda k: (k[1], k[0]))
+    return {k: np.stack([o[k] for o in per_seed]) for k in keys}
 
 
 def load_matrices(regime, seeds, runs):
@@ -200,10 +225,24 @@ def summarise(regime, seeds, runs, n_boot=10000):
     return res, matrix
 
 
-def write_outcomes(path, seeds, matrix):
-    """Every held-out outcome, one string of 0/1 per arm, iteration and seed (gzip: ~5 KB per arm)."""
-    doc = {"seeds": list(seeds), "outcomes": {f"{a}-{t}": ["".join(map(str, row.tolist())) for row in x]
-                                              for (a, t), x in matrix.items()}}
+def _rows(matrix):
+    return {f"{a}-{t}": ["".join(map(str, row.tolist())) for row in x] for (a, t), x in matrix.items()}
+
+
+def _matrix(rows_of):
+    matrix = {}
+    for key, rows in rows_of.items():
+        arm, t = key.rsplit("-", 1)
+        matrix[(arm, int(t))] = np.array([[int(c) for c in row] for row in rows], dtype=np.int8)
+    return matrix
+
+
+def write_outcomes(path, seeds, matrix, validation=None):
+    """Every held-out outcome, one string of 0/1 per arm, iteration and seed (gzip: ~5 KB per arm);
+    with --score-val, every validation outcome too ("validation")."""
+    doc = {"seeds": list(seeds), "outcomes": _rows(matrix)}
+    if validation:
+        doc["validation"] = _rows(validation)
     with atomic_file(path, "wb") as f:
         f.write(gzip.compress(json.dumps(doc).encode(), mtime=0))
 
@@ -211,11 +250,13 @@ def write_outcomes(path, seeds, matrix):
 def read_outcomes(path):
     with gzip.open(path, "rt") as f:
         doc = json.load(f)
-    matrix = {}
-    for key, rows in doc["outcomes"].items():
-        arm, t = key.rsplit("-", 1)
-        matrix[(arm, int(t))] = np.array([[int(c) for c in row] for row in rows], dtype=np.int8)
-    return doc["seeds"], matrix
+    return doc["seeds"], _matrix(doc["outcomes"])
+
+
+def read_validation(path):
+    """The validation outcomes of an outcomes file ({} when its run did not score them)."""
+    with gzip.open(path, "rt") as f:
+        return _matrix(json.load(f).get("validation", {}))
 
 
 def seed_list(text):
@@ -254,7 +295,8 @@ def main(argv=None):
         with ThreadPoolExecutor(a.workers) as pool:
             list(pool.map(lambda s: run_seed(a.regime, s, a.runs, threads), seeds))
         res, matrix = summarise(a.regime, seeds, a.runs)
-        write_outcomes(base + ".outcomes.json.gz", seeds, matrix)
+        recs_of = [outcomes(os.path.join(a.runs, a.regime, f"seed{s}"))[1] for s in seeds]
+        write_outcomes(base + ".outcomes.json.gz", seeds, matrix, load_validation(a.regime, seeds, a.runs, recs_of))
     write_json(base + ".json", res, indent=1)
     text = report.comparison_table(res)
     with atomic_file(base + ".md") as f:

@@ -97,3 +97,19 @@ def test_committed_outcomes_match_committed_results():
             got = stats.mcnemar(matrix[(a, int(ta))][i], matrix[(b, int(tb))][i])
             assert (got.both, got.a_only, got.b_only, got.neither) == (m["both"], m["a_only"], m["b_only"],
                                                                        m["neither"]), (name, m)
+
+
+def test_validation_outcomes_round_trip(tmp_path):
+    """--score-val's validation outcomes travel in the outcomes file beside the held-out ones, and
+    an older file without them reads as none."""
+    import numpy as np
+    from experiments.compare import read_outcomes, read_validation, write_outcomes
+    held = {("start", 0): np.array([[1, 0, 1], [0, 0, 1]], dtype=np.int8)}
+    val = {("spin_b5_lr1e-05", 2): np.array([[0, 1, 1, 1], [1, 1, 0, 0]], dtype=np.int8)}
+    write_outcomes(tmp_path / "a.gz", [5, 6], held, val)
+    seeds, m = read_outcomes(tmp_path / "a.gz")
+    assert seeds == [5, 6] and set(m) == set(held) and (m[("start", 0)] == held[("start", 0)]).all()
+    v = read_validation(tmp_path / "a.gz")
+    assert set(v) == set(val) and (v[("spin_b5_lr1e-05", 2)] == val[("spin_b5_lr1e-05", 2)]).all()
+    write_outcomes(tmp_path / "b.gz", [5, 6], held)
+    assert read_validation(tmp_path / "b.gz") == {}
