@@ -38,7 +38,7 @@ import numpy as np
 import report
 from checkpoint import atomic_file, write_json
 from errors import ArgumentParser, positive_int, run_command
-from experiments import stats
+from experiments import confirm, stats
 from experiments.arms import swept_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,12 +182,22 @@ def _difference(x, y, a, b, n_boot):
             "per_seed": per_seed}
 
 
-def summarise_matrix(regime, seeds, matrix, n_boot=10000):
+# The seeds a pre-registered regime's protocol names: its results are marked partial until all have run.
+PLANNED_SEEDS = {"factor5-1k-confirm": list(range(5, 15))}
+
+
+def summarise_matrix(regime, seeds, matrix, n_boot=10000, validation=None):
     """Every interval, difference and test from the outcome matrices alone (so a results file's
-    committed outcomes reproduce it: --recompute)."""
+    committed outcomes reproduce it: --recompute). With validation outcomes (--score-val) of the
+    confirmation's arms, its pre-registered endpoints too (experiments/confirm.py)."""
     start = matrix[("start", 0)]
     res = {"regime": regime, "flags": COMMON + REGIMES[regime], "seeds": list(seeds), "n_boot": n_boot,
            "level": 0.95, "arms": {}, "differences": [], "mcnemar": [], "per_seed": []}
+    planned = PLANNED_SEEDS.get(regime)
+    if planned and sorted(seeds) != planned:
+        res["partial"] = f"{len(seeds)} of the {len(planned)} seeds the protocol names: no conclusion"
+    if validation and all(k in validation for k in confirm.candidates()) and len(seeds) >= 2:
+        res["confirmation"] = confirm.analyse(matrix, validation, n_boot)
     for (arm, t), x in matrix.items():
         iv, st = stats.bootstrap_mean(x, n_boot=n_boot, seed=0), stats.seed_t_interval(x.mean(1))
         res["arms"].setdefault(arm, {})[str(t)] = {"mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "seed_lo": st.lo,
@@ -212,7 +222,8 @@ def summarise_matrix(regime, seeds, matrix, n_boot=10000):
 
 def summarise(regime, seeds, runs, n_boot=10000):
     matrix, recs_of = load_matrices(regime, seeds, runs)
-    res = summarise_matrix(regime, seeds, matrix, n_boot)
+    validation = load_validation(regime, seeds, runs, recs_of)
+    res = summarise_matrix(regime, seeds, matrix, n_boot, validation)
     for seed, recs in zip(seeds, recs_of):
         chosen = next((r for r in recs if r["type"] == "sft_chosen"), {})
         wall = seed_wall_s(os.path.join(runs, regime, f"seed{seed}"), recs)
@@ -222,7 +233,7 @@ def summarise(regime, seeds, runs, n_boot=10000):
             "train_samples_correct": {k: v.get("train_samples_correct") for k, v in evals.items() if k.startswith("spin")},
             "train_samples_equal_gt": {k: v.get("train_samples_equal_gt") for k, v in evals.items() if k.startswith("spin")},
             "gt_logp_per_token": {k: v["gt_logp_per_token"] for k, v in evals.items()}})
-    return res, matrix
+    return res, matrix, validation
 
 
 def _rows(matrix):
@@ -286,7 +297,7 @@ def main(argv=None):
         if not os.path.exists(base + ".outcomes.json.gz"):
             raise SystemExit(f"{base}.outcomes.json.gz: not found; --recompute needs a regime's committed outcomes")
         seeds, matrix = read_outcomes(base + ".outcomes.json.gz")
-        res = summarise_matrix(a.regime, seeds, matrix)
+        res = summarise_matrix(a.regime, seeds, matrix, validation=read_validation(base + ".outcomes.json.gz"))
         with open(base + ".json") as f:
             res["per_seed"] = json.load(f)["per_seed"]
     else:
@@ -294,11 +305,14 @@ def main(argv=None):
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
         with ThreadPoolExecutor(a.workers) as pool:
             list(pool.map(lambda s: run_seed(a.regime, s, a.runs, threads), seeds))
-        res, matrix = summarise(a.regime, seeds, a.runs)
-        recs_of = [outcomes(os.path.join(a.runs, a.regime, f"seed{s}"))[1] for s in seeds]
-        write_outcomes(base + ".outcomes.json.gz", seeds, matrix, load_validation(a.regime, seeds, a.runs, recs_of))
+        res, matrix, validation = summarise(a.regime, seeds, a.runs)
+        write_outcomes(base + ".outcomes.json.gz", seeds, matrix, validation)
     write_json(base + ".json", res, indent=1)
     text = report.comparison_table(res)
+    if res.get("partial"):
+        text = f"**PARTIAL: {res['partial']}.**\n\n" + text
+    if res.get("confirmation"):
+        text += "\n" + confirm.table(res["confirmation"], res["seeds"])
     with atomic_file(base + ".md") as f:
         f.write(text + "\n")
     print(text)
