@@ -23,6 +23,10 @@ finished seed is read back, not rerun, and rerunning a seed from scratch gives t
 Outputs: experiments/results/REGIME.json (every figure and the flags), REGIME.md (the table),
 REGIME.png (the intervals; report.py draws it), REGIME.outcomes.json.gz (every held-out outcome;
 `--recompute` rebuilds the rest from it). Runs go to experiments/runs/REGIME/seedS/.
+The confirmation (factor5-1k-confirm, protocol experiments/CONFIRMATION.md) also scores every model
+on the validation prompts (--score-val): those outcomes go into the outcomes file too, and its
+pre-registered endpoints (experiments/confirm.py) into REGIME.json and REGIME.md; a run short of the
+protocol's seeds is marked partial.
 """
 import argparse
 import gzip
