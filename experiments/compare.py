@@ -202,6 +202,9 @@ def summarise_matrix(regime, seeds, matrix, n_boot=10000, validation=None):
         res["partial"] = f"{len(seeds)} of the {len(planned)} seeds the protocol names: no conclusion"
     if validation and all(k in validation for k in confirm.candidates()) and len(seeds) >= 2:
         res["confirmation"] = confirm.analyse(matrix, validation, n_boot)
+        if res.get("partial"):  # the decision rule applies to the protocol's seeds only
+            for row in res["confirmation"]["primary"]:
+                row["verdict"] = "none: partial, the protocol's seeds have not all run"
     for (arm, t), x in matrix.items():
         iv, st = stats.bootstrap_mean(x, n_boot=n_boot, seed=0), stats.seed_t_interval(x.mean(1))
         res["arms"].setdefault(arm, {})[str(t)] = {"mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "seed_lo": st.lo,

@@ -76,6 +76,7 @@ def test_partial_results_are_marked_and_recomputed():
     held, val = fake(S=3)
     res = summarise_matrix("factor5-1k-confirm", [5, 6, 7], held, n_boot=50, validation=val)
     assert res["partial"].startswith("3 of the 10 seeds") and len(res["confirmation"]["primary"]) == 2
+    assert all(r["verdict"].startswith("none: partial") for r in res["confirmation"]["primary"])  # no conclusion
     full = summarise_matrix("factor5-1k-confirm", list(range(5, 15)), *fake(S=10)[:1], n_boot=50, validation=fake(S=10)[1])
     assert "partial" not in full
     assert "confirmation" not in summarise_matrix("factor5-1k-confirm", [5, 6, 7], held, n_boot=50)  # no validation
