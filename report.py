@@ -251,7 +251,7 @@ def comparison_table(res):
     iters = sorted({int(t) for a in arms for t in res["arms"][a]})
     S, lvl = len(res["seeds"]), int(100 * res["level"])
     out = [f"### {res['regime']}: held-out exact match (%), mean over {S} seed(s) x the held-out prompts "
-           f"[{lvl}% two-level bootstrap interval] {{{lvl}% seed-level t interval}}", ""]
+           f"[{lvl}% seed-then-prompt bootstrap interval] {{{lvl}% seed-level t interval}}", ""]
     shown = arms if len(arms) <= 6 else ["start"] + [a for a in arms if a in known[1:]]
     out += ["| iteration | " + " | ".join(label(a) for a in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for t in iters:
@@ -270,10 +270,12 @@ def comparison_table(res):
             return "", ""
         per = _per_seed_diff(res, d["a"], d["b"])
         return f"{_diff(d)} {_seed_t(per)}".strip(), ", ".join(f"{100 * v:+.1f}" for v in per)
-    out += ["", f"Paired differences (percentage points) on the same seeds and prompts [{lvl}% paired bootstrap "
-            f"interval] {{{lvl}% seed-level t interval over the per-seed differences}}; an interval above 0 means the "
-            "row's arm is better. Only an interval that excludes 0 at the seed level makes a seed-level claim; one "
-            "that excludes 0 only in the bootstrap holds for these seeds' prompts (a prompt-level claim).", "",
+    out += ["", f"Paired differences (percentage points) on the same seeds and prompts [{lvl}% paired seed-then-prompt "
+            f"bootstrap interval: seeds resampled, then prompts within each] {{{lvl}% seed-level t interval over the "
+            "per-seed differences}; an interval above 0 means the row's arm is better. Neither is corrected for the "
+            "table's many comparisons: `python -m experiments.reanalyse` gives each difference's paired t test with "
+            "Holm's correction, its minimum detectable effect, and the prompt-level tests (bootstrap over prompts "
+            "within seeds, pooled McNemar).", "",
             "| arm | vs continued SFT (same iteration) | per seed | vs SFT start | per seed |", "|---|---|---|---|---|"]
     for a in sorted(by, key=order):
         if "sft" in by[a] or "start" in by[a]:
@@ -332,7 +334,7 @@ def sweep_table(res, by):
     if len(grid) <= 2:
         return []
     out = ["", "The sweep, every setting run (rows: beta, lr; 'spin' is the demo's setting): SPIN - continued SFT and "
-           "SPIN - SFT start in points [paired bootstrap] {seed-level t}:", "",
+           "SPIN - SFT start in points [paired seed-then-prompt bootstrap] {seed-level t}:", "",
            "| beta | lr | iteration | SPIN (%) | SPIN - continued SFT | SPIN - start |", "|---|---|---|---|---|---|"]
     for (beta, lr, t), a in sorted(grid.items()):
         arm = a.rsplit("-", 1)[0]

@@ -17,11 +17,19 @@ iteration, and each arm's per-prompt outcomes in eval/<arm>-<iteration>.jsonl.
     random_drop spin_drop's control: as many pairs dropped as spin_drop would drop, chosen at random
                 (no verifier), with the same repetition to fill a batch
     spin_b<beta>_lr<lr>   the paper's SPIN with its own beta and lr (the sweep; e.g. spin_b0.5_lr1e-05)
+    sft_lr<lr>            continued SFT at its own lr: sft_lr<lr>/iter{t}/ (the confirmation, issue 37)
+    spin_eqdrop_b<beta>_lr<lr>  SPIN at (beta, lr) without the pairs whose sample equals the ground truth
+                (string equality, no verifier): those pairs give SPIN's loss no gradient, so this arm
+                spends every step on the pairs that carry one (spin_drop also needs a verifier)
+With --score-val every model (the start and each arm's every iteration) is also scored on the
+validation prompts (eval/val-<arm>-<iteration>.jsonl, "val_eval" records), so an arm's iteration,
+or an arm, can be chosen on validation prompts and compared on held-out ones.
 """
 import argparse
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, replace
 
@@ -36,7 +44,8 @@ from errors import non_negative_int, positive_int, probability, run_command
 from parallel import log
 from report import SWEPT  # spin_b<beta>_lr<lr>: the sweep's arm names, labelled by report.py
 from run_folder import record
-from stage import run_stage, train_stage
+from spin_loss import beta_for_iteration
+from stage import Stage, run_stage, train_stage
 from train_args import parser as train_parser, resolve
 
 ARMS = ("spin", "sft", "spin_mix", "spin_drop", "random_drop")
@@ -57,6 +66,41 @@ def swept_setting(name):
     except ValueError:
         return None
     return (beta, lr) if beta > 0 and lr > 0 else None
+
+
+# The confirmation's arms (issue 37), parsed like the sweep's: continued SFT at its own lr, and SPIN
+# at its own (beta, lr) without the pairs whose sample equals the ground truth.
+SFT_LR = re.compile(r"sft_lr([0-9.e+-]+)")
+EQDROP = re.compile(r"spin_eqdrop_b([0-9.e+-]+)_lr([0-9.e+-]+)")
+
+
+def _positive(*texts):
+    try:
+        values = [float(t) for t in texts]
+    except ValueError:
+        return None
+    return values if all(v > 0 for v in values) else None
+
+
+def sft_lr_setting(name):
+    """lr of a sft_lr<lr> arm, or None for any other name."""
+    m = SFT_LR.fullmatch(name)
+    v = m and _positive(m.group(1))
+    return v[0] if v else None
+
+
+def eqdrop_setting(name):
+    """(beta, lr) of a spin_eqdrop_b<beta>_lr<lr> arm, or None for any other name."""
+    m = EQDROP.fullmatch(name)
+    v = m and _positive(m.group(1), m.group(2))
+    return tuple(v) if v else None
+
+
+def unequal_to_truth(examples):
+    """The examples whose sample differs from the ground truth as a string: no verifier. A pair whose
+    sample equals the ground truth has the same log-ratio on both sides, so SPIN's loss has no gradient
+    through it; dropping those pairs changes only how the steps are spent."""
+    return [ex for ex in examples if ex.generated != ex.response]
 
 
 def judged_wrong(examples):
@@ -91,8 +135,41 @@ def spin_arm(name, mix_alpha, seed):
         return train.Arm(name=name, folder=name, keep=judged_wrong, refill=fill_one_batch)
     if name == "random_drop":
         return train.Arm(name=name, folder=name, keep=random_drop(seed), refill=fill_one_batch)
+    if eqdrop_setting(name) is not None:
+        beta, lr = eqdrop_setting(name)
+        return train.Arm(name=name, folder=name, keep=unequal_to_truth, refill=fill_one_batch, beta=beta, lr=lr)
     beta, lr = swept_setting(name)
     return train.Arm(name=name, folder=name, beta=beta, lr=lr)
+
+
+def sft_lr_iteration(run, t, prev, name):
+    """Continued SFT at the lr its name carries (sft_lr<lr>), otherwise train.sft_iteration: the same
+    steps as the paper's SPIN at iteration t, the ground truth of the same training prompts, evaluated
+    against prev's answers to the held-out prompts. Its iterations live in <out>/<name>/iter{t}."""
+    c = run.cfg
+    folder = train.iter_folder(run, name, t)
+    items, _ = train.tokenize(run, run.train_ex)
+    pairs_t = len(items) * (2 if c.data.mix_previous and t > 0 else 1)  # SPIN's pairs at t (spin_iteration)
+    steps = max(1, int(c.spin.epochs * (pairs_t // c.train.batch_size)))
+    stage = Stage(kind="sft", init_dir=prev, items=items, steps=steps, lr=sft_lr_setting(name), beta=None,
+                  folder=folder, tag=f"{name}{t}", optimizer=c.spin.optimizer, settings=c.train, lora=c.lora)
+    model_dir = train.timed(run, "baseline", lambda: run_stage(run.env, stage))
+    eval_synth = os.path.join(folder, "eval_synthetic.parquet")
+    train.timed(run, "generate", lambda: train.run_generation(run, prev, run.held_ex, eval_synth, t,
+                                                              c.run.seed + 7 + t))
+    row = train.timed(run, "evaluate", lambda: train.run_evaluation(
+        run, model_dir, eval_synth, beta_for_iteration(c.spin.beta, t), f"{name}-{t + 1}"))
+    row.update(arm=name, iteration=t + 1, steps=steps)
+    run.table.append(row)
+    record(run.out, {"type": "eval", **row})
+    return model_dir
+
+
+def score_on_validation(run, model_dir, val_ex, arm, t):
+    """--score-val: the model's exact match and likelihood on the validation prompts (never the
+    held-out ones), per prompt in eval/val-<arm>-<t>.jsonl, so a choice made on them is paired."""
+    row = train.timed(run, "evaluate", lambda: train.run_evaluation(run, model_dir, val_ex, None, f"val-{arm}-{t}"))
+    record(run.out, {"type": "val_eval", "arm": arm, "iteration": t, **row})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +183,7 @@ class StudyConfig:
     sft_patience: int
     sft_select: str  # "exact_match" or "gt_logp"
     val_data: str | None
+    score_val: bool = False  # every model also scored on the validation prompts
 
 
 def best_candidate(history, key):
@@ -172,10 +250,12 @@ def sft_to_optimum(run, stage, study, val_ex):
 
 def arm_list(text):
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in names if x not in ARMS and swept_setting(x) is None]
+    bad = [x for x in names if x not in ARMS and swept_setting(x) is None and sft_lr_setting(x) is None
+           and eqdrop_setting(x) is None]
     if bad or not names or len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of distinct arms among {', '.join(ARMS)} "
-                                         "or spin_b<beta>_lr<lr> (e.g. spin_b0.5_lr1e-05)")
+                                         "or spin_b<beta>_lr<lr> (e.g. spin_b0.5_lr1e-05), sft_lr<lr>, "
+                                         "spin_eqdrop_b<beta>_lr<lr>")
     return names
 
 
@@ -199,6 +279,9 @@ def parse_args(argv=None):
                    help="validation prompts for --sft-eval-every (the demo draws --val-prompts from its task)")
     p.add_argument("--val-prompts", type=non_negative_int, default=None,
                    help="demo: validation prompts drawn from the task, disjoint from training and held-out")
+    p.add_argument("--score-val", action="store_true",
+                   help="also score the start and every arm's every iteration on the validation prompts "
+                        "(eval/val-<arm>-<iteration>.jsonl), so iterations can be chosen on them")
     args = p.parse_args(argv)
     if args.arms is not None and args.baseline is not None:
         p.error("--arms and --baseline both choose the arms: give one (--arms spin,sft is --baseline 1)")
@@ -212,10 +295,13 @@ def parse_args(argv=None):
     if args.sft_eval_every and not (args.val_data or (demo and cfg.demo.val_prompts)):
         p.error("--sft-eval-every scores the SFT model on validation prompts: give --val-data (or --val-prompts "
                 "with the demo), never the held-out prompts the arms are compared on")
+    if args.score_val and not (args.val_data or (demo and cfg.demo.val_prompts)):
+        p.error("--score-val scores every model on validation prompts: give --val-data (or --val-prompts with the demo)")
     if args.sft_select == "exact_match" and args.sft_eval_every and not demo:
         p.error("--sft-select exact_match needs the demo's task verifier; use --sft-select gt_logp")
     return cfg, StudyConfig(arms=arms, mix_alpha=args.mix_alpha, sft_eval_every=args.sft_eval_every,
-                            sft_patience=args.sft_patience, sft_select=args.sft_select, val_data=args.val_data)
+                            sft_patience=args.sft_patience, sft_select=args.sft_select, val_data=args.val_data,
+                            score_val=args.score_val)
 
 
 def main(argv=None):
@@ -241,11 +327,19 @@ def main(argv=None):
             return
     run.base = base
     train.evaluate_start(run, base)
+    if study.score_val:
+        score_on_validation(run, base, val_ex, "start", 0)
     for arm in study.arms:  # each arm's iterations, from the same start
         model = base
         for t in range(cfg.spin.iterations):
-            model = train.sft_iteration(run, t, model) if arm == "sft" else \
-                train.spin_iteration(run, t, model, spin_arm(arm, study.mix_alpha, cfg.run.seed + t))
+            if arm == "sft":
+                model = train.sft_iteration(run, t, model)
+            elif sft_lr_setting(arm) is not None:
+                model = sft_lr_iteration(run, t, model, arm)
+            else:
+                model = train.spin_iteration(run, t, model, spin_arm(arm, study.mix_alpha, cfg.run.seed + t))
+            if study.score_val:
+                score_on_validation(run, model, val_ex, arm, t + 1)
     train.finish(run)
 
 

@@ -23,6 +23,10 @@ finished seed is read back, not rerun, and rerunning a seed from scratch gives t
 Outputs: experiments/results/REGIME.json (every figure and the flags), REGIME.md (the table),
 REGIME.png (the intervals; report.py draws it), REGIME.outcomes.json.gz (every held-out outcome;
 `--recompute` rebuilds the rest from it). Runs go to experiments/runs/REGIME/seedS/.
+The confirmation (factor5-1k-confirm, protocol experiments/CONFIRMATION.md) also scores every model
+on the validation prompts (--score-val): those outcomes go into the outcomes file too, and its
+pre-registered endpoints (experiments/confirm.py) into REGIME.json and REGIME.md; a run short of the
+protocol's seeds is marked partial.
 """
 import argparse
 import gzip
@@ -38,7 +42,7 @@ import numpy as np
 import report
 from checkpoint import atomic_file, write_json
 from errors import ArgumentParser, positive_int, run_command
-from experiments import stats
+from experiments import confirm, stats
 from experiments.arms import swept_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +56,10 @@ COMMON = ["--eval-prompts", "500", "--val-prompts", "500", "--sft-lr", "1e-3", "
 
 # The sweep's SPIN settings other than the demo's (beta 2.0, lr 3e-5, the arm "spin").
 SWEEP = [swept_name(b, lr) for b in (0.5, 2.0, 5.0) for lr in (1e-5, 3e-5, 1e-4) if (b, lr) != (2.0, 3e-5)]
+
+# The confirmation's arms: continued SFT at two lrs, SPIN at beta 5 and 10 (lr 1e-5), and SPIN at beta 5
+# without the pairs whose sample equals the ground truth (no verifier).
+CONFIRM_ARMS = ["sft_lr1e-05", "sft_lr3e-05", swept_name(5.0, 1e-5), swept_name(10.0, 1e-5), "spin_eqdrop_b5_lr1e-05"]
 
 # Regimes where SFT stops below perfect held-out accuracy (experiments/EXPLORATION.md): the task,
 # its size, how many training examples, the SFT budget.
@@ -77,6 +85,10 @@ REGIMES = {
                          "--arms", ",".join(["sft", "spin", *SWEEP])],
     "anyorder3-1200-sweep": ["--task", "addition_anyorder", "--task-digits", "3", "--num-prompts", "1200",
                              "--sft-steps", "3000", "--arms", ",".join(["sft", "spin", *SWEEP])],
+    # The confirmation (issue 37; protocol: experiments/CONFIRMATION.md, committed before it ran): factor5-1k
+    # on fresh seeds 5-14, 4 iterations, every model also scored on the validation prompts.
+    "factor5-1k-confirm": ["--task", "factor", "--task-digits", "5", "--num-prompts", "1000", "--sft-steps", "3000",
+                           "--iterations", "4", "--score-val", "--arms", ",".join(CONFIRM_ARMS)],
     # Seconds long, for the test suite: the machinery, not an experiment (its flags override COMMON's).
     "smoke": ["--task", "addition_anyorder", "--task-digits", "2", "--num-prompts", "96", "--eval-prompts", "24",
               "--val-prompts", "24", "--sft-steps", "20", "--sft-lr", "3e-3", "--sft-eval-every", "10",
@@ -138,6 +150,23 @@ def outcomes(out):
     return got, recs
 
 
+def validation_outcomes(out, recs):
+    """{(arm, iteration): (P,) 0/1 exact match per validation prompt} of one run (--score-val)."""
+    got = {}
+    for r in recs:
+        if r["type"] == "val_eval":
+            with open(os.path.join(out, "eval", f"val-{r['arm']}-{r['iteration']}.jsonl")) as f:
+                got[(r["arm"], r["iteration"])] = np.array([json.loads(line)["exact"] for line in f], dtype=np.int8)
+    return got
+
+
+def load_validation(regime, seeds, runs, recs_of):
+    """{(arm, iteration): (S, P) validation outcomes} over what every seed scored ({} without --score-val)."""
+    per_seed = [validation_outcomes(os.path.join(runs, regime, f"seed{s}"), recs) for s, recs in zip(seeds, recs_of)]
+    keys = sorted(set.intersection(*(set(o) for o in per_seed)), key=lambda k: (k[1], k[0]))
+    return {k: np.stack([o[k] for o in per_seed]) for k in keys}
+
+
 def load_matrices(regime, seeds, runs):
     """{(arm, iteration): (S, P) outcomes} over the arms every seed ran, and each seed's records."""
     per_seed = [outcomes(os.path.join(runs, regime, f"seed{s}")) for s in seeds]
@@ -157,12 +186,25 @@ def _difference(x, y, a, b, n_boot):
             "per_seed": per_seed}
 
 
-def summarise_matrix(regime, seeds, matrix, n_boot=10000):
+# The seeds a pre-registered regime's protocol names: its results are marked partial until all have run.
+PLANNED_SEEDS = {"factor5-1k-confirm": list(range(5, 15))}
+
+
+def summarise_matrix(regime, seeds, matrix, n_boot=10000, validation=None):
     """Every interval, difference and test from the outcome matrices alone (so a results file's
-    committed outcomes reproduce it: --recompute)."""
+    committed outcomes reproduce it: --recompute). With validation outcomes (--score-val) of the
+    confirmation's arms, its pre-registered endpoints too (experiments/confirm.py)."""
     start = matrix[("start", 0)]
     res = {"regime": regime, "flags": COMMON + REGIMES[regime], "seeds": list(seeds), "n_boot": n_boot,
            "level": 0.95, "arms": {}, "differences": [], "mcnemar": [], "per_seed": []}
+    planned = PLANNED_SEEDS.get(regime)
+    if planned and sorted(seeds) != planned:
+        res["partial"] = f"{len(seeds)} of the {len(planned)} seeds the protocol names: no conclusion"
+    if validation and all(k in validation for k in confirm.candidates()) and len(seeds) >= 2:
+        res["confirmation"] = confirm.analyse(matrix, validation, n_boot)
+        if res.get("partial"):  # the decision rule applies to the protocol's seeds only
+            for row in res["confirmation"]["primary"]:
+                row["verdict"] = "none: partial, the protocol's seeds have not all run"
     for (arm, t), x in matrix.items():
         iv, st = stats.bootstrap_mean(x, n_boot=n_boot, seed=0), stats.seed_t_interval(x.mean(1))
         res["arms"].setdefault(arm, {})[str(t)] = {"mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "seed_lo": st.lo,
@@ -187,7 +229,8 @@ def summarise_matrix(regime, seeds, matrix, n_boot=10000):
 
 def summarise(regime, seeds, runs, n_boot=10000):
     matrix, recs_of = load_matrices(regime, seeds, runs)
-    res = summarise_matrix(regime, seeds, matrix, n_boot)
+    validation = load_validation(regime, seeds, runs, recs_of)
+    res = summarise_matrix(regime, seeds, matrix, n_boot, validation)
     for seed, recs in zip(seeds, recs_of):
         chosen = next((r for r in recs if r["type"] == "sft_chosen"), {})
         wall = seed_wall_s(os.path.join(runs, regime, f"seed{seed}"), recs)
@@ -197,13 +240,27 @@ def summarise(regime, seeds, runs, n_boot=10000):
             "train_samples_correct": {k: v.get("train_samples_correct") for k, v in evals.items() if k.startswith("spin")},
             "train_samples_equal_gt": {k: v.get("train_samples_equal_gt") for k, v in evals.items() if k.startswith("spin")},
             "gt_logp_per_token": {k: v["gt_logp_per_token"] for k, v in evals.items()}})
-    return res, matrix
+    return res, matrix, validation
 
 
-def write_outcomes(path, seeds, matrix):
-    """Every held-out outcome, one string of 0/1 per arm, iteration and seed (gzip: ~5 KB per arm)."""
-    doc = {"seeds": list(seeds), "outcomes": {f"{a}-{t}": ["".join(map(str, row.tolist())) for row in x]
-                                              for (a, t), x in matrix.items()}}
+def _rows(matrix):
+    return {f"{a}-{t}": ["".join(map(str, row.tolist())) for row in x] for (a, t), x in matrix.items()}
+
+
+def _matrix(rows_of):
+    matrix = {}
+    for key, rows in rows_of.items():
+        arm, t = key.rsplit("-", 1)
+        matrix[(arm, int(t))] = np.array([[int(c) for c in row] for row in rows], dtype=np.int8)
+    return matrix
+
+
+def write_outcomes(path, seeds, matrix, validation=None):
+    """Every held-out outcome, one string of 0/1 per arm, iteration and seed (gzip: ~5 KB per arm);
+    with --score-val, every validation outcome too ("validation")."""
+    doc = {"seeds": list(seeds), "outcomes": _rows(matrix)}
+    if validation:
+        doc["validation"] = _rows(validation)
     with atomic_file(path, "wb") as f:
         f.write(gzip.compress(json.dumps(doc).encode(), mtime=0))
 
@@ -211,11 +268,13 @@ def write_outcomes(path, seeds, matrix):
 def read_outcomes(path):
     with gzip.open(path, "rt") as f:
         doc = json.load(f)
-    matrix = {}
-    for key, rows in doc["outcomes"].items():
-        arm, t = key.rsplit("-", 1)
-        matrix[(arm, int(t))] = np.array([[int(c) for c in row] for row in rows], dtype=np.int8)
-    return doc["seeds"], matrix
+    return doc["seeds"], _matrix(doc["outcomes"])
+
+
+def read_validation(path):
+    """The validation outcomes of an outcomes file ({} when its run did not score them)."""
+    with gzip.open(path, "rt") as f:
+        return _matrix(json.load(f).get("validation", {}))
 
 
 def seed_list(text):
@@ -245,7 +304,7 @@ def main(argv=None):
         if not os.path.exists(base + ".outcomes.json.gz"):
             raise SystemExit(f"{base}.outcomes.json.gz: not found; --recompute needs a regime's committed outcomes")
         seeds, matrix = read_outcomes(base + ".outcomes.json.gz")
-        res = summarise_matrix(a.regime, seeds, matrix)
+        res = summarise_matrix(a.regime, seeds, matrix, validation=read_validation(base + ".outcomes.json.gz"))
         with open(base + ".json") as f:
             res["per_seed"] = json.load(f)["per_seed"]
     else:
@@ -253,10 +312,14 @@ def main(argv=None):
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
         with ThreadPoolExecutor(a.workers) as pool:
             list(pool.map(lambda s: run_seed(a.regime, s, a.runs, threads), seeds))
-        res, matrix = summarise(a.regime, seeds, a.runs)
-        write_outcomes(base + ".outcomes.json.gz", seeds, matrix)
+        res, matrix, validation = summarise(a.regime, seeds, a.runs)
+        write_outcomes(base + ".outcomes.json.gz", seeds, matrix, validation)
     write_json(base + ".json", res, indent=1)
     text = report.comparison_table(res)
+    if res.get("partial"):
+        text = f"**PARTIAL: {res['partial']}.**\n\n" + text
+    if res.get("confirmation"):
+        text += "\n" + confirm.table(res["confirmation"], res["seeds"])
     with atomic_file(base + ".md") as f:
         f.write(text + "\n")
     print(text)

@@ -78,7 +78,7 @@ def test_committed_outcomes_match_committed_results():
     its figures came from: per-seed exact match and every McNemar count recount from them (the
     bootstrap intervals follow by `--recompute`, too slow to run for every regime here)."""
     from experiments import stats
-    from experiments.compare import read_outcomes
+    from experiments.compare import read_outcomes, read_validation
 
     results = os.path.join(ROOT, "experiments", "results")
     names = sorted(f for f in os.listdir(results) if f.endswith(".json"))
@@ -97,3 +97,102 @@ def test_committed_outcomes_match_committed_results():
             got = stats.mcnemar(matrix[(a, int(ta))][i], matrix[(b, int(tb))][i])
             assert (got.both, got.a_only, got.b_only, got.neither) == (m["both"], m["a_only"], m["b_only"],
                                                                        m["neither"]), (name, m)
+        if "confirmation" in res:  # the pre-registered endpoints: the choices and per-seed differences
+            recount_confirmation(res["confirmation"], matrix, read_validation(
+                os.path.join(results, name[:-5] + ".outcomes.json.gz")))
+
+
+def recount_confirmation(conf, held, val):
+    """The validation choices and every endpoint's per-seed differences, by loops over the outcomes."""
+    from experiments import confirm
+    for field, arms in (("chosen_spin", confirm.SPIN), ("chosen_sft", confirm.SFT)):
+        for s, chosen in enumerate(conf[field]):
+            scores = [(val[(a, t)][s].sum(), -t, -arms.index(a), f"{a}-{t}") for t in confirm.ITERATIONS for a in arms]
+            assert max(scores)[3] == chosen, (field, s)
+    row = lambda name, s: held[(name.rsplit("-", 1)[0], int(name.rsplit("-", 1)[1]))][s].mean()  # noqa: E731
+    S = len(conf["chosen_spin"])
+    e1 = [row(conf["chosen_spin"][s], s) - held[("start", 0)][s].mean() for s in range(S)]
+    e2 = [row(conf["chosen_spin"][s], s) - row(conf["chosen_sft"][s], s) for s in range(S)]
+    assert conf["primary"][0]["per_seed"] == pytest.approx(e1, abs=1e-12)
+    assert conf["primary"][1]["per_seed"] == pytest.approx(e2, abs=1e-12)
+    for r in conf["secondary"]:
+        a, b = r["name"].split(" - ")
+        want = [row(a, s) - (held[("start", 0)][s].mean() if b == "start" else row(b, s)) for s in range(S)]
+        assert r["per_seed"] == pytest.approx(want, abs=1e-12), r["name"]
+
+
+def test_confirmation_recount_fails_on_a_wrong_choice():
+    """recount_confirmation catches a results file whose choice or difference is not the outcomes'."""
+    import numpy as np
+    from experiments import confirm
+    rng = np.random.default_rng(1)
+    keys = [("start", 0)] + [(a, t) for t in confirm.ITERATIONS for a in (*confirm.SPIN, *confirm.SFT, confirm.EQDROP)]
+    held = {k: (rng.random((3, 20)) < 0.5).astype(np.int8) for k in keys}
+    val = {k: (rng.random((3, 20)) < 0.5).astype(np.int8) for k in keys}
+    conf = confirm.analyse(held, val, n_boot=20)
+    recount_confirmation(conf, held, val)
+    bad = dict(conf, chosen_spin=conf["chosen_spin"][::-1] if len(set(conf["chosen_spin"])) > 1 else ["x-1"] * 3)
+    with pytest.raises(AssertionError):
+        recount_confirmation(bad, held, val)
+    conf["primary"][0]["per_seed"][0] += 0.002
+    with pytest.raises(AssertionError):
+        recount_confirmation(conf, held, val)
+
+
+def test_validation_outcomes_round_trip(tmp_path):
+    """--score-val's validation outcomes travel in the outcomes file beside the held-out ones, and
+    an older file without them reads as none."""
+    import numpy as np
+    from experiments.compare import read_outcomes, read_validation, write_outcomes
+    held = {("start", 0): np.array([[1, 0, 1], [0, 0, 1]], dtype=np.int8)}
+    val = {("spin_b5_lr1e-05", 2): np.array([[0, 1, 1, 1], [1, 1, 0, 0]], dtype=np.int8)}
+    write_outcomes(tmp_path / "a.gz", [5, 6], held, val)
+    seeds, m = read_outcomes(tmp_path / "a.gz")
+    assert seeds == [5, 6] and set(m) == set(held) and (m[("start", 0)] == held[("start", 0)]).all()
+    v = read_validation(tmp_path / "a.gz")
+    assert set(v) == set(val) and (v[("spin_b5_lr1e-05", 2)] == val[("spin_b5_lr1e-05", 2)]).all()
+    write_outcomes(tmp_path / "b.gz", [5, 6], held)
+    assert read_validation(tmp_path / "b.gz") == {}
+
+
+def fake_confirm_runs(runs, seeds, P=12, rng_seed=0):
+    """Finished run folders of the factor5-1k-confirm regime, as experiments.arms --score-val writes
+    them (eval and val_eval records, per-prompt files, a timing record), with random outcomes."""
+    import numpy as np
+    from experiments.compare import CONFIRM_ARMS
+    rng = np.random.default_rng(rng_seed)
+    for seed in seeds:
+        out = runs / "factor5-1k-confirm" / f"seed{seed}"
+        (out / "eval").mkdir(parents=True)
+        recs = [{"type": "sft_chosen", "step": 500}]
+        for arm, t in [("start", 0)] + [(a, t) for a in CONFIRM_ARMS for t in (1, 2, 3, 4)]:
+            for kind, prefix in (("eval", ""), ("val_eval", "val-")):
+                exact = (rng.random(P) < 0.6).astype(int).tolist()
+                (out / "eval" / f"{prefix}{arm}-{t}.jsonl").write_text("".join(json.dumps({"index": i, "exact": e}) + "\n"
+                                                                              for i, e in enumerate(exact)))
+                recs.append({"type": kind, "arm": arm, "iteration": t, "exact_match": sum(exact) / P,
+                             "gt_logp_per_token": -1.0, "train_samples_correct": 0.4, "train_samples_equal_gt": 0.0})
+        recs.append({"type": "timing", "sft": 1.0})
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_confirmation_from_run_folders_to_results(tmp_path):
+    """compare.py on finished confirmation runs: validation outcomes into the outcomes file, the
+    endpoints into the results and the table, partial seeds marked, --recompute the same."""
+    fake_confirm_runs(tmp_path / "runs", [5, 6, 7])
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    args = [sys.executable, "-m", "experiments.compare", "factor5-1k-confirm", "--seeds", "5,6,7",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.load(open(tmp_path / "results" / "factor5-1k-confirm.json"))
+    assert res["partial"].startswith("3 of the 10 seeds") and len(res["confirmation"]["secondary"]) == 36
+    table = (tmp_path / "results" / "factor5-1k-confirm.md").read_text()
+    assert table.startswith("**PARTIAL") and "E2: validation-selected SPIN" in table and "[prompts within seeds]" in table
+    from experiments.compare import read_outcomes, read_validation
+    gz = tmp_path / "results" / "factor5-1k-confirm.outcomes.json.gz"
+    _, held = read_outcomes(gz)
+    recount_confirmation(res["confirmation"], held, read_validation(gz))
+    q = subprocess.run(args + ["--recompute"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert q.returncode == 0 and json.load(open(tmp_path / "results" / "factor5-1k-confirm.json")) == res
+    assert (tmp_path / "results" / "factor5-1k-confirm.md").read_text() == table

@@ -264,3 +264,97 @@ def test_seed_t_interval_by_hand_and_coverage():
         iv = stats.seed_t_interval(rng.normal(0.0, 1.0, size=5))
         hits += iv.lo <= 0.0 <= iv.hi
     assert 0.935 <= hits / 2000 <= 0.965
+
+
+# -- the confirmation's tests (issue 37): each against scipy and small cases by hand ----------------
+
+DIFFS = [[0.01, -0.02, 0.03, 0.04, 0.0, 0.02, 0.01, -0.01, 0.05, 0.02], [-0.05, 0.01, -0.02, 0.0, -0.03],
+         [0.3, 0.1], [0.002, 0.004, -0.001, 0.003, 0.0, 0.001, 0.002, -0.002, 0.005, 0.001]]
+
+
+def test_paired_t_test_against_scipy_and_degenerate_cases():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for d in DIFFS:
+        t, p = stats.paired_t_test(d)
+        want = scipy_stats.ttest_1samp(d, 0.0)
+        assert t == pytest.approx(want.statistic, rel=1e-12) and p == pytest.approx(want.pvalue, rel=1e-7)
+    assert stats.paired_t_test([0.0, 0.0, 0.0]) == (0.0, 1.0)
+    assert stats.paired_t_test([0.02, 0.02, 0.02])[1] == 0.0
+    with pytest.raises(ValueError, match="per_seed"):
+        stats.paired_t_test([0.1])
+
+
+def test_sign_flip_test_by_hand_and_against_scipy():
+    # d = (1, 2, 3): the 8 sign assignments give |sum| 6, 4, 2, 0, 0, 2, 4, 6; the observed 6 is
+    # reached by 2 of them: p = 2/8.
+    assert stats.sign_flip_test([1.0, 2.0, 3.0]) == 0.25
+    assert stats.sign_flip_test([1.0, -1.0]) == 1.0  # observed |sum| 0: every assignment reaches it
+    assert stats.sign_flip_test([0.5] * 10) == 2 / 1024  # all one sign: only it and its mirror
+    # ties inside the floating-point sum count as reached: 0.1 + 0.2 vs 0.3
+    assert stats.sign_flip_test([0.1, 0.2, -0.3]) == 1.0
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for d in DIFFS:
+        want = scipy_stats.permutation_test((np.array(d),), np.mean, permutation_type="samples",
+                                            n_resamples=10**6, alternative="two-sided").pvalue
+        assert stats.sign_flip_test(d) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="2\\^20"):
+        stats.sign_flip_test([0.1] * 21)
+
+
+def test_tost_against_scipy_one_sided_tests():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for d in DIFFS:
+        for margin in (0.02, 0.005, 0.5):
+            lower, upper, p = stats.tost(d, margin)
+            want_lower = scipy_stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+            want_upper = scipy_stats.ttest_1samp(d, margin, alternative="less").pvalue
+            assert (lower, upper) == pytest.approx((want_lower, want_upper), rel=1e-7, abs=1e-12)
+            assert p == max(lower, upper)
+            # equivalent at 5% iff the 90% seed-level t interval lies inside the margin
+            iv = stats.seed_t_interval(d, level=0.90)
+            assert (p < 0.05) == (-margin < iv.lo and iv.hi < margin)
+    assert stats.tost([0.01, 0.01], 0.02)[2] == 0.0 and stats.tost([0.03, 0.03], 0.02)[2] == 1.0
+    with pytest.raises(ValueError, match="margin"):
+        stats.tost([0.1, 0.2], 0)
+
+
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.6]) == [1.0, 1.0]  # 0.5 * 2 caps at 1; monotone, so 0.6 * 1 rises to 1
+    assert stats.holm([0.3, 0.01]) == [0.3, 0.02]
+    assert stats.holm([0.2]) == [0.2] and stats.holm([]) == []
+    assert stats.holm([0.01, 0.01]) == [0.02, 0.02]  # ties
+    with pytest.raises(ValueError, match="p_values"):
+        stats.holm([0.1, 1.5])
+
+
+def test_noncentral_t_and_minimum_detectable_effect_against_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for x, df, nc in ((2.26, 9, 2.0), (0.5, 1, 1.0), (3.0, 1, 0.0), (-1.0, 2, 3.0), (1.3, 4, -1.0), (5.0, 30, 4.0)):
+        assert stats.nct_cdf(x, df, nc) == pytest.approx(scipy_stats.nct.cdf(x, df, nc), abs=1e-9)
+    for S, sd in ((10, 1.0), (5, 0.03), (3, 2.0)):
+        mde = stats.minimum_detectable_effect(sd, S)
+        df, crit = S - 1, scipy_stats.t.ppf(0.975, S - 1)
+        nc = mde / sd * S ** 0.5
+        power = scipy_stats.nct.sf(crit, df, nc) + scipy_stats.nct.cdf(-crit, df, nc)
+        assert power == pytest.approx(0.8, abs=1e-5)
+    # the textbook figure: 10 pairs, two-sided 5%, 80% power: 0.996 sd (1.682 with 5)
+    assert stats.minimum_detectable_effect(1.0, 10) == pytest.approx(0.996, abs=1e-3)
+    assert stats.minimum_detectable_effect(1.0, 5) == pytest.approx(1.682, abs=1e-3)
+
+
+def test_prompt_bootstrap_keeps_the_seeds():
+    # Replayed from its documented stream with plain loops.
+    x = [[1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 0]]
+    rng = np.random.default_rng(3)
+    draws = rng.integers(0, 4, size=(7, 3, 4)).tolist()
+    want = [sum(x[s][p] for s in range(3) for p in draws[b][s]) / 12 for b in range(7)]
+    iv = stats.prompt_bootstrap(x, n_boot=7, seed=3, level=0.8)
+    assert iv.mean == pytest.approx(7 / 12)
+    assert (iv.lo, iv.hi) == pytest.approx((quantile_by_hand(want, 0.1), quantile_by_hand(want, 0.9)))
+    # Seeds that differ but whose prompts do not: no prompt noise, so no width (the two-level
+    # bootstrap, which resamples seeds, is wide here).
+    y = np.array([[1] * 20, [0] * 20, [1] * 20])
+    assert stats.prompt_bootstrap(y, n_boot=200).lo == stats.prompt_bootstrap(y, n_boot=200).hi == pytest.approx(2 / 3)
+    assert bootstrap_mean(y, n_boot=200).hi - bootstrap_mean(y, n_boot=200).lo > 0.3

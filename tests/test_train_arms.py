@@ -178,3 +178,57 @@ def test_swept_arm_names():
     assert arm_list("sft,spin_b2_lr0.0001,random_drop") == ["sft", "spin_b2_lr0.0001", "random_drop"]
     with pytest.raises(Exception, match="spin_b<beta>_lr<lr>"):
         arm_list("spin,spin_b1_lrfoo")
+
+
+def test_confirmation_arm_names():
+    from experiments.arms import arm_list, eqdrop_setting, sft_lr_setting
+    assert sft_lr_setting("sft_lr1e-05") == 1e-5 and sft_lr_setting("sft_lr3e-05") == 3e-5
+    assert eqdrop_setting("spin_eqdrop_b5_lr1e-05") == (5.0, 1e-5)
+    for bad in ("sft_lr0", "sft_lr", "sft_lrx", "sft_lr-1e-5", "sft", "spin_b5_lr1e-05"):
+        assert sft_lr_setting(bad) is None, bad
+    for bad in ("spin_eqdrop_b0_lr1e-5", "spin_eqdrop_b5", "spin_eqdrop_b5_lrx", "spin_drop"):
+        assert eqdrop_setting(bad) is None, bad
+    assert arm_list("sft_lr1e-05,spin_eqdrop_b5_lr1e-05,spin_b10_lr1e-05") == [
+        "sft_lr1e-05", "spin_eqdrop_b5_lr1e-05", "spin_b10_lr1e-05"]
+    with pytest.raises(Exception, match="sft_lr<lr>"):
+        arm_list("sft_lrfoo")
+
+
+def test_eqdrop_keeps_exactly_the_pairs_that_carry_gradient():
+    """unequal_to_truth drops a pair iff its sample is the ground truth's string (equal strings, equal
+    tokens: the pairs whose SPIN loss has no gradient; the run's train_samples_equal_gt of the arm
+    reads 0), with no verifier: a correct answer written another way stays."""
+    from data.readers import Example
+    from data.task import make_task, score
+    from experiments.arms import unequal_to_truth
+    train, _ = make_task(seed=3, n_train=30, n_heldout=0, digits=4, kind="factor")
+    exs = []
+    for i, e in enumerate(train):
+        a, b = e.response.rsplit("*", 1) if "*" in e.response else (e.response, None)
+        other = f"{b}*{a}" if b is not None and a != b else "2*2"  # correct written another way, or not
+        exs.append(Example(e.prompt, e.response, e.response if i % 3 == 0 else other))
+    kept = unequal_to_truth(exs)
+    assert kept == [e for i, e in enumerate(exs) if i % 3]
+    assert any(score(e.prompt, e.generated) for e in kept)  # the verifier would have dropped these too
+
+
+def test_confirmation_arms_with_validation_scores(tmp_path):
+    """The confirmation's arms (issue 37) from one start, at equal steps, each model scored on the
+    validation prompts too (--score-val): per prompt, beside the held-out outcomes."""
+    out = tmp_path / "run"
+    run(out, "--arms", "sft_lr1e-05,spin_b5_lr1e-05,spin_eqdrop_b5_lr0.0001", "--iterations", "1", "--score-val")
+    evals = {(r["arm"], r["iteration"]): r for r in records(out, "eval")}
+    vals = {(r["arm"], r["iteration"]): r for r in records(out, "val_eval")}
+    assert set(vals) == set(evals) == {("start", 0), ("sft_lr1e-05", 1), ("spin_b5_lr1e-05", 1),
+                                       ("spin_eqdrop_b5_lr0.0001", 1)}
+    assert len({evals[k]["steps"] for k in evals if k[0] != "start"}) == 1  # equal steps
+    assert evals[("spin_eqdrop_b5_lr0.0001", 1)]["train_samples_equal_gt"] == 0
+    for (arm, t), row in vals.items():
+        lines = [json.loads(x) for x in open(out / "eval" / f"val-{arm}-{t}.jsonl")]
+        assert len(lines) == row["eval_examples"] == 32  # the validation prompts
+        assert sum(x["exact"] for x in lines) / 32 == pytest.approx(row["exact_match"])
+    log = (out / "metrics.jsonl").read_text()
+    steps = {r["stage"] for r in records(out, "step")}
+    assert {"sft_lr1e-050", "spin_b5_lr1e-050", "spin_eqdrop_b5_lr0.00010"} <= steps and log
+    lrs = {r["stage"]: r.get("lr") for r in records(out, "step") if r["step"] == 1}
+    assert lrs.get("sft_lr1e-050") is None or lrs["sft_lr1e-050"] <= 1e-5  # its own lr (warmup starts below it)
