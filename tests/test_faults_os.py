@@ -303,3 +303,28 @@ def test_torchrun_run_holds_the_lock_and_sigterm_says_how_to_resume(tmp_path):
     assert lines[0].endswith(f"resume with: torchrun --nproc_per_node=2 train.py --out {out} {' '.join(flags)} --resume"), lines[0]
     assert not leftovers(out), leftovers(out)
     open_run(folder_settings(parse_args(["--out", str(out), *flags, "--resume"])), world=1).close()  # free again
+
+
+def test_ctrl_c_of_a_torchrun_run_is_one_line(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to torchrun and its ranks alike (one process group): one
+    line, said once over the ranks, no frame of this project's code, nothing half-written."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "--out", str(out), *SFT, "--micro-batch-size", "8", "--sft-steps", "1000"],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group, as a terminal's foreground job
+    try:
+        deadline = time.time() + 300
+        while not (out / "sft" / "ckpt" / "step-2").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, stderr[-3000:]
+    lines = [l for l in stderr.splitlines() if "interrupted; --resume continues from the last checkpoint" in l]
+    assert len(lines) == 1 and lines[0].startswith("train.py: "), stderr[-3000:]
+    assert not PROJECT_FRAME.search(stderr), stderr[-3000:]
+    assert not leftovers(out), leftovers(out)
