@@ -121,6 +121,12 @@ def main():
     parts = [HEADER]
     for n in names:
         seeds, _ = read_outcomes(os.path.join(RESULTS, n + ".outcomes.json.gz"))
+        with open(os.path.join(RESULTS, n + ".json")) as f:
+            res = json.load(f)
+        if "partial" in res or "confirmation" in res:  # the confirmation: its own pre-registered analysis
+            parts.append(f"## {n}: read by its protocol (experiments/CONFIRMATION.md, experiments/confirm.py), "
+                         f"not here{'; partial, ' + res['partial'] if 'partial' in res else ''}\n")
+            continue
         if len(seeds) < 2:  # no seed-level test: say so
             parts.append(f"## {n} ({len(seeds)} seed): no seed-level test is possible; not read here\n")
             continue
