@@ -48,7 +48,7 @@ from data import export_files, pairs, readers, task
 from errors import InputError, run_command
 from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
-from heldout import heldout
+from heldout import evaluate
 import spin_kernels
 from hf_folder import check_model_folder, load_model, read_config, resolve_dtype
 from parallel import log
