@@ -257,7 +257,7 @@ def test_install_fixes_the_impl_and_entry_points_read_no_environment(monkeypatch
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     for interpret, choice, asked in ((False, "triton", "auto"), (True, "triton", "triton"),
                                      (False, "torch", "torch"), (True, "auto", "auto")):
-        monkeypatch.setattr(kernels, "INTERPRET", interpret)
+        monkeypatch.setattr(spin_kernels, "INTERPRET", interpret)
         m = spin_kernels.install(Mistral(cfg), choice)
         assert m.kernels == choice
         assert m.head_logprobs.keywords["impl"] == asked
