@@ -43,8 +43,7 @@ def sequence_logps(token_logps, mask):
 
 
 def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_generated_logps,
-              beta=0.1, loss_type="sigmoid", base_real_logps=None, base_generated_logps=None,
-              alpha=0.0, reduction="mean"):
+              beta=0.1, loss_type="sigmoid", reduction="mean"):
     # Every input is a (B,) tensor of sequence log-probs log p(y|x): "policy" is p_theta
     # (with gradient), "ref" the opponent p_t (precomputed, no gradient needed), "real" the
     # ground-truth answer y, "generated" the opponent's own answer y'.
@@ -53,29 +52,13 @@ def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_gen
     # python floats, so callers can reduce them across ranks before logging.
     named = {"policy_real_logps": policy_real_logps, "policy_generated_logps": policy_generated_logps,
              "ref_real_logps": ref_real_logps, "ref_generated_logps": ref_generated_logps}
-    if alpha != 0.0 or base_real_logps is not None or base_generated_logps is not None:
-        named.update(base_real_logps=base_real_logps, base_generated_logps=base_generated_logps)
     for name, x in named.items():
-        if x is None:
-            raise ValueError("alpha > 0 needs both base_real_logps and base_generated_logps "
-                             f"(the base model's log-probs); {name} is missing")
         if x.dim() != 1 or x.shape != policy_real_logps.shape:
             raise ValueError(f"all log-prob inputs must share one 1-D shape (B,); "
                              f"{name} is {tuple(x.shape)}, policy_real_logps is "
                              f"{tuple(policy_real_logps.shape)}")
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-
-    # Opponent regularisation (Alami et al. 2024, arXiv 2404.04291): play against the
-    # geometric mixture p_ref ∝ p_base^alpha * p_t^(1-alpha) of the base (SFT) model and
-    # the previous iteration, which keeps later iterations closer to the base model.
-    # In log space the mixture is a weighted sum (its normaliser is the same for y and y'
-    # and cancels in the difference below). alpha = 0 is plain SPIN, alpha = 1 the base.
-    if alpha > 0:
-        ref_real_logps = alpha * base_real_logps + (1 - alpha) * ref_real_logps
-        ref_generated_logps = alpha * base_generated_logps + (1 - alpha) * ref_generated_logps
 
     # The implicit rewards lambda * log p_theta / p_t of each answer, and their difference.
     real_logratios = policy_real_logps - ref_real_logps                  # (B,)
@@ -114,6 +97,28 @@ def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_gen
         "logps/generated": reduce(det(policy_generated_logps)),
     }
     return reduce(losses), metrics
+
+
+def mixture_reference(ref_real_logps, ref_generated_logps, base_real_logps, base_generated_logps, alpha):
+    # Opponent regularisation (Alami et al. 2024, arXiv 2404.04291), one of the study's arms
+    # (experiments/): play against the geometric mixture p_ref ∝ p_base^alpha * p_t^(1-alpha)
+    # of the base (SFT) model and the previous iteration, which keeps later iterations closer
+    # to the base model. In log space the mixture is a weighted sum (its normaliser is the same
+    # for y and y' and cancels in spin_loss's difference). alpha = 0 is plain SPIN, alpha = 1
+    # the base. Returns the (real, generated) reference log-probs to pass to spin_loss.
+    for name, x in (("base_real_logps", base_real_logps), ("base_generated_logps", base_generated_logps)):
+        if x is None:
+            raise ValueError("the mixture reference needs both base_real_logps and base_generated_logps "
+                             f"(the base model's log-probs); {name} is missing")
+        if x.dim() != 1 or x.shape != ref_real_logps.shape:
+            raise ValueError(f"all log-prob inputs must share one 1-D shape (B,); "
+                             f"{name} is {tuple(x.shape)}, ref_real_logps is {tuple(ref_real_logps.shape)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 0:
+        return ref_real_logps, ref_generated_logps
+    return (alpha * base_real_logps + (1 - alpha) * ref_real_logps,
+            alpha * base_generated_logps + (1 - alpha) * ref_generated_logps)
 
 
 def beta_for_iteration(schedule, t):

@@ -35,7 +35,7 @@ from lora import LoraSettings
 from hf_folder import export, load_model, read_config
 from model import Mistral
 from parallel import log
-from spin_loss import sequence_logps, spin_loss
+from spin_loss import mixture_reference, sequence_logps, spin_loss
 
 
 @dataclass(frozen=True)
@@ -134,10 +134,10 @@ def spin_micro_batch(model, micro, env, stage, live, n_local):
             ref = sequence_logps(live(ids, attention_mask=mask, targets=tgt), tgt != -100)
         sums["live_diff"] = torch.cat([ref[:n] - ref_real, ref[n:] - ref_gen]).abs().max().item()
         ref_real, ref_gen = ref[:n], ref[n:]
-    base = {}
     if stage.mix_alpha > 0:  # the base (SFT start) model's log-probs, stored by generate.rescore
-        base = dict(zip(pairs.BASE_COLUMNS, (b[k].to(env.device) for k in pairs.BASE_COLUMNS)), alpha=stage.mix_alpha)
-    loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=stage.settings.loss_type, **base)
+        base_real, base_gen = (b[k].to(env.device) for k in pairs.BASE_COLUMNS)
+        ref_real, ref_gen = mixture_reference(ref_real, ref_gen, base_real, base_gen, stage.mix_alpha)
+    loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=stage.settings.loss_type)
     # spin_loss averages over this micro-batch's n pairs; weighting by n / n_local makes the sum over
     # micro-batches the mean over this rank's pairs, and FSDP2's gradient reduce-scatter averages
     # over ranks: the gradient of the mean loss over the global batch, however it is split.

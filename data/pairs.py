@@ -54,7 +54,7 @@ class TruncationError(ValueError):
 # spin_loss takes them as arguments of the same names.
 OPPONENT_COLUMNS = ("ref_real_logps", "ref_generated_logps")
 # The same log-probs under the base (SFT start) model, for the geometric-mixture reference of
-# spin_loss(alpha > 0); written by generate.rescore(columns=BASE_COLUMNS) when that arm runs.
+# spin_loss.mixture_reference; written by generate.rescore(columns=BASE_COLUMNS) when that arm runs.
 BASE_COLUMNS = ("base_real_logps", "base_generated_logps")
 
 

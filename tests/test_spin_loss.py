@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from spin_loss import beta_for_iteration, sequence_logps, spin_loss
+from spin_loss import beta_for_iteration, mixture_reference, sequence_logps, spin_loss
 
 FAST = settings(max_examples=40, deadline=None)
 SLOW = settings(max_examples=10, deadline=None)  # each example runs an optimiser
@@ -94,8 +94,8 @@ def test_identical_real_and_generated_give_zero_gradient(b, beta, loss_type, alp
     s = sequence_logps(tok, mask)
     ref = torch.tensor(b[2], dtype=torch.float64)
     base = torch.tensor(b[3], dtype=torch.float64)
-    loss, _ = spin_loss(s, s, ref, ref, beta=beta, loss_type=loss_type,
-                        base_real_logps=base, base_generated_logps=base, alpha=alpha)
+    ref_real, ref_gen = mixture_reference(ref, ref, base, base, alpha)
+    loss, _ = spin_loss(s, s, ref_real, ref_gen, beta=beta, loss_type=loss_type)
     loss.backward()
     assert torch.equal(tok.grad, torch.zeros_like(tok))
 
@@ -293,14 +293,14 @@ def test_alpha_mixture(b, extra, beta, alpha, loss_type):
     kw = dict(beta=beta, loss_type=loss_type, reduction="none")
     plain, m_plain = spin_loss(pr, pg, rr, rg, **kw)
     # alpha = 0 is plain SPIN, whether or not base log-probs are passed.
-    zero, m_zero = spin_loss(pr, pg, rr, rg, base_real_logps=br, base_generated_logps=bg, alpha=0.0, **kw)
+    zero, m_zero = spin_loss(pr, pg, *mixture_reference(rr, rg, br, bg, 0.0), **kw)
     assert torch.equal(zero, plain) and all(torch.equal(m_zero[k], m_plain[k]) for k in m_plain)
     # alpha = 1 plays against the base model alone.
-    one, _ = spin_loss(pr, pg, rr, rg, base_real_logps=br, base_generated_logps=bg, alpha=1.0, **kw)
+    one, _ = spin_loss(pr, pg, *mixture_reference(rr, rg, br, bg, 1.0), **kw)
     against_base, _ = spin_loss(pr, pg, br, bg, **kw)
     torch.testing.assert_close(one, against_base, rtol=0, atol=0)
     # In between, the reference log-prob is the weighted sum of the two.
-    mixed, m = spin_loss(pr, pg, rr, rg, base_real_logps=br, base_generated_logps=bg, alpha=alpha, **kw)
+    mixed, m = spin_loss(pr, pg, *mixture_reference(rr, rg, br, bg, alpha), **kw)
     by_hand, m_hand = spin_loss(pr, pg, alpha * br + (1 - alpha) * rr, alpha * bg + (1 - alpha) * rg, **kw)
     torch.testing.assert_close(mixed, by_hand, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(m["rewards/margins"], m_hand["rewards/margins"])
@@ -315,14 +315,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="1-D"):
         spin_loss(x[None], x[None], x[None], x[None])
     with pytest.raises(ValueError, match="base_generated_logps is missing"):
-        spin_loss(x, x, x, x, base_real_logps=x, alpha=0.5)
+        mixture_reference(x, x, x, None, 0.5)
     with pytest.raises(ValueError, match="base_real_logps"):
-        spin_loss(x, x, x, x, alpha=0.5)
+        mixture_reference(x, x, None, None, 0.5)
     with pytest.raises(ValueError, match="base_real_logps is \\(5,\\)"):
-        spin_loss(x, x, x, x, base_real_logps=torch.zeros(5), base_generated_logps=x, alpha=0.5)
+        mixture_reference(x, x, torch.zeros(5), x, 0.5)
     for alpha in (-0.1, 1.5, math.nan):
         with pytest.raises(ValueError, match="alpha"):
-            spin_loss(x, x, x, x, base_real_logps=x, base_generated_logps=x, alpha=alpha)
+            mixture_reference(x, x, x, x, alpha)
     for beta in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match="beta"):
             spin_loss(x, x, x, x, beta=beta)
