@@ -1,10 +1,9 @@
-"""Self-play generation for SPIN: sample y' ~ p_t(.|x) for every prompt, and score the opponent
-log-probs log p_t(y|x), log p_t(y'|x) once, here, so training never holds a reference model.
+"""Self-play generation for SPIN at scale: sampler.py's sampler and scorer (the plain version, read
+on SPIN's path) with the speed-ups put in, over sharded, resumable Parquet files.
 
-    sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   KV-cached decode;
+    sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   sampler.sample, and
                                         rows that end take the next prompts (slots.py)
-    score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
-    generate_dataset(model, tok, examples, out_path, ...)   sharded, resumable, Parquet out
+    generate_dataset(model, fmt, examples, out_path, ...)   sharded, resumable, Parquet out
     rescore(model_dir, in_path, out_path, ...)   an older iteration's pairs under the current p_t
 
 Launch (one process, or one per GPU):
@@ -12,10 +11,9 @@ Launch (one process, or one per GPU):
     torchrun --nproc_per_node=2 generate.py --model DIR --data train.parquet --out ...
 
 How this departs from the official SPIN generation (uclaml/SPIN, spin/batch_decode.py):
-1. Prompts use the Zephyr template that training uses (data/template.py), not "### Instruction:".
-2. Each prompt has its own random stream, keyed by (seed, prompt id): a sample does not depend
-   on the batch it lands in, the batch size, or the number of ranks (up to float rounding of the
-   logits, which can only flip a draw whose uniform falls within rounding of a CDF boundary).
+1. Prompts use the chat template training uses (the checkpoint's own, else Zephyr's;
+   data/template.py), not "### Instruction:".
+2. Each prompt has its own random stream, keyed by (seed, prompt id) (sampler.py).
 3. The opponent log-probs are computed here, on exactly the token ids training uses
    (data/pairs.py), and stored as columns, instead of by a second model at every training step.
 4. Part files are written as the run goes; a rerun skips the parts that exist.
@@ -23,13 +21,13 @@ How this departs from the official SPIN generation (uclaml/SPIN, spin/batch_deco
    next prompt (continuous batching), which is what makes vLLM fast on this workload
    (bench/generate_vllm.py measures the two side by side).
 """
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,241 +36,41 @@ import torch
 import parallel
 import spin_kernels
 from checkpoint import atomic_file, write_json
-from data.pairs import OPPONENT_COLUMNS, collate_prompts, left_pad, tokenize_example, tokenized_pairs, truncate
-from data.readers import DataError, Example, read_examples, write_examples
-from data.template import ChatFormat, PrefixError, load_chat_template
+from data.pairs import OPPONENT_COLUMNS, tokenized_pairs
+from data.readers import DataError, read_examples, write_examples
+from data.template import ChatFormat, load_chat_template
 from data.tokenizer import load_tokenizer
 from errors import (ArgumentParser, InputError, non_negative_int, positive_int, probability,
                     run_command)
 from hf_folder import check_model_folder, load_model, read_config
 from spin_kernels.cpu_linear import cpu_decode_weights
 from spin_kernels.cuda_graph import graphed_step
-from model import KVCache
+import sampler
 import slots
+# The plain sampler and scorer, read on SPIN's path (sampler.py); generate.sample below adds the speed-ups.
+from sampler import (Sample, answer_text, decode_batches, draw, filter_logits, inverse_cdf,  # noqa: F401
+                     next_tokens, opponent_rows, sample_batch, score, stream_uniforms)
 
 # ----------------------------------------------------------------------------------------------
 # Sampling
 
 
-@dataclass
-class Sample:
-    tokens: list  # generated ids, ending with EOS if the row stopped there
-    finished: bool  # stopped at EOS (False: ran out of max_new_tokens)
-    # With sample(logprobs=True): log p_t(token) of each drawn token under the untempered,
-    # unfiltered model distribution (what SPIN's loss uses); else None. SPIN itself scores the
-    # re-tokenised text instead (generate_dataset), so only tests and callers who ask pay for it.
-    logprobs: list | None = None
-
-
-def filter_logits(logits, top_k=0, top_p=1.0):
-    """(B, V) -> (B, V) with -inf on removed tokens; transformers' order and rules: top-k keeps
-    every token not below the k-th largest logit (ties kept), then top-p (Holtzman et al. 2020)
-    keeps the most probable tokens until their mass reaches top_p, always at least one."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        srt, idx = logits.sort(dim=-1, descending=True)  # (B, V)
-        p = srt.softmax(-1)
-        drop = (p.cumsum(-1) - p) >= top_p  # mass strictly before this token already >= top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
-    return logits
-
-
-_DRAW_BLOCK = 512
-
-
-def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
-    """One token per row by inverse CDF: logits (B, V), u (B,) uniforms in [0, 1) -> (B,).
-    The uniforms come from each prompt's own generator (drawn up front, see _uniforms), so the
-    hot path is batched with no per-row Python loop."""
-    logits = logits.float()  # no copy when already float32
-    if temperature != 1.0:
-        logits = logits / temperature
-    return inverse_cdf(filter_logits(logits, top_k, top_p).softmax(-1), u)
-
-
-def inverse_cdf(probs, u):
-    """probs (B, V) float32 (rows sum to 1 up to rounding), u (B,) in [0, 1) -> (B,) the first
-    token whose cumulative mass exceeds u * total. Never a token of probability 0."""
-    # One float64 cumsum over the whole vocabulary would allocate and scan two fresh (B, V)
-    # float64 buffers per step (~0.8 ms at 8 x 32000 on one core, as long as a decode step's
-    # attention). Instead: sums of blocks of _DRAW_BLOCK tokens, find the block, then scan
-    # inside it in float64. The block sums are float32 (a float64 sum would first copy probs
-    # to float64, the costliest op of the draw): the same inverse CDF up to their rounding, so
-    # a uniform within ~1e-6 of the total mass of a CDF boundary may pick the token beside it.
-    B, V = probs.shape
-    S = _DRAW_BLOCK
-    full = V // S * S
-    sums = [probs[:, :full].reshape(B, -1, S).sum(-1).double()] if full else []
-    if full < V:
-        sums.append(probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
-    block_cdf = torch.cat(sums, 1).cumsum(-1)  # (B, NB), non-decreasing; empty blocks add exactly 0
-    total = block_cdf[:, -1:]
-    # x < total strictly, so a first block with cdf > x exists and holds probability > 0.
-    x = torch.minimum(u[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))  # (B, 1)
-    blk = torch.searchsorted(block_cdf, x, right=True)  # (B, 1)
-    before = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)  # (B, 1) mass before it
-    ar = torch.arange(S, device=probs.device)
-    idx = blk * S + ar  # (B, S) token ids of the block
-    inner = torch.where(idx < V, probs.gather(1, idx.clamp(max=V - 1)), 0.0).double()  # (B, S)
-    cdf = before + inner.cumsum(-1)  # (B, S); a token whose cdf rises past x has probability > 0
-    j = torch.searchsorted(cdf, x, right=True)[:, 0]  # (B,) in [0, S]
-    # Rounding can leave the block's last cdf <= x (j == S): take its last token with probability > 0.
-    last = torch.where(inner > 0, ar, -1).amax(-1)  # (B,)
-    return blk[:, 0] * S + torch.where(j < S, j, last)
-
-
-def _seed_of(seed, key):
-    digest = hashlib.sha256(f"spin-generate/{seed}/{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _uniforms(seed, key, n):
-    """(n,) float64 uniforms for the prompt keyed `key`, from a CPU generator seeded by (seed,
-    key): the same numbers on any device, in any batch or slot."""
-    return torch.rand(n, generator=torch.Generator().manual_seed(_seed_of(seed, key)), dtype=torch.float64)
-
-
-def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logprobs):
-    """Each row's next token from its logits (B, V) float32 and its uniform u (B,) (None when
-    greedy) -> (ids (B,), their log p_t (B,) or None). The log-prob is log p_t, untempered and
-    unfiltered: what SPIN's loss needs. Ids at or past vocab_limit (a model vocabulary padded
-    beyond its tokenizer's) are never drawn; the log-probs stay those of the full distribution."""
-    if not greedy and temperature == 1.0 and not top_k and top_p == 1.0 and vocab_limit is None:
-        probs = logits.softmax(-1)  # sampling from p_t itself: one softmax serves draw and log-prob
-        nxt = inverse_cdf(probs, u)  # (B,)
-        return nxt, probs.gather(-1, nxt[:, None])[:, 0].log() if logprobs else None  # p > 0 drawn
-    pick = logits
-    if vocab_limit is not None:
-        pick = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,
-                                  float("-inf"))
-    nxt = pick.argmax(-1) if greedy else draw(pick, u, temperature, top_k, top_p)  # (B,)
-    if not logprobs:
-        return nxt, None
-    return nxt, logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)  # p may underflow fp32
-
-
-@torch.inference_mode()
-def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, progress, cuda_graph=False,
-                 logprobs=False):
-    """One left-padded batch of sample(), every row decoded until the last one ends: prefill,
-    then one decode step per new token. The plain version of slots.decode (the default), which
-    replaces each row as it ends; both give the same samples."""
-    device = model.lm_head.weight.device
-    B = len(prompts)
-    b = collate_prompts(prompts, pad_id=0)  # the pad id is never attended nor scored
-    ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-    cache = KVCache.allocate(model.config, B, ids.shape[1] + max_new_tokens, device=device,
-                             dtype=model.lm_head.weight.dtype)
-    u = None if uniforms is None else torch.stack([uniforms(k) for k in keys]).to(device)  # (B, max_new)
-    tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
-    if cuda_graph and max_new_tokens > 1:
-        step = graphed_step(model, cache, B)
-    else:
-        step = lambda nxt: model(nxt[:, None], cache=cache)[:, -1].float()  # noqa: E731
-    steps = 0
-    for t in range(max_new_tokens):
-        nxt, lp = pick(logits, None if u is None else u[:, t])  # (B,), (B,) or None
-        tokens[:, t] = nxt
-        if lp is not None:
-            logps[:, t] = lp
-        steps = t + 1
-        if progress is not None:
-            progress(tokens=int(B - finished.sum()) if stops is not None else B)
-        if stops is not None:
-            stop = torch.isin(nxt, stops) & ~finished
-            lengths = torch.where(stop, t + 1, lengths)
-            finished |= stop
-            if bool(finished.all()):  # one host sync per step; the decode step dwarfs it
-                break
-        if t + 1 < max_new_tokens:
-            # Finished rows keep decoding in lock step (their tokens are discarded): left padding
-            # keeps one shared cache length, so no row is removed mid-batch.
-            logits = step(nxt)  # (B, V)
-    tokens, lengths, logps = tokens[:, :steps].tolist(), lengths.tolist(), logps[:, :steps].tolist()
-    return [Sample(tokens[b][:lengths[b]], bool(finished[b]), logps[b][:lengths[b]] if logprobs else None)
-            for b in range(B)]
-
-
-def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
-           greedy=False, seed=0, batch_size=16, progress=None, prompt_ids=None, cuda_graph=False,
-           vocab_limit=None, logprobs=False, refill=True):
-    """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
-    prompt, in input order. eos_id: the id, or a list of ids, that ends a row (a chat model may
-    have several: Llama 3 stops at <|eot_id|> and <|end_of_text|>); None never stops early.
-    batch_size: rows decoded together. refill: rows that end take the next prompts (slots.decode,
-    continuous batching, in groups of batch_size / 8); False decodes static batches (sample_batch), the
-    plain version, every row until the batch's last one ends. prompt_ids: the key of each
-    prompt's random stream (default: its index in `prompts`); pass global ids when sharding, so
-    that prompt i gets the same sample whichever rank, batch or slot it lands in. cuda_graph:
-    replay each decode step from a CUDA graph (graphed_step; CUDA only, attention on the torch
-    path). vocab_limit: never draw ids >= this (the tokenizer's size, when the model's is
-    padded). logprobs: also return each drawn token's log p_t (Sample.logprobs)."""
+def sample(model, prompts, *, batch_size=16, refill=True, cuda_graph=False, **kw):
+    """sampler.sample (every other argument is its) with the speed-ups, each put in here by one
+    call: refill: rows that end take the next prompts (slots.decode, continuous batching, in
+    groups of batch_size / 8); False: sampler's static batches. On CPUs the weights are packed for
+    oneDNN while decoding (cpu_decode_weights; a no-op elsewhere). cuda_graph: replay each decode
+    step from a CUDA graph (graphed_step; CUDA only, attention on the torch path). The samples are
+    sampler.sample's up to float rounding (tests/test_generate.py)."""
     if cuda_graph and model.lm_head.weight.device.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
-    if max_new_tokens < 1 or any(len(p) == 0 for p in prompts):
-        raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
-    limit = model.config.max_position_embeddings
-    if prompts and max(map(len, prompts)) + max_new_tokens > limit:
-        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens "
-                         f"exceeds the model's {limit} positions: truncate prompts first")
-    if not prompts:
-        return []
-    device = model.lm_head.weight.device
-    keys = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
-    stops = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # any one ends a row
-    if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
-        vocab_limit = None
-    pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                             vocab_limit=vocab_limit, logprobs=logprobs)
-    uniforms = None if greedy else functools.partial(_uniforms, seed, n=max_new_tokens)
-    # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows = min(batch_size, len(prompts))
-    with cpu_decode_weights(model, rows=rows):  # a no-op off CPU
-        if refill:
-            return [Sample(*r) for r in slots.decode(model, prompts, keys, order, rows, max_new_tokens, stops,
-                                                     pick, uniforms, progress, cuda_graph, logprobs)]
-        out = [None] * len(prompts)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens,
-                               stops, pick, uniforms, progress, cuda_graph, logprobs)
-            for i, g in zip(idx, got):
-                out[i] = g
-            if progress is not None:
-                progress(prompts=len(idx))
-    return out
-
-
-@torch.inference_mode()
-def score(model, prompts, responses, *, batch_size=16):
-    """sum_t log p(response_t | prompt, response_<t) per pair, float32, from one prefill-style
-    forward over prompt + response per batch (model.token_logprobs, DESIGN.md convention)."""
-    if len(prompts) != len(responses) or any(len(p) == 0 for p in prompts):
-        raise ValueError("score: need as many responses as prompts, and non-empty prompts")
-    device = model.lm_head.weight.device
-    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))
-    out = [0.0] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        # The training collate's layout: targets are the response tokens, -100 elsewhere.
-        ids, mask, targets = (x.to(device) for x in left_pad(
-            [prompts[i] + responses[i] for i in idx], [len(prompts[i]) for i in idx], pad_id=0))
-        lp = model.token_logprobs(ids, targets, mask)  # (B, T) fp32
-        for i, v in zip(idx, lp.sum(1).tolist()):
-            out[i] = v
-    return out
+    if refill:
+        decode = functools.partial(slots.decode, cuda_graph=cuda_graph)
+    else:
+        decode = functools.partial(decode_batches, graph=graphed_step if cuda_graph else None)
+    packed = cpu_decode_weights(model, rows=min(batch_size, len(prompts))) if prompts else contextlib.nullcontext()
+    with packed:
+        return sampler.sample(model, prompts, batch_size=batch_size, decode=decode, **kw)
 
 
 class Progress:
@@ -391,29 +189,13 @@ def generate_dataset(model, fmt, examples, out_path, *, iteration=0, seed=0, ran
     bar = Progress(total, label=f"generate rank {rank}") if progress and total else None
     for p in todo:
         idx = list(range(p * part_size, min(len(examples), (p + 1) * part_size)))
-        full = [fmt.prompt_ids(examples[i].prompt) for i in idx]
-        # Generation sees the prompt training would keep next to a max_new_tokens response.
-        prompts = [truncate(ids, [[0] * max_new_tokens], max_length, max_prompt_length)[0] for ids in full]
-        got = sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.tok.eos_ids,
-                     vocab_limit=fmt.tok.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                     greedy=greedy, seed=seed, batch_size=batch_size, progress=bar,
-                     prompt_ids=[(iteration, i) for i in idx])
-        # Training scores re-tokenised text (the ids data/pairs.py will build), so score those.
-        texts = [answer_text(fmt.tok, g.tokens) for g in got]
-        pairs = [_pair_of_sample(fmt, examples[i], text, max_length, max_prompt_length) for i, text in zip(idx, texts)]
-        texts = [text for _, text in pairs]
-        pairs = [q for q, _ in pairs]
-        logps = score(model, [q.prompt_ids for q in pairs] * 2,
-                      [q.real_ids for q in pairs] + [q.generated_ids for q in pairs], batch_size=batch_size)
-        rows = []
-        for j, (i, g, q, text) in enumerate(zip(idx, got, pairs, texts)):
-            cut = min(len(prompts[j]), len(q.prompt_ids)) < len(full[j])  # never silent: counted, stored
-            extras = dict(zip(OPPONENT_COLUMNS, (logps[j], logps[len(idx) + j])), real_tokens=len(q.real_ids),
-                          generated_tokens=len(q.generated_ids), iteration=iteration, seed=seed,
-                          finished=g.finished, truncated=cut or q.truncated)
-            rows.append(Example(examples[i].prompt, examples[i].response, text, extras))
-            summary["generated_tokens"] += len(g.tokens)
-            summary["truncated_prompts"] += cut
+        rows, counts = opponent_rows(model, fmt, [examples[i] for i in idx], [(iteration, i) for i in idx],
+                                     iteration=iteration, seed=seed, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                     batch_size=batch_size, max_prompt_length=max_prompt_length,
+                                     max_length=max_length, progress=bar, sample=sample)
+        for k, v in counts.items():
+            summary[k] += v
         summary["prompts"] += len(idx)
         write_examples(_part_path(out_path, p, n_parts), rows, "spin")  # atomic
         summary["parts_written"] += 1
@@ -429,26 +211,6 @@ def generate_dataset(model, fmt, examples, out_path, *, iteration=0, seed=0, ran
     print(f"generate rank {rank}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in summary.items()))
     return summary
-
-
-def answer_text(tok, tokens):
-    """The text of a sampled answer: its tokens before the first stop id, decoded without special
-    tokens (as the official SPIN generation decodes)."""
-    stop = next((i for i, t in enumerate(tokens) if t in tok.eos_ids), len(tokens))
-    return tok.decode(tokens[:stop], skip_special_tokens=True)
-
-
-def _pair_of_sample(fmt, ex, text, max_length, max_prompt_length):
-    """(Pair, the answer text as stored). A chat template may be unable to split a sampled answer
-    that starts with whitespace from the prompt's last token (byte-level BPE merges them, see
-    data/template.ChatFormat); such an answer is stored without its leading whitespace."""
-    try:
-        return tokenize_example(fmt, Example(ex.prompt, ex.response, text), max_length=max_length,
-                                max_prompt_length=max_prompt_length), text
-    except PrefixError:
-        text = text.lstrip()
-        return tokenize_example(fmt, Example(ex.prompt, ex.response, text), max_length=max_length,
-                                max_prompt_length=max_prompt_length), text
 
 
 def rescore(model_dir, in_path, out_path, fmt, *, device, dtype, max_length, max_prompt_length, batch_size,
@@ -613,7 +375,7 @@ def chat(model, fmt, args):
         if len(fmt.prompt_ids(messages)) + args.max_new_tokens > limit:
             print(f"(the conversation has outgrown the model's {limit} positions: starting over)", file=sys.stderr)
             messages = list(system) + [message]
-        out = sample(model, [fmt.prompt_ids(messages)], prompt_ids=[turn], **kw)[0]
+        out = sample(model, [fmt.prompt_ids(messages)], stream_keys=[turn], **kw)[0]
         answer = answer_text(fmt.tok, out.tokens)
         print(answer, flush=True)
         messages.append({"role": "assistant", "content": answer})

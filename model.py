@@ -102,7 +102,7 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# Normalisation and rotary embeddings
+# Normalisation
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):

@@ -10,7 +10,7 @@ import numpy as np
 
 from checkpoint import atomic_file
 from errors import ArgumentParser, InputError, MissingInput, run_command
-from experiments.stats import seed_t_interval
+from t_interval import seed_t_interval
 
 COLUMNS = [  # (key, header, format)
     ("exact_match", "exact match", "{:.1%}"),
@@ -225,7 +225,7 @@ def _row_name(key):  # "spin-2" -> "SPIN, iteration 2"
 
 
 def _seed_t(per_seed, signed=True):
-    """The seed-level t interval (experiments/stats.seed_t_interval) in percent as text: '{lo, hi}'
+    """The seed-level t interval (t_interval.seed_t_interval) in percent as text: '{lo, hi}'
     (signed for differences); '' for one seed."""
     iv = seed_t_interval(per_seed)
     if iv.n_seeds < 2:

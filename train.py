@@ -15,25 +15,27 @@ Launch:
     torchrun --nproc_per_node=8 train.py --model zephyr-7b-sft-full --data train.parquet \
         --eval-data test.parquet                      # the paper's recipe (docs/REAL_MODELS.md)
 
-Read main() from the bottom of this file: it calls the stages below in order. The flags and
-their two presets (the paper's recipe, the embedded demo) are in train_args.py; they resolve to
-the typed settings of settings.py. The study that compares SPIN with variants of it from one SFT
-start (experiments/) reuses these functions through `Arm`.
+spin_iteration is the paper's loop, its four steps numbered as above; main(), at the bottom,
+calls the stages in order. The flags and their two presets (the paper's recipe, the embedded
+demo) are in train_args.py; they resolve to the typed settings of settings.py. The study that
+compares SPIN with variants of it from one SFT start (experiments/arms.py) runs its arms through
+the step functions spin_iteration calls.
 
 How this departs from the paper and the official code (uclaml/SPIN):
     1. The opponent's log-probs are computed once, at generation time, not by a second model
        resident during training (same numbers; --live-reference checks it).
-    2. Generation prompts with the same Zephyr template training uses (the official generation
-       script prompts with "### Instruction:" while training on Zephyr).
+    2. Generation prompts with the chat template training uses (the checkpoint's own, else
+       Zephyr's); the official generation script prompts with "### Instruction:" while training
+       on Zephyr.
     3. Multi-turn prompts keep every turn before the last assistant message (data/).
     4. One command runs every iteration; each stage is skipped when its output exists, and a
        killed stage resumes from its last checkpoint.
 """
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 
@@ -90,12 +92,16 @@ class Run:
                         resolve_dtype(self.dtype_name))
 
 
-def timed(run, name, fn):
-    doing(name)  # what a stop (SIGTERM, memory, a rank that died) says the run was doing
+@contextmanager
+def clock(run, name):
+    """Adds the time of its block to run.timings[name] (the table's timing row), and names it as
+    what the run is doing (errors.doing: what a stop, SIGTERM, memory, a rank that died, reports)."""
+    doing(name)
     t0 = time.time()
-    result = fn()
-    run.timings[name] = run.timings.get(name, 0.0) + time.time() - t0
-    return result
+    try:
+        yield
+    finally:
+        run.timings[name] = run.timings.get(name, 0.0) + time.time() - t0
 
 
 def compute_dtype(name, device):
@@ -248,106 +254,135 @@ def sft_stage(run, init_dir):
                  lora=None if c.run.demo else c.lora)  # the demo's random init trains in full
 
 
-def evaluate_start(run, base):
-    """The SFT starting point, evaluated against its own samples (rewards are 0 by definition)."""
-    synth0 = os.path.join(run.out, "iter0", "eval_synthetic.parquet")
-    timed(run, "generate", lambda: run_generation(run, base, run.held_ex, synth0, 0, run.cfg.run.seed + 7))
-    row = timed(run, "evaluate", lambda: run_evaluation(run, base, synth0, 1.0, "start-0"))
-    row.update(arm="start", iteration=0, reward_accuracy=None, reward_margin=None)
+def heldout_seed(run, t):
+    """The seed of p_t's answers to the held-out prompts: a stream of its own, apart from the
+    training prompts' (--seed + t)."""
+    return run.cfg.run.seed + 7 + t
+
+
+def add_row(run, row):
+    """An evaluation row: into the run's table and metrics.jsonl."""
     run.table.append(row)
     record(run.out, {"type": "eval", **row})
 
 
-@dataclass(frozen=True)
-class Arm:
-    """What a SPIN iteration trains on and against. The defaults are the paper's SPIN; the study in
-    experiments/ passes other variants to this same function."""
-    name: str = "spin"  # its rows in the eval table; iteration t's stage is f"{name}{t}"
-    folder: str = ""  # its iterations live in <out>/<folder>/iter{t}
-    base_alpha: float = 0.0  # reference p_start^a * p_t^(1-a) (spin_loss alpha), scored by rescoring; 0: p_t
-    keep: Callable | None = None  # (examples) -> the pairs to train on; None: every pair
-    refill: Callable | None = None  # (kept tokenised pairs, global batch) -> what the stage trains on
-    beta: float | None = None  # this arm's beta and lr (the study's sweep); None: the run's --beta, --lr
-    lr: float | None = None
-
-
-SPIN = Arm()
+def evaluate_start(run, base):
+    """The SFT starting point, evaluated against its own samples (rewards are 0 by definition)."""
+    synth0 = os.path.join(run.out, "iter0", "eval_synthetic.parquet")
+    with clock(run, "generate"):
+        run_generation(run, base, run.held_ex, synth0, 0, heldout_seed(run, 0))
+    with clock(run, "evaluate"):
+        row = run_evaluation(run, base, synth0, 1.0, "start-0")
+    row.update(arm="start", iteration=0, reward_accuracy=None, reward_margin=None)
+    add_row(run, row)
 
 
 def iter_folder(run, folder, t):
     return os.path.join(run.out, folder, f"iter{t}")
 
 
-def spin_iteration(run, t, opponent, variant=SPIN):
-    """One SPIN iteration against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
+# ----------------------------------------------------------------------------------------------
+# One SPIN iteration: the paper's Algorithm 1, step by step (experiments/arms.py varies these steps)
+
+def iteration_settings(run, t, tag, beta=None, lr=None):
+    """beta and lr of iteration t: --beta and --lr (a list shorter than --iterations repeats its
+    last value), unless given."""
     c = run.cfg
-    # Every variant plays the SFT start at iteration 0 with the same seeds, so they share its samples.
-    folder, samples = iter_folder(run, variant.folder, t), iter_folder(run, variant.folder if t else "", t)
-    tag = f"{variant.name}{t}"
-    beta, lr = beta_for_iteration(c.spin.beta, t), c.spin.lr[min(t, len(c.spin.lr) - 1)]
-    beta, lr = variant.beta or beta, variant.lr or lr
-    repeat = any(1 < len(v) <= t for v in (c.spin.beta, c.spin.lr))  # a list shorter than --iterations
+    beta, lr = beta or beta_for_iteration(c.spin.beta, t), lr or c.spin.lr[min(t, len(c.spin.lr) - 1)]
+    repeat = any(1 < len(v) <= t for v in (c.spin.beta, c.spin.lr))
     log(f"[{tag}] beta {beta:g}, lr {lr:g}" + (" (the last value of a shorter --beta/--lr list)" if repeat else ""))
-    synth = os.path.join(samples, "synthetic.parquet")
-    eval_synth = os.path.join(samples, "eval_synthetic.parquet")
-    seed = c.run.seed
-    # 1. generate: p_t answers every training prompt (and the held-out ones, for evaluation)
-    timed(run, "generate", lambda: run_generation(run, opponent, run.train_ex, synth, t, seed + t))
-    timed(run, "generate", lambda: run_generation(run, opponent, run.held_ex, eval_synth, t, seed + 7 + t))
-    rescore = lambda model, src, dst, columns: timed(run, "generate", lambda: generate.rescore(  # noqa: E731
-        model, src, dst, run.fmt, device=run.device, dtype=run.compute, max_length=c.data.max_length,
-        max_prompt_length=c.data.max_prompt_length, batch_size=c.gen.gen_batch_size, columns=columns,
-        impl=c.run.kernels))
-    if variant.base_alpha > 0:  # the start's log-probs of both answers, for the mixture reference
-        scored = os.path.join(folder, "synthetic_base.parquet")
-        rescore(run.base, synth, scored, pairs.BASE_COLUMNS)
-        synth = scored
-    files = [synth]
-    if c.data.mix_previous and t > 0:  # the official recipe: iteration t-1's data, rescored by p_t
-        prev = os.path.join(iter_folder(run, variant.folder, t - 1), "synthetic_base.parquet") if variant.base_alpha \
-            else os.path.join(iter_folder(run, variant.folder if t > 1 else "", t - 1), "synthetic.parquet")
-        files.append(os.path.join(folder, "previous_rescored.parquet"))
-        rescore(opponent, prev, files[-1], pairs.OPPONENT_COLUMNS)
-    examples = [ex for f in files for ex in readers.read_examples(f, layout="spin")[0]]
-    n_all = len(tokenize(run, examples)[0])
-    correct = None
-    if c.run.demo:  # how many of the opponent's training answers the demo's task accepts
-        wrong = sum(not task.score(ex.prompt, ex.generated) for ex in examples)
-        correct = 1 - wrong / max(len(examples), 1)
-    if variant.keep is not None:
-        examples = variant.keep(examples)
+    return beta, lr
+
+
+def opponent_samples(run, opponent, folder, t):
+    """p_t's answers to every training prompt, and to the held-out ones for evaluation, each stored
+    with p_t's log-probs of both answers: folder/synthetic.parquet, folder/eval_synthetic.parquet."""
+    synth, eval_synth = (os.path.join(folder, name) for name in ("synthetic.parquet", "eval_synthetic.parquet"))
+    with clock(run, "generate"):
+        run_generation(run, opponent, run.train_ex, synth, t, run.cfg.run.seed + t)
+        run_generation(run, opponent, run.held_ex, eval_synth, t, heldout_seed(run, t))
+    return synth, eval_synth
+
+
+def rescored(run, model_dir, src, dst, columns):
+    """src's pairs written to dst with the model's log-probs of both answers in `columns`."""
+    c = run.cfg
+    with clock(run, "generate"):
+        generate.rescore(model_dir, src, dst, run.fmt, device=run.device, dtype=run.compute,
+                         max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
+                         batch_size=c.gen.gen_batch_size, columns=columns, impl=c.run.kernels)
+    return dst
+
+
+def read_pairs(files):
+    return [ex for f in files for ex in readers.read_examples(f, layout="spin")[0]]
+
+
+def task_correct(run, examples):
+    """The demo's task: the share of the opponent's answers it judges correct (None off the demo)."""
+    if not run.cfg.run.demo:
+        return None
+    wrong = sum(not task.score(ex.prompt, ex.generated) for ex in examples)
+    return 1 - wrong / max(len(examples), 1)
+
+
+def training_pairs(run, tag, examples, correct):
+    """The tokenised pairs, and what the eval row says of them: how many samples equal the
+    ground truth (a pair whose two answers are one sequence teaches nothing)."""
     items, rep = tokenize(run, examples)
     same = sum(it.real_ids == it.generated_ids for it in items) / max(len(items), 1)
     log(f"[{tag}] {rep.summary()}; samples equal to the ground truth: {same:.1%}"
         + ("" if correct is None else f"; judged correct by the task: {correct:.1%}"))
-    # The steps the paper's SPIN takes on all its pairs, whatever the variant keeps: variants differ only
-    # in what they train on, not in how long.
-    steps = max(1, int(c.spin.epochs * (n_all // c.train.batch_size)))
-    n_pairs = len(items)
-    if variant.refill is not None:
-        items = variant.refill(items, c.train.batch_size)
-    # 2. train p_{t+1} from p_t on the pairs, 3. export it (run_stage)
-    if n_pairs or variant.keep is None:
-        stage = Stage(kind="spin", init_dir=opponent, items=items, steps=steps, lr=lr, beta=beta, folder=folder,
-                      tag=tag, optimizer=c.spin.optimizer, settings=c.train, lora=c.lora, mix_alpha=variant.base_alpha)
-        model_dir = timed(run, "train", lambda: run_stage(run.env, stage))
-    else:  # the variant kept no pair: nothing to push down, p_t is kept
-        log(f"[{tag}] no pair left to train on: the next model is the opponent itself")
-        model_dir = opponent
-    # 4. evaluate p_{t+1} on the held-out prompts, against p_t's answers to them
-    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth, beta, f"{variant.name}-{t + 1}"))
-    row.update(arm=variant.name, iteration=t + 1, train_samples_equal_gt=same, train_samples_correct=correct,
-               train_pairs=n_pairs, steps=steps if model_dir != opponent else 0)
-    before = next(r for r in reversed(run.table) if r["arm"] in (variant.name, "start"))
+    return items, {"train_samples_equal_gt": same, "train_samples_correct": correct}
+
+
+def spin_steps(run, n_pairs):
+    """--epochs over n_pairs, in whole global batches (at least one step)."""
+    return max(1, int(run.cfg.spin.epochs * (n_pairs // run.cfg.train.batch_size)))
+
+
+def spin_stage(run, tag, opponent, items, steps, beta, lr, folder):
+    c = run.cfg
+    return Stage(kind="spin", init_dir=opponent, items=items, steps=steps, lr=lr, beta=beta, folder=folder,
+                 tag=tag, optimizer=c.spin.optimizer, settings=c.train, lora=c.lora)
+
+
+def evaluate_iteration(run, arm, t, model_dir, eval_synth, beta, facts):
+    """p_{t+1} on the held-out prompts, against p_t's answers to them: its eval row (with facts,
+    what it trained on), warned about if the ground truth's likelihood fell."""
+    with clock(run, "evaluate"):
+        row = run_evaluation(run, model_dir, eval_synth, beta, f"{arm}-{t + 1}")
+    row.update(arm=arm, iteration=t + 1, **facts)
+    before = next(r for r in reversed(run.table) if r["arm"] in (arm, "start"))
     if row["gt_logp_per_token"] < before["gt_logp_per_token"] - 1e-3:
-        log(f"WARNING: held-out ground-truth log-likelihood fell during {variant.name} iteration {t} "
+        log(f"WARNING: held-out ground-truth log-likelihood fell during {arm} iteration {t} "
             f"({row['gt_logp_per_token']:.4f} nats/token). Reward accuracy can rise while the model gets "
             "worse (on a small model at beta 0.1, reward accuracy passed 90% while the ground truth lost "
             "5-8 nats): consider a larger beta or a smaller lr.")
         row["gt_logp_fell"] = True
-    run.table.append(row)
-    record(run.out, {"type": "eval", **row})
+    add_row(run, row)
     return model_dir
+
+
+def spin_iteration(run, t, opponent):
+    """One SPIN iteration against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
+    folder, tag = iter_folder(run, "", t), f"spin{t}"
+    beta, lr = iteration_settings(run, t, tag)
+    # 1. generate: p_t answers every training prompt (and the held-out ones, for evaluation)
+    synth, eval_synth = opponent_samples(run, opponent, folder, t)
+    files = [synth]
+    if run.cfg.data.mix_previous and t > 0:  # the official recipe: iteration t-1's data too, scored by p_t
+        files.append(rescored(run, opponent, os.path.join(iter_folder(run, "", t - 1), "synthetic.parquet"),
+                              os.path.join(folder, "previous_rescored.parquet"), pairs.OPPONENT_COLUMNS))
+    examples = read_pairs(files)
+    items, facts = training_pairs(run, tag, examples, task_correct(run, examples))
+    steps = spin_steps(run, len(items))
+    # 2. train p_{t+1} from p_t on the pairs, 3. export it (run_stage)
+    with clock(run, "train"):
+        model_dir = run_stage(run.env, spin_stage(run, tag, opponent, items, steps, beta, lr, folder))
+    # 4. evaluate p_{t+1} on the held-out prompts, against p_t's answers to them
+    return evaluate_iteration(run, "spin", t, model_dir, eval_synth, beta,
+                              dict(facts, train_pairs=len(items), steps=steps))
 
 
 def sft_iteration(run, t, prev):
@@ -359,17 +394,18 @@ def sft_iteration(run, t, prev):
     items, _ = tokenize(run, run.train_ex)
     # The paper's SPIN's steps at t: its pairs (twice as many from t = 1 with --mix-previous).
     pairs_t = len(items) * (2 if c.data.mix_previous and t > 0 else 1)
-    steps = spin[-1]["steps"] if spin else max(1, int(c.spin.epochs * (pairs_t // c.train.batch_size)))
+    steps = spin[-1]["steps"] if spin else spin_steps(run, pairs_t)
     stage = Stage(kind="sft", init_dir=prev, items=items, steps=steps, lr=c.spin.lr[min(t, len(c.spin.lr) - 1)],
                   beta=None, folder=folder, tag=f"sft{t}", optimizer=c.spin.optimizer, settings=c.train, lora=c.lora)
-    model_dir = timed(run, "baseline", lambda: run_stage(run.env, stage))
+    with clock(run, "baseline"):
+        model_dir = run_stage(run.env, stage)
     eval_synth = os.path.join(folder, "eval_synthetic.parquet")
-    timed(run, "generate", lambda: run_generation(run, prev, run.held_ex, eval_synth, t, c.run.seed + 7 + t))
-    row = timed(run, "evaluate", lambda: run_evaluation(run, model_dir, eval_synth,
-                                                        beta_for_iteration(c.spin.beta, t), f"sft-{t + 1}"))
+    with clock(run, "generate"):
+        run_generation(run, prev, run.held_ex, eval_synth, t, heldout_seed(run, t))
+    with clock(run, "evaluate"):
+        row = run_evaluation(run, model_dir, eval_synth, beta_for_iteration(c.spin.beta, t), f"sft-{t + 1}")
     row.update(arm="sft", iteration=t + 1, steps=steps)
-    run.table.append(row)
-    record(run.out, {"type": "eval", **row})
+    add_row(run, row)
     return model_dir
 
 
@@ -390,21 +426,21 @@ def main(argv=None):
     cfg = parse_args(argv)
     run, base = start(cfg)
     if cfg.run.demo or cfg.sft.sft:  # the demo's warm start from its random init (or --sft alone)
-        stage = sft_stage(run, base)
-        base = timed(run, "sft", lambda: run_stage(run.env, stage))
+        with clock(run, "sft"):
+            base = run_stage(run.env, sft_stage(run, base))
         if cfg.sft.sft:
             log(f"SFT model: {base}")
             torch.distributed.destroy_process_group()
             return
     run.base = base
     evaluate_start(run, base)
-    model = base
+    opponent = base  # p_0, a HF folder, as every model below
     for t in range(cfg.spin.iterations):  # SPIN: p_{t+1} learns to tell the data from p_t's answers
-        model = spin_iteration(run, t, model)
+        opponent = spin_iteration(run, t, opponent)
     if cfg.spin.baseline:  # continued SFT from the same start, step for step
-        model = base
+        prev = base
         for t in range(cfg.spin.iterations):
-            model = sft_iteration(run, t, model)
+            prev = sft_iteration(run, t, prev)
     finish(run)
 
 

@@ -242,7 +242,7 @@ def measure(s: Shape, u: Setup, steps_before=2):
     prompt = u.length - u.scored
     items = [Pair(ids(prompt), ids(u.scored), ids(u.scored), -50.0, -50.0) for _ in range(u.pairs)]
     env = stage.StageEnv(torch.device("cpu"), compute, "auto", pad_id=2, out=None, tok_files={}, export_dtype=compute)
-    spin = types.SimpleNamespace(beta=0.1, mix_alpha=0.0, settings=settings)  # the parts of a stage.Stage the step reads
+    spin = types.SimpleNamespace(beta=0.1, settings=settings)  # the parts of a stage.Stage the step reads
 
     def step():  # stage.train_stage's step for one micro-batch, without the bookkeeping
         stage.spin_micro_batch(model, items, env, spin, None, u.pairs)

@@ -70,21 +70,6 @@ class Pair:
     truncated: bool = False
 
 
-@dataclass
-class TokenizeReport:
-    examples: int = 0
-    truncated: int = 0
-    skipped_empty: int = 0
-    skipped_unsplittable: int = 0  # the chat template could not split the answer from the prompt
-    reasons: list = field(default_factory=list)
-
-    def summary(self):
-        s = f"{self.examples} examples, {self.truncated} truncated, {self.skipped_empty} skipped (response cut to nothing)"
-        if self.skipped_unsplittable:
-            s += f", {self.skipped_unsplittable} skipped (answer not separable from the prompt's tokens)"
-        return s + "".join(f"\n  {r}" for r in self.reasons)
-
-
 def truncate(prompt, responses, max_length, max_prompt_length):
     """(prompt, [responses]) -> (prompt, [responses], truncated). Raises TruncationError
     when a response would be left empty."""
@@ -114,44 +99,6 @@ def tokenize_example(fmt, ex, *, max_length=1024, max_prompt_length=512):
               for name in OPPONENT_COLUMNS + BASE_COLUMNS}
     return Pair(prompt_ids=prompt, real_ids=responses[0],
                 generated_ids=responses[1] if len(responses) > 1 else None, truncated=cut, **stored)
-
-
-def tokenize_examples(fmt, examples, *, max_length=1024, max_prompt_length=512, on_empty="raise"):
-    """Returns (pairs, TokenizeReport). The report's counts are for callers to print.
-    on_empty="skip" skips (and counts) examples left without a response, by truncation or
-    because the template cannot split the answer's tokens from the prompt's."""
-    if on_empty not in ("raise", "skip"):
-        raise ValueError(f"on_empty must be 'raise' or 'skip', got {on_empty!r}")
-    report, pairs = TokenizeReport(), []
-    for i, ex in enumerate(examples):
-        report.examples += 1
-        try:
-            p = tokenize_example(fmt, ex, max_length=max_length, max_prompt_length=max_prompt_length)
-        except (TruncationError, PrefixError) as e:
-            if on_empty == "raise":
-                raise type(e)(f"example {i} (0-based): {e}") from None
-            if isinstance(e, PrefixError):
-                report.skipped_unsplittable += 1
-            else:
-                report.skipped_empty += 1
-            if len(report.reasons) < 5:
-                report.reasons.append(f"example {i} (0-based): {e}")
-            continue
-        report.truncated += p.truncated
-        pairs.append(p)
-    return pairs, report
-
-
-def tokenized_pairs(fmt, examples, *, max_length=1024, max_prompt_length=512):
-    """[(example, Pair)] for the examples whose tokenisation leaves a response (the rule training
-    applies with on_empty="skip"), so examples and pairs stay aligned."""
-    out = []
-    for ex in examples:
-        try:
-            out.append((ex, tokenize_example(fmt, ex, max_length=max_length, max_prompt_length=max_prompt_length)))
-        except (TruncationError, PrefixError):
-            pass
-    return out
 
 
 # -- collate: left padding, targets = next token on response positions -----------------
@@ -215,6 +162,62 @@ def collate_prompts(prompt_ids_list, pad_id):
         raise ValueError("collate_prompts: empty batch or empty prompt")
     input_ids, attention_mask, _ = left_pad(list(prompt_ids_list), [len(p) for p in prompt_ids_list], pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# -- many examples at once: what training and rescoring tokenise, with counts of what was skipped
+
+
+@dataclass
+class TokenizeReport:
+    examples: int = 0
+    truncated: int = 0
+    skipped_empty: int = 0
+    skipped_unsplittable: int = 0  # the chat template could not split the answer from the prompt
+    reasons: list = field(default_factory=list)
+
+    def summary(self):
+        s = f"{self.examples} examples, {self.truncated} truncated, {self.skipped_empty} skipped (response cut to nothing)"
+        if self.skipped_unsplittable:
+            s += f", {self.skipped_unsplittable} skipped (answer not separable from the prompt's tokens)"
+        return s + "".join(f"\n  {r}" for r in self.reasons)
+
+
+def tokenize_examples(fmt, examples, *, max_length=1024, max_prompt_length=512, on_empty="raise"):
+    """Returns (pairs, TokenizeReport). The report's counts are for callers to print.
+    on_empty="skip" skips (and counts) examples left without a response, by truncation or
+    because the template cannot split the answer's tokens from the prompt's."""
+    if on_empty not in ("raise", "skip"):
+        raise ValueError(f"on_empty must be 'raise' or 'skip', got {on_empty!r}")
+    report, pairs = TokenizeReport(), []
+    for i, ex in enumerate(examples):
+        report.examples += 1
+        try:
+            p = tokenize_example(fmt, ex, max_length=max_length, max_prompt_length=max_prompt_length)
+        except (TruncationError, PrefixError) as e:
+            if on_empty == "raise":
+                raise type(e)(f"example {i} (0-based): {e}") from None
+            if isinstance(e, PrefixError):
+                report.skipped_unsplittable += 1
+            else:
+                report.skipped_empty += 1
+            if len(report.reasons) < 5:
+                report.reasons.append(f"example {i} (0-based): {e}")
+            continue
+        report.truncated += p.truncated
+        pairs.append(p)
+    return pairs, report
+
+
+def tokenized_pairs(fmt, examples, *, max_length=1024, max_prompt_length=512):
+    """[(example, Pair)] for the examples whose tokenisation leaves a response (the rule training
+    applies with on_empty="skip"), so examples and pairs stay aligned."""
+    out = []
+    for ex in examples:
+        try:
+            out.append((ex, tokenize_example(fmt, ex, max_length=max_length, max_prompt_length=max_prompt_length)))
+        except (TruncationError, PrefixError):
+            pass
+    return out
 
 
 def splittable(fmt, examples):

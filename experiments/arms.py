@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -44,7 +45,7 @@ from errors import non_negative_int, positive_int, probability, run_command
 from parallel import log
 from report import SWEPT  # spin_b<beta>_lr<lr>: the sweep's arm names, labelled by report.py
 from run_folder import record
-from spin_loss import beta_for_iteration
+from spin_loss import beta_for_iteration, mixture_reference
 from stage import Stage, run_stage, train_stage
 from train_args import parser as train_parser, resolve
 
@@ -125,21 +126,85 @@ def random_drop(seed):
     return keep
 
 
+@dataclass(frozen=True)
+class Arm:
+    """What a study arm changes in train.spin_iteration's steps: what it trains on and against."""
+    name: str  # its rows in the eval table; iteration t's stage is f"{name}{t}"
+    folder: str  # its iterations live in <out>/<folder>/iter{t}
+    base_alpha: float = 0.0  # reference p_start^a * p_t^(1-a) (spin_loss.mixture_reference), scored by rescoring
+    keep: Callable | None = None  # (examples) -> the pairs to train on; None: every pair
+    refill: Callable | None = None  # (kept tokenised pairs, global batch) -> what the stage trains on
+    beta: float | None = None  # this arm's beta and lr (the sweep); None: the run's --beta, --lr
+    lr: float | None = None
+
+
 def spin_arm(name, mix_alpha, seed):
-    """The train.Arm of a SPIN arm; its iterations live in <out>/<name>/iter{t} (spin's in iter{t})."""
+    """The Arm of a SPIN variant; its iterations live in <out>/<name>/iter{t}. None for "spin"
+    itself: train.spin_iteration."""
     if name == "spin":
-        return train.SPIN
+        return None
     if name == "spin_mix":
-        return train.Arm(name=name, folder=name, base_alpha=mix_alpha)
+        return Arm(name=name, folder=name, base_alpha=mix_alpha)
     if name == "spin_drop":
-        return train.Arm(name=name, folder=name, keep=judged_wrong, refill=fill_one_batch)
+        return Arm(name=name, folder=name, keep=judged_wrong, refill=fill_one_batch)
     if name == "random_drop":
-        return train.Arm(name=name, folder=name, keep=random_drop(seed), refill=fill_one_batch)
+        return Arm(name=name, folder=name, keep=random_drop(seed), refill=fill_one_batch)
     if eqdrop_setting(name) is not None:
         beta, lr = eqdrop_setting(name)
-        return train.Arm(name=name, folder=name, keep=unequal_to_truth, refill=fill_one_batch, beta=beta, lr=lr)
+        return Arm(name=name, folder=name, keep=unequal_to_truth, refill=fill_one_batch, beta=beta, lr=lr)
     beta, lr = swept_setting(name)
-    return train.Arm(name=name, folder=name, beta=beta, lr=lr)
+    return Arm(name=name, folder=name, beta=beta, lr=lr)
+
+
+def mixed_reference(items, alpha):
+    """spin_mix: each pair's reference log-probs become those of the geometric mixture of the base
+    and p_t (spin_loss.mixture_reference), computed in float32 as a training batch holds them."""
+    f32 = lambda name: torch.tensor([getattr(it, name) for it in items], dtype=torch.float32)  # noqa: E731
+    real, gen = mixture_reference(f32("ref_real_logps"), f32("ref_generated_logps"), f32("base_real_logps"),
+                                  f32("base_generated_logps"), alpha)
+    return [replace(it, ref_real_logps=r, ref_generated_logps=g)
+            for it, r, g in zip(items, real.tolist(), gen.tolist())]
+
+
+def arm_iteration(run, t, opponent, arm):
+    """One iteration of a SPIN variant against p_t: train.spin_iteration's four steps, with the
+    arm's changes to what it trains on and against; returns p_{t+1}'s folder."""
+    if arm is None:
+        return train.spin_iteration(run, t, opponent)
+    c = run.cfg
+    folder, tag = train.iter_folder(run, arm.folder, t), f"{arm.name}{t}"
+    beta, lr = train.iteration_settings(run, t, tag, arm.beta, arm.lr)
+    # 1. generate: every arm plays the SFT start at iteration 0 with the same seeds, so they share its samples
+    synth, eval_synth = train.opponent_samples(run, opponent, train.iter_folder(run, arm.folder if t else "", t), t)
+    if arm.base_alpha > 0:  # the start's log-probs of both answers, for the mixture reference
+        synth = train.rescored(run, run.base, synth, os.path.join(folder, "synthetic_base.parquet"), pairs.BASE_COLUMNS)
+    files = [synth]
+    if c.data.mix_previous and t > 0:  # the official recipe: iteration t-1's data, rescored by p_t
+        prev = os.path.join(train.iter_folder(run, arm.folder, t - 1), "synthetic_base.parquet") \
+            if arm.base_alpha else os.path.join(train.iter_folder(run, arm.folder if t > 1 else "", t - 1),
+                                                "synthetic.parquet")
+        files.append(train.rescored(run, opponent, prev, os.path.join(folder, "previous_rescored.parquet"),
+                                    pairs.OPPONENT_COLUMNS))
+    examples = train.read_pairs(files)
+    correct, n_all = train.task_correct(run, examples), len(train.tokenize(run, examples)[0])
+    items, facts = train.training_pairs(run, tag, arm.keep(examples) if arm.keep else examples, correct)
+    # The steps the paper's SPIN takes on all its pairs, whatever the arm keeps: arms differ only in
+    # what they train on, not in how long.
+    steps, n_pairs = train.spin_steps(run, n_all), len(items)
+    if arm.base_alpha > 0:
+        items = mixed_reference(items, arm.base_alpha)
+    if arm.refill is not None:
+        items = arm.refill(items, c.train.batch_size)
+    # 2. train p_{t+1} from p_t on the pairs, 3. export it
+    if n_pairs or arm.keep is None:
+        with train.clock(run, "train"):
+            model_dir = run_stage(run.env, train.spin_stage(run, tag, opponent, items, steps, beta, lr, folder))
+    else:  # the arm kept no pair: nothing to push down, p_t is kept
+        log(f"[{tag}] no pair left to train on: the next model is the opponent itself")
+        model_dir = opponent
+    # 4. evaluate p_{t+1} on the held-out prompts, against p_t's answers to them
+    return train.evaluate_iteration(run, arm.name, t, model_dir, eval_synth, beta,
+                                    dict(facts, train_pairs=n_pairs, steps=steps if model_dir != opponent else 0))
 
 
 def sft_lr_iteration(run, t, prev, name):
@@ -153,12 +218,13 @@ def sft_lr_iteration(run, t, prev, name):
     steps = max(1, int(c.spin.epochs * (pairs_t // c.train.batch_size)))
     stage = Stage(kind="sft", init_dir=prev, items=items, steps=steps, lr=sft_lr_setting(name), beta=None,
                   folder=folder, tag=f"{name}{t}", optimizer=c.spin.optimizer, settings=c.train, lora=c.lora)
-    model_dir = train.timed(run, "baseline", lambda: run_stage(run.env, stage))
+    with train.clock(run, "baseline"):
+        model_dir = run_stage(run.env, stage)
     eval_synth = os.path.join(folder, "eval_synthetic.parquet")
-    train.timed(run, "generate", lambda: train.run_generation(run, prev, run.held_ex, eval_synth, t,
-                                                              c.run.seed + 7 + t))
-    row = train.timed(run, "evaluate", lambda: train.run_evaluation(
-        run, model_dir, eval_synth, beta_for_iteration(c.spin.beta, t), f"{name}-{t + 1}"))
+    with train.clock(run, "generate"):
+        train.run_generation(run, prev, run.held_ex, eval_synth, t, train.heldout_seed(run, t))
+    with train.clock(run, "evaluate"):
+        row = train.run_evaluation(run, model_dir, eval_synth, beta_for_iteration(c.spin.beta, t), f"{name}-{t + 1}")
     row.update(arm=name, iteration=t + 1, steps=steps)
     run.table.append(row)
     record(run.out, {"type": "eval", **row})
@@ -168,7 +234,8 @@ def sft_lr_iteration(run, t, prev, name):
 def score_on_validation(run, model_dir, val_ex, arm, t):
     """--score-val: the model's exact match and likelihood on the validation prompts (never the
     held-out ones), per prompt in eval/val-<arm>-<t>.jsonl, so a choice made on them is paired."""
-    row = train.timed(run, "evaluate", lambda: train.run_evaluation(run, model_dir, val_ex, None, f"val-{arm}-{t}"))
+    with train.clock(run, "evaluate"):
+        row = train.run_evaluation(run, model_dir, val_ex, None, f"val-{arm}-{t}")
     record(run.out, {"type": "val_eval", "arm": arm, "iteration": t, **row})
 
 
@@ -219,7 +286,7 @@ def sft_to_optimum(run, stage, study, val_ex):
             continue
         candidate = os.path.join(stage.folder, f"candidate-{stop}")
         if not os.path.exists(candidate):
-            model, config = train_stage(run.env, replace(stage, stop_at=stop))
+            model, config = train_stage(run.env, stage, stop_at=stop)
             export(model, config, candidate, run.tok_files, resolve_dtype(run.dtype_name))
             del model
         score = train.run_evaluation(run, candidate, val_ex, None)
@@ -317,10 +384,8 @@ def main(argv=None):
         log(f"validation data (chooses the SFT checkpoint): {rep.summary()}")
     if cfg.run.demo or cfg.sft.sft:
         stage = train.sft_stage(run, base)
-        if study.sft_eval_every:
-            base = train.timed(run, "sft", lambda: sft_to_optimum(run, stage, study, val_ex))
-        else:
-            base = train.timed(run, "sft", lambda: run_stage(run.env, stage))
+        with train.clock(run, "sft"):
+            base = sft_to_optimum(run, stage, study, val_ex) if study.sft_eval_every else run_stage(run.env, stage)
         if cfg.sft.sft:
             log(f"SFT model: {base}")
             torch.distributed.destroy_process_group()
@@ -337,7 +402,7 @@ def main(argv=None):
             elif sft_lr_setting(arm) is not None:
                 model = sft_lr_iteration(run, t, model, arm)
             else:
-                model = train.spin_iteration(run, t, model, spin_arm(arm, study.mix_alpha, cfg.run.seed + t))
+                model = arm_iteration(run, t, model, spin_arm(arm, study.mix_alpha, cfg.run.seed + t))
             if study.score_val:
                 score_on_validation(run, model, val_ex, arm, t + 1)
     train.finish(run)

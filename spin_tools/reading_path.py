@@ -3,9 +3,12 @@
     python -m spin_tools.reading_path            # the table README.md's "Read the code" quotes
     python -m spin_tools.reading_path --check    # exit 1 if README.md's table is not this one
 
-Each stop names a file and the top-level functions or classes to read there ("__doc__": the
-module docstring; None: the whole file). Lines are counted from the source, so the figures follow the code as it changes;
-tests/test_reading_path.py keeps README.md in step and the total near 1,000 lines.
+Each stop is a whole file (None) or one contiguous section of it, from the first named top-level
+definition to the last ("__doc__": the module docstring), read top to bottom; the comment lines
+just above a section belong to it. Lines are counted from the source, so the figures follow the
+code as it changes. The path's files import nothing of the production machinery (PRODUCTION),
+train.py (ENTRY) aside: production wraps the path, or puts its speed-ups in by one visible call.
+tests/test_reading_path.py keeps README.md in step, the total short and the path's imports clean.
 """
 import ast
 import os
@@ -13,54 +16,80 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (file, what to read there (None = the whole file), what to look at)
+# (file, section: None = the whole file, or (first, last) top-level names, what to look at)
 PATH = [
-    ("spin_loss.py", ["sequence_logps", "spin_loss"],
-     "the loss: the paper's equation next to the code, rewards and metrics"),
-    ("data/pairs.py", ["tokenize_example", "left_pad", "collate_pairs"],
+    ("spin_loss.py", ("__doc__", "spin_loss"),
+     "the loss: the paper's equation and theorems, then the code"),
+    ("data/pairs.py", ("OPPONENT_COLUMNS", "collate_prompts"),
      "how a (prompt, real, generated) triple becomes token ids, masks and targets"),
     ("model.py", None,
      "the architecture: RMSNorm, RoPE, grouped-query attention, SwiGLU, per-token log-probs"),
-    ("generate.py", ["next_tokens", "sample_batch", "sample", "score", "generate_dataset", "_pair_of_sample"],
-     "the opponent: KV-cached sampling, and its log-probs of both answers stored once"),
-    ("stage.py", ["build_model", "make_optimizer", "spin_micro_batch", "train_stage", "run_stage"],
-     "one training stage: FSDP2 set-up, one SPIN step, the step loop"),
-    ("train.py", ["__doc__", "run_generation", "run_evaluation", "Arm", "spin_iteration", "sft_iteration", "main"],
-     "the iteration loop: generate, train, export, evaluate; the continued-SFT baseline"),
+    ("sampler.py", ("__doc__", "opponent_rows"),
+     "the opponent: KV-cached sampling, and its log-probs of both answers, stored once"),
+    ("train_loop.py", ("__doc__", "train_steps"),
+     "one training stage: its record, the optimiser, one SPIN step, the step loop"),
+    ("train.py", ("__doc__", "__doc__"),
+     "the algorithm, and how this code departs from the paper's"),
+    ("train.py", ("iteration_settings", "spin_iteration"),
+     "one SPIN iteration: generate, train, export, evaluate"),
 ]
 
+# The program itself: train.py's loop section reads the paper's four steps, each a call into the
+# path through production's wrapper of it (run_generation, run_stage, run_evaluation), so it alone
+# imports production.
+ENTRY = "train.py"
+# What the path's other files may not import: the machinery that runs the path at scale or studies it.
+PRODUCTION = ("checkpoint", "experiments", "fingerprint", "generate", "heldout", "hf_folder", "live_curves",
+              "lora", "report", "run_folder", "slots", "spin_kernels", "stage", "train_args")
 
-def spans(path, names):
-    """[(first, last)] 1-based line ranges of the named top-level definitions (decorators
-    included), or of the whole file."""
+
+def top_level(path):
+    """{name: (first, last)} 1-based line ranges of a file's top-level definitions and
+    assignments (decorators and the comment lines just above included), and "__doc__"."""
     src = open(os.path.join(ROOT, path)).read()
-    if names is None:
-        return [(1, len(src.splitlines()))]
-    tree = ast.parse(src)
-    found = {}
+    lines, tree, found = src.splitlines(), ast.parse(src), {}
     doc = tree.body[0] if tree.body and isinstance(tree.body[0], ast.Expr) else None
     if doc is not None and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
         found["__doc__"] = (doc.lineno, doc.end_lineno)
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            found[node.name] = (first, node.end_lineno)
-    missing = [n for n in names if n not in found]
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        else:
+            continue
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        while first > 1 and lines[first - 2].startswith("#") and not lines[first - 2].startswith("# ---"):
+            first -= 1
+        for name in names:
+            found[name] = (first, node.end_lineno)
+    return found, len(lines)
+
+
+def span(path, section):
+    """(first, last) 1-based lines of a stop."""
+    found, n = top_level(path)
+    if section is None:
+        return 1, n
+    missing = [name for name in section if name not in found]
     if missing:
         raise SystemExit(f"spin_tools/reading_path.py: {path} has no top-level {', '.join(missing)}; update PATH")
-    return [found[n] for n in names]
+    first, last = found[section[0]][0], found[section[1]][1]
+    if last < first:
+        raise SystemExit(f"spin_tools/reading_path.py: {path}: {section[1]} comes before {section[0]}")
+    return first, last
 
 
 def table():
     """The markdown table of the path and its total line count."""
     rows, total = ["| # | file | read | lines | what to look at |", "|---|---|---|---|---|"], 0
-    for i, (path, names, why) in enumerate(PATH, 1):
-        sp = spans(path, names)
-        n = sum(b - a + 1 for a, b in sp)
-        total += n
-        what = "all" if names is None else ", ".join(
-            f"{'docstring' if name == '__doc__' else f'`{name}`'} ({a}-{b})" for name, (a, b) in zip(names, sp))
-        rows.append(f"| {i} | `{path}` | {what} | {n} | {why} |")
+    for i, (path, section, why) in enumerate(PATH, 1):
+        a, b = span(path, section)
+        total += b - a + 1
+        name = lambda n: "docstring" if n == "__doc__" else f"`{n}`"  # noqa: E731
+        what = "all" if section is None else name(section[0]) if section[0] == section[1] else \
+            f"{name(section[0])} to {name(section[1])}"
+        rows.append(f"| {i} | `{path}` | {what} ({a}-{b}) | {b - a + 1} | {why} |")
     rows.append(f"| | | **total** | **{total}** | |")
     return "\n".join(rows), total
 

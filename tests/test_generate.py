@@ -99,7 +99,7 @@ def test_seeded_samples_independent_of_batching_and_sharding(ckpt):
         got = sample(model, prompts, batch_size=bs, **kw)
         assert [g.tokens for g in got] == [r.tokens for r in ref]
     # a shard of the prompts, keyed by their global index, gets the same samples
-    shard = sample(model, prompts[3:], prompt_ids=[3, 4, 5], **kw)
+    shard = sample(model, prompts[3:], stream_keys=[3, 4, 5], **kw)
     assert [s.tokens for s in shard] == [r.tokens for r in ref[3:]]
     other = sample(model, prompts, batch_size=16, **dict(kw, seed=8))
     assert [s.tokens for s in other] != [r.tokens for r in ref]
@@ -273,7 +273,7 @@ def _static_vs_eager(model, kw, graphed, monkeypatch):
     greedy = kw.get("greedy", False)
     pick = functools.partial(generate.next_tokens, temperature=kw.get("temperature", 1.0), top_k=0, top_p=1.0,
                              greedy=greedy, vocab_limit=None, logprobs=True)
-    uniforms = None if greedy else functools.partial(generate._uniforms, 5, n=12)
+    uniforms = None if greedy else functools.partial(generate.stream_uniforms, 5, n=12)
     calls = []
     real = functools.partial(generate.graphed_step, graphed=graphed)
     monkeypatch.setattr(generate, "graphed_step", lambda *a: calls.append(1) or real(*a))
@@ -282,7 +282,7 @@ def _static_vs_eager(model, kw, graphed, monkeypatch):
     for s0 in (0, 3):
         idx = list(range(s0, min(s0 + 3, len(prompts))))
         got = generate.sample_batch(model, [prompts[i] for i in idx], idx, 12, None, pick, uniforms, None,
-                                    cuda_graph=True, logprobs=True)
+                                    graph=generate.graphed_step, logprobs=True)
         for i, g in zip(idx, got):
             static[i] = g
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -19,6 +19,30 @@ def test_readme_quotes_the_reading_path_and_it_stays_short():
     assert heading <= 80
 
 
+def test_the_path_imports_nothing_of_the_production_machinery():
+    """The path's files are what runs; production wraps them or puts its speed-ups in by one
+    visible call, so no file on the path imports a production module (directly: the path reads
+    without them)."""
+    from spin_tools.reading_path import ENTRY, PATH, PRODUCTION
+    graph = _project_imports()
+    for path, _, _ in PATH:
+        if path == ENTRY:  # the program: its loop section calls the path through production's wrappers
+            continue
+        mod = path[:-3].replace("/", ".")
+        bad = sorted(d for d in graph[mod] if d.split(".")[0] in PRODUCTION)
+        assert not bad, f"{path} is on the reader's path but imports {bad}"
+    assert "stage" in graph["train"] and "slots" in graph["generate"]  # the check sees production imports
+
+
+def test_the_path_carries_no_study_hook():
+    """The study's arms (experiments/arms.py) vary the steps of train.spin_iteration from outside:
+    the loss, the training stage and the sampler take none of their hooks."""
+    for name in ("spin_loss.py", "train_loop.py", "sampler.py", "train.py"):
+        src = _source(name)
+        for word in (r"mix_alpha", r"base_alpha", r"\.keep\b", r"\brefill\b", r"\bvariant\.", r"stop_at", r"\bArm\b"):
+            assert not re.search(word, src), f"{name} carries the study's {word}"
+
+
 def _source(name):
     return open(os.path.join(ROOT, name)).read()
 
@@ -89,6 +113,16 @@ def test_no_import_circles_among_the_project_modules():
         if m not in state:
             visit(m, [m])
     assert not cycle, "import circles: " + "; ".join(" -> ".join(c) for c in cycle[:3])
+
+
+def test_only_the_study_imports_the_study():
+    """experiments/ sits on top of the house: it imports train.py, report.py and the rest, and
+    nothing outside it (tests aside) imports it back."""
+    graph = _project_imports()
+    back = sorted(f"{m} -> {d}" for m, deps in graph.items() if not m.startswith(("experiments", "tests"))
+                  for d in deps if d.startswith("experiments"))
+    assert not back, back
+    assert any(d.startswith("experiments") for d in graph["experiments.compare"])  # the walk sees these imports
 
 
 def test_model_py_is_the_architecture_alone():

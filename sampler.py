@@ -1,0 +1,300 @@
+"""The opponent's side of SPIN: p_t answers each prompt, y' ~ p_t(.|x), with a KV cache, and
+scores log p_t(y|x) and log p_t(y'|x) of both answers once, so training never holds a reference
+model (paper Algorithm 1, steps 1-2 of an iteration).
+
+    sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   static batches
+    score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
+    opponent_rows(model, fmt, examples, keys, ...) -> SPIN rows: (x, y, y', log p_t(y|x), log p_t(y'|x))
+
+This is the plain sampler, and the code that runs: generate.py puts the speed-ups in, each by one
+visible call (rows that end take the next prompts, slots.decode; oneDNN-packed weights on CPUs;
+CUDA graphs), and adds sharded, resumable Parquet output. tests/test_generate.py checks that the
+speed-ups give these samples.
+
+Each prompt has its own random stream, keyed by (seed, its key): a sample does not depend on the
+batch it lands in, the batch size, or the number of ranks (up to float rounding of the logits,
+which can only flip a draw whose uniform falls within rounding of a CDF boundary).
+"""
+import functools
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from data.pairs import OPPONENT_COLUMNS, collate_prompts, left_pad, tokenize_example, truncate
+from data.readers import Example
+from data.template import PrefixError
+from model import KVCache
+
+
+@dataclass
+class Sample:
+    tokens: list  # generated ids, ending with EOS if the row stopped there
+    finished: bool  # stopped at EOS (False: ran out of max_new_tokens)
+    # With sample(logprobs=True): log p_t(token) of each drawn token under the untempered,
+    # unfiltered model distribution (what SPIN's loss uses); else None. SPIN itself scores the
+    # re-tokenised text instead (opponent_rows), so only tests and callers who ask pay for it.
+    logprobs: list | None = None
+
+
+@torch.inference_mode()
+def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, progress=None, graph=None,
+                 logprobs=False):
+    """One left-padded batch of sample(), every row decoded until the last one ends: prefill,
+    then one decode step per new token. keys[b]: row b's random-stream key; stops: (S,) ids that
+    end a row, or None; pick(logits (B, V), u (B,) or None) -> (ids (B,), log-probs (B,) or None):
+    next_tokens; uniforms(key) -> (max_new_tokens,) float64, or None when greedy. graph(model,
+    cache, B) -> step: the decode step replayed from a CUDA graph (generate.sample puts
+    spin_kernels.cuda_graph.graphed_step in); None: eager."""
+    device = model.lm_head.weight.device
+    B = len(prompts)
+    b = collate_prompts(prompts, pad_id=0)  # the pad id is never attended nor scored
+    ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+    cache = KVCache.allocate(model.config, B, ids.shape[1] + max_new_tokens, device=device,
+                             dtype=model.lm_head.weight.dtype)
+    u = None if uniforms is None else torch.stack([uniforms(k) for k in keys]).to(device)  # (B, max_new)
+    tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
+    if graph is not None and max_new_tokens > 1:
+        step = graph(model, cache, B)
+    else:
+        step = lambda nxt: model(nxt[:, None], cache=cache)[:, -1].float()  # noqa: E731
+    steps = 0
+    for t in range(max_new_tokens):
+        nxt, lp = pick(logits, None if u is None else u[:, t])  # (B,), (B,) or None
+        tokens[:, t] = nxt
+        if lp is not None:
+            logps[:, t] = lp
+        steps = t + 1
+        if progress is not None:
+            progress(tokens=int(B - finished.sum()) if stops is not None else B)
+        if stops is not None:
+            stop = torch.isin(nxt, stops) & ~finished
+            lengths = torch.where(stop, t + 1, lengths)
+            finished |= stop
+            if bool(finished.all()):  # one host sync per step; the decode step dwarfs it
+                break
+        if t + 1 < max_new_tokens:
+            # Finished rows keep decoding in lock step (their tokens are discarded): left padding
+            # keeps one shared cache length, so no row is removed mid-batch.
+            logits = step(nxt)  # (B, V)
+    tokens, lengths, logps = tokens[:, :steps].tolist(), lengths.tolist(), logps[:, :steps].tolist()
+    return [Sample(tokens[b][:lengths[b]], bool(finished[b]), logps[b][:lengths[b]] if logprobs else None)
+            for b in range(B)]
+
+
+def decode_batches(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms, progress=None,
+                   logprobs=False, graph=None):
+    """Every prompt, in static batches of `rows` taken in `order` (sample_batch). Returns
+    (tokens, finished, logprobs or None) per prompt, in input order (as slots.decode does)."""
+    out = [None] * len(prompts)
+    for s in range(0, len(order), rows):
+        idx = order[s:s + rows]
+        got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens, stops, pick,
+                           uniforms, progress, graph, logprobs)
+        for i, g in zip(idx, got):
+            out[i] = (g.tokens, g.finished, g.logprobs)
+        if progress is not None:
+            progress(prompts=len(idx))
+    return out
+
+
+def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
+           greedy=False, seed=0, batch_size=16, progress=None, stream_keys=None, vocab_limit=None,
+           logprobs=False, decode=decode_batches):
+    """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
+    prompt, in input order. eos_id: the id, or a list of ids, that ends a row (a chat model may
+    have several: Llama 3 stops at <|eot_id|> and <|end_of_text|>); None never stops early.
+    batch_size: rows decoded together. stream_keys: the key of each prompt's random stream
+    (default: its index in `prompts`); pass global ids when sharding, so that prompt i gets the
+    same sample whichever rank, batch or slot it lands in. vocab_limit: never draw ids >= this
+    (the tokenizer's size, when the model's is padded). logprobs: also return each drawn token's
+    log p_t (Sample.logprobs). decode: how the prompts are decoded (decode_batches; generate.sample
+    passes slots.decode, which refills rows that end)."""
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    if max_new_tokens < 1 or any(len(p) == 0 for p in prompts):
+        raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
+    limit = model.config.max_position_embeddings
+    if prompts and max(map(len, prompts)) + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens "
+                         f"exceeds the model's {limit} positions: truncate prompts first")
+    if not prompts:
+        return []
+    device = model.lm_head.weight.device
+    keys = list(range(len(prompts))) if stream_keys is None else list(stream_keys)
+    stops = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # any one ends a row
+    if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
+        vocab_limit = None
+    pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                             vocab_limit=vocab_limit, logprobs=logprobs)
+    uniforms = None if greedy else functools.partial(stream_uniforms, seed, n=max_new_tokens)
+    # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    rows = min(batch_size, len(prompts))
+    return [Sample(*r) for r in decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms,
+                                       progress, logprobs=logprobs)]
+
+
+@torch.inference_mode()
+def score(model, prompts, responses, *, batch_size=16):
+    """sum_t log p(response_t | prompt, response_<t) per pair, float32, from one prefill-style
+    forward over prompt + response per batch (model.token_logprobs, DESIGN.md convention)."""
+    if len(prompts) != len(responses) or any(len(p) == 0 for p in prompts):
+        raise ValueError("score: need as many responses as prompts, and non-empty prompts")
+    device = model.lm_head.weight.device
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))
+    out = [0.0] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        # The training collate's layout: targets are the response tokens, -100 elsewhere.
+        ids, mask, targets = (x.to(device) for x in left_pad(
+            [prompts[i] + responses[i] for i in idx], [len(prompts[i]) for i in idx], pad_id=0))
+        lp = model.token_logprobs(ids, targets, mask)  # (B, T) fp32
+        for i, v in zip(idx, lp.sum(1).tolist()):
+            out[i] = v
+    return out
+
+
+def answer_text(tok, tokens):
+    """The text of a sampled answer: its tokens before the first stop id, decoded without special
+    tokens (as the official SPIN generation decodes)."""
+    stop = next((i for i, t in enumerate(tokens) if t in tok.eos_ids), len(tokens))
+    return tok.decode(tokens[:stop], skip_special_tokens=True)
+
+
+def pair_of_sample(fmt, ex, text, max_length, max_prompt_length):
+    """(Pair, the answer text as stored). A chat template may be unable to split a sampled answer
+    that starts with whitespace from the prompt's last token (byte-level BPE merges them, see
+    data/template.ChatFormat); such an answer is stored without its leading whitespace."""
+    try:
+        return tokenize_example(fmt, Example(ex.prompt, ex.response, text), max_length=max_length,
+                                max_prompt_length=max_prompt_length), text
+    except PrefixError:
+        text = text.lstrip()
+        return tokenize_example(fmt, Example(ex.prompt, ex.response, text), max_length=max_length,
+                                max_prompt_length=max_prompt_length), text
+
+
+def opponent_rows(model, fmt, examples, keys, *, iteration, seed, max_new_tokens, temperature=1.0, top_k=0,
+                  top_p=1.0, greedy=False, batch_size=16, max_prompt_length=512, max_length=1024, progress=None,
+                  sample=sample):
+    """Step 1 of a SPIN iteration on a list of examples (data/readers.Example: prompt, response):
+    p_t's answer y' to each prompt x, and p_t's log-probs of the ground truth y and of y', as rows
+    in the SPIN layout (Example.generated, and the OPPONENT_COLUMNS among its extras). keys: each
+    example's random-stream key. Returns (rows, counts of generated tokens and truncated prompts)."""
+    full = [fmt.prompt_ids(ex.prompt) for ex in examples]
+    # Generation sees the prompt training would keep next to a max_new_tokens response.
+    prompts = [truncate(ids, [[0] * max_new_tokens], max_length, max_prompt_length)[0] for ids in full]
+    got = sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.tok.eos_ids,
+                 vocab_limit=fmt.tok.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                 greedy=greedy, seed=seed, batch_size=batch_size, progress=progress, stream_keys=keys)
+    # Training scores re-tokenised text (the ids data/pairs.py will build), so score those.
+    pairs = [pair_of_sample(fmt, ex, answer_text(fmt.tok, g.tokens), max_length, max_prompt_length)
+             for ex, g in zip(examples, got)]
+    logps = score(model, [q.prompt_ids for q, _ in pairs] * 2,
+                  [q.real_ids for q, _ in pairs] + [q.generated_ids for q, _ in pairs], batch_size=batch_size)
+    n, rows, counts = len(examples), [], {"generated_tokens": 0, "truncated_prompts": 0}
+    for j, (ex, g, (q, text)) in enumerate(zip(examples, got, pairs)):
+        cut = min(len(prompts[j]), len(q.prompt_ids)) < len(full[j])  # never silent: counted, stored
+        extras = dict(zip(OPPONENT_COLUMNS, (logps[j], logps[n + j])), real_tokens=len(q.real_ids),
+                      generated_tokens=len(q.generated_ids), iteration=iteration, seed=seed,
+                      finished=g.finished, truncated=cut or q.truncated)
+        rows.append(Example(ex.prompt, ex.response, text, extras))
+        counts["generated_tokens"] += len(g.tokens)
+        counts["truncated_prompts"] += cut
+    return rows, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# How a token is drawn: each prompt's own uniforms, and the inverse CDF of p_t's distribution
+
+def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logprobs):
+    """Each row's next token from its logits (B, V) float32 and its uniform u (B,) (None when
+    greedy) -> (ids (B,), their log p_t (B,) or None). The log-prob is log p_t, untempered and
+    unfiltered: what SPIN's loss needs. Ids at or past vocab_limit (a model vocabulary padded
+    beyond its tokenizer's) are never drawn; the log-probs stay those of the full distribution."""
+    pick = logits
+    if vocab_limit is not None:
+        pick = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,
+                                  float("-inf"))
+    nxt = pick.argmax(-1) if greedy else draw(pick, u, temperature, top_k, top_p)  # (B,)
+    if not logprobs:
+        return nxt, None
+    return nxt, logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)  # p may underflow fp32
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """(B, V) -> (B, V) with -inf on removed tokens; transformers' order and rules: top-k keeps
+    every token not below the k-th largest logit (ties kept), then top-p (Holtzman et al. 2020)
+    keeps the most probable tokens until their mass reaches top_p, always at least one."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = logits.sort(dim=-1, descending=True)  # (B, V)
+        p = srt.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # mass strictly before this token already >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+_DRAW_BLOCK = 512
+
+
+def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """One token per row by inverse CDF: logits (B, V), u (B,) uniforms in [0, 1) -> (B,).
+    The uniforms come from each prompt's own generator (drawn up front, see stream_uniforms), so the
+    hot path is batched with no per-row Python loop."""
+    logits = logits.float()  # no copy when already float32
+    if temperature != 1.0:
+        logits = logits / temperature
+    return inverse_cdf(filter_logits(logits, top_k, top_p).softmax(-1), u)
+
+
+def inverse_cdf(probs, u):
+    """probs (B, V) float32 (rows sum to 1 up to rounding), u (B,) in [0, 1) -> (B,) the first
+    token whose cumulative mass exceeds u * total. Never a token of probability 0."""
+    # One float64 cumsum over the whole vocabulary would allocate and scan two fresh (B, V)
+    # float64 buffers per step (~0.8 ms at 8 x 32000 on one core, as long as a decode step's
+    # attention). Instead: sums of blocks of _DRAW_BLOCK tokens, find the block, then scan
+    # inside it in float64. The block sums are float32 (a float64 sum would first copy probs
+    # to float64, the costliest op of the draw): the same inverse CDF up to their rounding, so
+    # a uniform within ~1e-6 of the total mass of a CDF boundary may pick the token beside it.
+    B, V = probs.shape
+    S = _DRAW_BLOCK
+    full = V // S * S
+    sums = [probs[:, :full].reshape(B, -1, S).sum(-1).double()] if full else []
+    if full < V:
+        sums.append(probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
+    block_cdf = torch.cat(sums, 1).cumsum(-1)  # (B, NB), non-decreasing; empty blocks add exactly 0
+    total = block_cdf[:, -1:]
+    # x < total strictly, so a first block with cdf > x exists and holds probability > 0.
+    x = torch.minimum(u[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))  # (B, 1)
+    blk = torch.searchsorted(block_cdf, x, right=True)  # (B, 1)
+    before = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)  # (B, 1) mass before it
+    ar = torch.arange(S, device=probs.device)
+    idx = blk * S + ar  # (B, S) token ids of the block
+    inner = torch.where(idx < V, probs.gather(1, idx.clamp(max=V - 1)), 0.0).double()  # (B, S)
+    cdf = before + inner.cumsum(-1)  # (B, S); a token whose cdf rises past x has probability > 0
+    j = torch.searchsorted(cdf, x, right=True)[:, 0]  # (B,) in [0, S]
+    # Rounding can leave the block's last cdf <= x (j == S): take its last token with probability > 0.
+    last = torch.where(inner > 0, ar, -1).amax(-1)  # (B,)
+    return blk[:, 0] * S + torch.where(j < S, j, last)
+
+
+def _seed_of(seed, key):
+    digest = hashlib.sha256(f"spin-generate/{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def stream_uniforms(seed, key, n):
+    """(n,) float64 uniforms for the prompt keyed `key`, from a CPU generator seeded by (seed,
+    key): the same numbers on any device, in any batch or slot."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(_seed_of(seed, key)), dtype=torch.float64)

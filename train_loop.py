@@ -1,0 +1,178 @@
+"""One training stage of SPIN, read top to bottom: its record (Stage), the optimiser, one SPIN step
+on a micro-batch of (real, generated) pairs against the stored opponent log-probs (the SFT
+baseline's cross-entropy step beside it), and the loop over steps. stage.py runs it at scale:
+the sharded model (FSDP2, LoRA adapters, kernels), checkpoints, resume and the records, put in
+through the loop's two callbacks.
+
+The global batch at step s is a fixed function of (seed, s), so 1 and N processes see the same
+data and give the same losses.
+"""
+import resource
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+import parallel
+from data import pairs
+from errors import InputError
+from settings import TrainSettings
+from spin_loss import sequence_logps, spin_loss
+
+
+@dataclass(frozen=True)
+class StageEnv:
+    """What every stage of a run shares, beyond its own Stage: where it computes and where its
+    results go (train.Run.env builds it once; the loop below reads device and pad_id)."""
+    device: torch.device
+    compute: torch.dtype  # the run's compute dtype (train.compute_dtype)
+    kernels: str  # what spin_kernels.install puts into every model (--kernels)
+    pad_id: int  # the tokenizer's EOS, which pads batches (never attended, never scored)
+    out: str  # the run folder: metrics.jsonl
+    tok_files: dict  # {name in an export: source path}: the tokenizer files and chat template
+    export_dtype: torch.dtype  # exports are written in the starting checkpoint's dtype
+
+
+@dataclass(kw_only=True)
+class Stage:
+    kind: str  # "spin" or "sft"
+    init_dir: str  # the HF folder it starts from (for SPIN: the opponent p_t)
+    items: list  # tokenised pairs (SPIN) or sequences (SFT)
+    steps: int
+    lr: float
+    beta: float | None
+    folder: str  # checkpoints go to folder/ckpt, the export to folder/model
+    tag: str  # its name in metrics.jsonl
+    optimizer: str
+    settings: TrainSettings  # batch, micro-batch, clip, warmup, checkpoints, seed, loss type
+    lora: object = None  # lora.LoraSettings: train these low-rank adapters instead of every parameter (stage.py)
+
+
+def make_optimizer(params, name, lr, steps, warmup_ratio):
+    if name == "rmsprop":  # the paper's choice; no weight decay
+        opt = torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, int(warmup_ratio * steps))  # linear warmup, then linear decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    return opt, sched
+
+
+def spin_micro_batch(model, micro, env, stage, live, per_rank):
+    """Forward and backward of one SPIN micro-batch; returns its metric sums (weighted by pairs)
+    and its tokens. live: a resident copy of the opponent that recomputes its log-probs, a check
+    of the stored ones (--live-reference; None: the stored ones, as the paper's loss reads them)."""
+    b = pairs.collate_pairs(micro, pad_id=env.pad_id)
+    ids, mask, tgt = (b[k].to(env.device) for k in ("input_ids", "attention_mask", "targets"))
+    seq = sequence_logps(model(ids, attention_mask=mask, targets=tgt), tgt != -100)  # (2B,)
+    n = len(micro)
+    ref_real, ref_gen = (b[k].to(env.device) for k in pairs.OPPONENT_COLUMNS)
+    sums = {}
+    if live is not None:  # the opponent recomputed by a resident copy: a check of the stored values
+        with torch.no_grad():
+            ref = sequence_logps(live(ids, attention_mask=mask, targets=tgt), tgt != -100)
+        sums["live_diff"] = torch.cat([ref[:n] - ref_real, ref[n:] - ref_gen]).abs().max().item()
+        ref_real, ref_gen = ref[:n], ref[n:]
+    loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=stage.settings.loss_type)
+    # spin_loss averages over this micro-batch's n pairs; weighting by n / per_rank makes the sum
+    # over micro-batches the mean over this rank's pairs, and FSDP2's gradient reduce-scatter
+    # averages over ranks: the gradient of the mean loss over the global batch, however it is split.
+    (loss * n / per_rank).backward()
+    sums["loss"] = loss.item() * n
+    for k in ("rewards/real", "rewards/generated", "rewards/accuracies", "logps/real", "logps/generated"):
+        sums[k] = float(met[k] * n)
+    sums["n"] = n
+    return sums, int(mask.sum())
+
+
+def spin_metrics(tot, beta):
+    """A step's record from the summed pair metrics: means over the step's pairs."""
+    rec = {k: tot[k] / tot["n"] for k in ("rewards/real", "rewards/generated")}
+    rec["rewards/margins"] = (tot["rewards/real"] - tot["rewards/generated"]) / tot["n"]
+    rec.update({k: tot[k] / tot["n"] for k in ("rewards/accuracies", "logps/real", "logps/generated")})
+    rec["beta"] = beta
+    return rec
+
+
+def split_batch(G, mb, world):
+    """A global batch of G pairs as (pairs per rank, micro-batch), or the error naming the flags."""
+    if G % world or (G // world) % min(mb, G // world):
+        raise InputError(f"--batch-size {G} must split evenly over {world} ranks x micro-batches of "
+                         f"--micro-batch-size {mb}")
+    return G // world, min(mb, G // world)
+
+
+def global_batch(items, G, seed, step):
+    """The G items of step `step`: one permutation of the items per epoch, seeded by (seed, epoch)
+    (1000003, a prime larger than any epoch count, keeps two seeds' epochs apart), cut in batches."""
+    epoch, pos = divmod(step, len(items) // G)
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return [items[i] for i in torch.randperm(len(items), generator=g)[pos * G:(pos + 1) * G].tolist()]
+
+
+def train_steps(model, params, opt, sched, env, stage, start, end, check, record, live=None):
+    """Steps start..end-1 of the stage: each takes its global batch, splits it over the ranks and
+    into micro-batches, accumulates their gradients, clips, and updates. check(step, loss,
+    grad_norm) runs between the gradients and the update (stage.py: a diverged step stops there,
+    and checkpoints are written only once the next step's loss vouches for them); record(rec)
+    gets each step's record after the update."""
+    s, rank, world = stage.settings, parallel.rank(), parallel.world()
+    G = s.batch_size
+    per_rank, mb = split_batch(G, s.micro_batch_size, world)
+    for step in range(start, end):
+        t0 = time.time()
+        batch = global_batch(stage.items, G, s.seed, step)
+        mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        # Every random draw of the step (LoRA's dropout masks) is a function of (seed, stage, step,
+        # rank) too, so a resumed run draws what the uninterrupted one did on every rank.
+        torch.manual_seed(zlib.crc32(f"{s.seed}/{stage.tag}/{step}/{rank}".encode()))
+        gt_tokens = sum(len(it.real_ids) for it in batch)
+        sums, live_diff, ntok = {}, 0.0, 0
+        for m0 in range(0, per_rank, mb):
+            model.set_requires_gradient_sync(m0 + mb >= per_rank)  # reduce gradients once, at the last
+            if stage.kind == "spin":
+                got, tokens = spin_micro_batch(model, mine[m0:m0 + mb], env, stage, live, per_rank)
+                live_diff = max(live_diff, got.pop("live_diff", 0.0))
+            else:
+                got, tokens = sft_micro_batch(model, mine[m0:m0 + mb], env, gt_tokens)
+            sums = {k: sums.get(k, 0.0) + v for k, v in got.items()}
+            ntok += tokens
+        gnorm = parallel.clip_grad_norm(params, s.clip)
+        tot = parallel.reduce_sums(sums)
+        loss = tot["loss"] / tot["n"]
+        t_check = time.time()
+        check(step, loss, gnorm.item())
+        t0 += time.time() - t_check  # a checkpoint's write is not the step's time
+        lr_used = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"type": "step", "stage": stage.tag, "step": step + 1, "steps": stage.steps, "loss": loss,
+               "lr": lr_used, "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / (time.time() - t0),
+               "peak_mem_mb": peak_memory_mb(env.device)}
+        if stage.kind == "spin":
+            rec.update(spin_metrics(tot, stage.beta))
+            if live is not None:
+                rec["live_reference_max_abs_diff"] = parallel.reduce_sums({"d": live_diff}, op="max")["d"]
+        record(rec)
+
+
+# ----------------------------------------------------------------------------------------------
+# The continued-SFT baseline's step, and the memory a step record reports
+
+def sft_micro_batch(model, micro, env, gt_tokens):
+    """Cross-entropy on the ground-truth responses, normalised by the response tokens of the
+    whole global batch (known to every rank), so the gradient does not depend on sharding."""
+    b = pairs.collate_sft(micro, pad_id=env.pad_id)
+    ids, mask, tgt = (b[k].to(env.device) for k in ("input_ids", "attention_mask", "targets"))
+    nll = -model(ids, attention_mask=mask, targets=tgt).sum()
+    (nll * parallel.world() / gt_tokens).backward()
+    return {"loss": nll.item(), "n": (tgt != -100).sum().item()}, int(mask.sum())
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
