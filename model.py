@@ -54,7 +54,7 @@ class ModelConfig:
 class KVCache:
     """Per layer (B, Hkv, S, D) keys and values. Every row holds the same number of filled
     slots (left padding keeps them aligned), so one length serves the batch. The interface the
-    model uses (`empty`, `offset`, `reserve`, `update`, `advance`) is all that a cache with
+    model uses (`begin`, `update`, `advance`; `begin` reads `empty`, `offset`, `reserve`) is all that a cache with
     another layout, a subclass, has to give."""
 
     def __init__(self, k, v, starts):
@@ -89,6 +89,16 @@ class KVCache:
         if self.length + T > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} slots; {self.length} used + {T} new")
 
+    def begin(self, T, starts, B, device):
+        """Before a forward of T tokens: (each row's left padding (B,), the key index of the first
+        query). The prefill stores the padding (starts, or none); later calls reuse it."""
+        self.reserve(T)
+        if self.empty:
+            self.starts = starts if starts is not None else torch.zeros(B, dtype=torch.long, device=device)
+        elif starts is not None:
+            raise ValueError("attention_mask is only accepted on the first (prefill) call with a cache")
+        return self.starts, self.offset
+
     def update(self, layer, k, v):
         """Write this chunk's (B, Hkv, T, D) keys and values after the filled slots; return
         every key and value so far, (B, Hkv, offset + T, D)."""
@@ -120,26 +130,11 @@ class RMSNorm(nn.Module):
 # Rotary embeddings (Su et al. 2021, "RoFormer")
 
 def rope_frequencies(cfg, device=None):
-    """(D/2,) inverse frequencies theta^(-2i/D), and the rope scalings Llama checkpoints use:
-    "linear" divides them all by `factor` (positions / factor); "llama3" (Llama 3.1/3.2) divides
-    only the low frequencies, whose wavelength exceeds original_max_position_embeddings /
-    low_freq_factor, keeps the high ones (wavelength below that / high_freq_factor), and blends
-    linearly in between, so long contexts stretch the slow dimensions only."""
+    """(D/2,) inverse frequencies theta^(-2i/D): dimension pair i turns by position * theta^(-2i/D).
+    Llama checkpoints may rescale them (cfg.rope_scaling, scaled_frequencies at the end)."""
     D = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D)
-    s = cfg.rope_scaling
-    if s is None:
-        return inv_freq
-    if s["rope_type"] == "linear":
-        return inv_freq / s["factor"]
-    factor, lo, hi, ctx = (s[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                          "original_max_position_embeddings"))
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > ctx / lo, inv_freq / factor, inv_freq)
-    smooth = (ctx / wavelen - lo) / (hi - lo)  # 0 at the low-frequency edge, 1 at the high one
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
-    return torch.where(medium, blended, scaled)
+    return inv_freq if cfg.rope_scaling is None else scaled_frequencies(inv_freq, cfg.rope_scaling)
 
 
 def rotary(positions, inv_freq, dtype):
@@ -305,21 +300,11 @@ class Mistral(nn.Module):
         """
         B, T = input_ids.shape
         cfg = self.config
-        q_offset = 0  # key index of the first query: an int, or a 0-dim tensor for a static cache
-        starts = None  # (B,) left padding of each row
-        if cache is not None:
-            cache.reserve(T)
-            q_offset = cache.offset
-            if attention_mask is not None and not cache.empty:
-                raise ValueError("attention_mask is only accepted on the first (prefill) call with a cache")
-        if attention_mask is not None:
-            starts = left_padding(attention_mask)
-        elif cache is not None:
-            starts = cache.starts
-        if cache is not None and cache.empty:
-            cache.starts = starts if starts is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
-            starts = cache.starts
-        if positions is None:
+        starts = None if attention_mask is None else left_padding(attention_mask)  # (B,) padding of each row
+        q_offset = 0  # key index of the first query
+        if cache is not None:  # the prefill stores each row's padding; later calls append to every row
+            starts, q_offset = cache.begin(T, starts, B, input_ids.device)
+        if positions is None:  # counted from each row's first real token, so padding never shifts them
             positions = (q_offset + torch.arange(T, device=input_ids.device)).expand(B, T)
             if starts is not None:
                 positions = (positions - starts[:, None]).clamp(min=0)
@@ -358,3 +343,23 @@ def left_padding(attention_mask):
     if not torch.equal(m.bool(), expected):
         raise ValueError("attention_mask must be left-padded (zeros then ones in every row)")
     return starts
+
+
+# ----------------------------------------------------------------------------------------------
+# Other families: the rope scalings of Llama checkpoints (Mistral and Qwen use none)
+
+def scaled_frequencies(inv_freq, s):
+    """"linear" divides every frequency by `factor` (positions / factor); "llama3" (Llama 3.1/3.2)
+    divides only the low frequencies, whose wavelength exceeds original_max_position_embeddings /
+    low_freq_factor, keeps the high ones (wavelength below that / high_freq_factor), and blends
+    linearly in between, so long contexts stretch the slow dimensions only."""
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    factor, lo, hi, ctx = (s[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                          "original_max_position_embeddings"))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > ctx / lo, inv_freq / factor, inv_freq)
+    smooth = (ctx / wavelen - lo) / (hi - lo)  # 0 at the low-frequency edge, 1 at the high one
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
+    return torch.where(medium, blended, scaled)

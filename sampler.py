@@ -104,7 +104,7 @@ def decode_batches(model, prompts, keys, order, rows, max_new_tokens, stops, pic
 
 def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
            greedy=False, seed=0, batch_size=16, progress=None, stream_keys=None, vocab_limit=None,
-           logprobs=False, decode=decode_batches):
+           logprobs=False, decode=decode_batches, inverse_cdf=None):
     """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
     prompt, in input order. eos_id: the id, or a list of ids, that ends a row (a chat model may
     have several: Llama 3 stops at <|eot_id|> and <|end_of_text|>); None never stops early.
@@ -113,7 +113,8 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     same sample whichever rank, batch or slot it lands in. vocab_limit: never draw ids >= this
     (the tokenizer's size, when the model's is padded). logprobs: also return each drawn token's
     log p_t (Sample.logprobs). decode: how the prompts are decoded (decode_batches; generate.sample
-    passes slots.decode, which refills rows that end)."""
+    passes slots.decode, which refills rows that end). inverse_cdf: how a token is drawn from the
+    probabilities (None: plain_inverse_cdf; generate.sample passes its blocked one)."""
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
     if top_k < 0 or not 0 < top_p <= 1:
@@ -132,7 +133,7 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
         vocab_limit = None
     pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                             vocab_limit=vocab_limit, logprobs=logprobs)
+                             vocab_limit=vocab_limit, logprobs=logprobs, inverse_cdf=inverse_cdf)
     uniforms = None if greedy else functools.partial(stream_uniforms, seed, n=max_new_tokens)
     # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -214,7 +215,7 @@ def opponent_rows(model, fmt, examples, keys, *, iteration, seed, max_new_tokens
 # ----------------------------------------------------------------------------------------------
 # How a token is drawn: each prompt's own uniforms, and the inverse CDF of p_t's distribution
 
-def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logprobs):
+def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logprobs, inverse_cdf=None):
     """Each row's next token from its logits (B, V) float32 and its uniform u (B,) (None when
     greedy) -> (ids (B,), their log p_t (B,) or None). The log-prob is log p_t, untempered and
     unfiltered: what SPIN's loss needs. Ids at or past vocab_limit (a model vocabulary padded
@@ -223,11 +224,45 @@ def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logpr
     if vocab_limit is not None:
         pick = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,
                                   float("-inf"))
-    nxt = pick.argmax(-1) if greedy else draw(pick, u, temperature, top_k, top_p)  # (B,)
+    nxt = pick.argmax(-1) if greedy else draw(pick, u, temperature, top_k, top_p, inverse_cdf)  # (B,)
     if not logprobs:
         return nxt, None
     return nxt, logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)  # p may underflow fp32
 
+
+def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0, inverse_cdf=None):
+    """One token per row by inverse CDF: logits (B, V), u (B,) uniforms in [0, 1) -> (B,).
+    The uniforms come from each prompt's own generator (drawn up front, see stream_uniforms), so the
+    hot path is batched with no per-row Python loop. inverse_cdf: the plain one below, or a faster
+    one with the same rule (generate.sample puts in blocked_inverse_cdf)."""
+    logits = logits.float()  # no copy when already float32
+    if temperature != 1.0:
+        logits = logits / temperature
+    return (inverse_cdf or plain_inverse_cdf)(filter_logits(logits, top_k, top_p).softmax(-1), u)
+
+
+def plain_inverse_cdf(probs, u):
+    """probs (B, V) float32 (rows sum to 1 up to rounding), u (B,) in [0, 1) -> (B,) the first
+    token whose cumulative mass exceeds u * total: never a token of probability 0."""
+    cdf = probs.double().cumsum(-1)  # (B, V); float64, so a small probability still moves it
+    total = cdf[:, -1:]
+    x = torch.minimum(u[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))  # x < total
+    return torch.searchsorted(cdf, x, right=True)[:, 0]
+
+
+def _seed_of(seed, key):
+    digest = hashlib.sha256(f"spin-generate/{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def stream_uniforms(seed, key, n):
+    """(n,) float64 uniforms for the prompt keyed `key`, from a CPU generator seeded by (seed,
+    key): the same numbers on any device, in any batch or slot."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(_seed_of(seed, key)), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k and top-p, for the command line (SPIN's recipe samples p_t itself: temperature 1, neither)
 
 def filter_logits(logits, top_k=0, top_p=1.0):
     """(B, V) -> (B, V) with -inf on removed tokens; transformers' order and rules: top-k keeps
@@ -243,58 +278,3 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         drop[:, 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
     return logits
-
-
-_DRAW_BLOCK = 512
-
-
-def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
-    """One token per row by inverse CDF: logits (B, V), u (B,) uniforms in [0, 1) -> (B,).
-    The uniforms come from each prompt's own generator (drawn up front, see stream_uniforms), so the
-    hot path is batched with no per-row Python loop."""
-    logits = logits.float()  # no copy when already float32
-    if temperature != 1.0:
-        logits = logits / temperature
-    return inverse_cdf(filter_logits(logits, top_k, top_p).softmax(-1), u)
-
-
-def inverse_cdf(probs, u):
-    """probs (B, V) float32 (rows sum to 1 up to rounding), u (B,) in [0, 1) -> (B,) the first
-    token whose cumulative mass exceeds u * total. Never a token of probability 0."""
-    # One float64 cumsum over the whole vocabulary would allocate and scan two fresh (B, V)
-    # float64 buffers per step (~0.8 ms at 8 x 32000 on one core, as long as a decode step's
-    # attention). Instead: sums of blocks of _DRAW_BLOCK tokens, find the block, then scan
-    # inside it in float64. The block sums are float32 (a float64 sum would first copy probs
-    # to float64, the costliest op of the draw): the same inverse CDF up to their rounding, so
-    # a uniform within ~1e-6 of the total mass of a CDF boundary may pick the token beside it.
-    B, V = probs.shape
-    S = _DRAW_BLOCK
-    full = V // S * S
-    sums = [probs[:, :full].reshape(B, -1, S).sum(-1).double()] if full else []
-    if full < V:
-        sums.append(probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
-    block_cdf = torch.cat(sums, 1).cumsum(-1)  # (B, NB), non-decreasing; empty blocks add exactly 0
-    total = block_cdf[:, -1:]
-    # x < total strictly, so a first block with cdf > x exists and holds probability > 0.
-    x = torch.minimum(u[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))  # (B, 1)
-    blk = torch.searchsorted(block_cdf, x, right=True)  # (B, 1)
-    before = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)  # (B, 1) mass before it
-    ar = torch.arange(S, device=probs.device)
-    idx = blk * S + ar  # (B, S) token ids of the block
-    inner = torch.where(idx < V, probs.gather(1, idx.clamp(max=V - 1)), 0.0).double()  # (B, S)
-    cdf = before + inner.cumsum(-1)  # (B, S); a token whose cdf rises past x has probability > 0
-    j = torch.searchsorted(cdf, x, right=True)[:, 0]  # (B,) in [0, S]
-    # Rounding can leave the block's last cdf <= x (j == S): take its last token with probability > 0.
-    last = torch.where(inner > 0, ar, -1).amax(-1)  # (B,)
-    return blk[:, 0] * S + torch.where(j < S, j, last)
-
-
-def _seed_of(seed, key):
-    digest = hashlib.sha256(f"spin-generate/{seed}/{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def stream_uniforms(seed, key, n):
-    """(n,) float64 uniforms for the prompt keyed `key`, from a CPU generator seeded by (seed,
-    key): the same numbers on any device, in any batch or slot."""
-    return torch.rand(n, generator=torch.Generator().manual_seed(_seed_of(seed, key)), dtype=torch.float64)

@@ -62,7 +62,7 @@ def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, unifo
            cuda_graph=False, logprobs=False):
     """Sample every prompt, at most `rows` at once, entering in `order` (longest first).
     keys[i]: prompt i's random-stream key; stops: (S,) ids that end a row, or None;
-    pick(logits (B, V), u (B,) or None) -> (ids (B,), log-probs (B,) or None): generate.next_tokens;
+    pick(logits (B, V), u (B,) or None) -> (ids (B,), log-probs (B,) or None): sampler.next_tokens;
     uniforms(key) -> (max_new_tokens,) float64, or None when greedy.
     Returns (tokens, finished, logprobs or None) per prompt, in input order."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from generate import graphed_step as _real_graphed_step
-from generate import draw, filter_logits, generate_dataset, main, merge_parts, sample, score
+from generate import blocked_inverse_cdf, draw, filter_logits, generate_dataset, main, merge_parts, sample, score
 from data.template import ChatFormat
 import spin_kernels
 from hf_folder import load_model
@@ -226,7 +226,8 @@ def reference_draw(logits, u, temperature=1.0, top_k=0, top_p=1.0):
 @given(V=st.integers(1, 2000), seed=st.integers(0, 2**31 - 1), top_k=st.integers(0, 50),
        top_p=st.floats(0.05, 1.0), scale=st.floats(0.1, 30.0), zero_block=st.booleans())
 def test_blocked_draw_equals_one_scan(V, seed, top_k, top_p, scale, zero_block):
-    """draw scans a block of 512 tokens after locating it; it must pick what one float64 scan
+    """The sampler's plain draw is one float64 scan (reference_draw, exactly). generate.sample's
+    blocked_inverse_cdf scans a block of 512 tokens after locating it; it must pick what the scan
     picks (up to a uniform within 1e-6 of a CDF boundary), never a token of probability 0,
     across block edges, with empty blocks (all -inf) and with a vocabulary not a multiple of 512."""
     g = torch.Generator().manual_seed(seed)
@@ -236,9 +237,10 @@ def test_blocked_draw_equals_one_scan(V, seed, top_k, top_p, scale, zero_block):
     u = torch.rand(6, generator=g, dtype=torch.float64)
     u[0] = 0.0
     u[1] = 1.0 - 2**-53  # the largest uniform
-    got = draw(logits, u, 1.0, top_k, top_p)
-    assert torch.equal(draw(logits.T.contiguous().T, u, 1.0, top_k, top_p), got)  # a strided view too
+    got = draw(logits, u, 1.0, top_k, top_p, blocked_inverse_cdf)
+    assert torch.equal(draw(logits.T.contiguous().T, u, 1.0, top_k, top_p, blocked_inverse_cdf), got)  # strided
     want, x, cdf = reference_draw(logits, u, 1.0, top_k, top_p)
+    assert torch.equal(draw(logits, u, 1.0, top_k, top_p), want)  # the plain draw is the one scan
     probs = filter_logits(logits, top_k, top_p).softmax(-1)
     for b in range(6):
         assert probs[b, got[b]] > 0, (b, got[b].item())
