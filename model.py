@@ -163,7 +163,7 @@ def visibility(Tq, Tk, starts, window, q_offset, device):
     qi = torch.arange(Tq, device=device)[:, None] + q_offset  # (Tq, 1) absolute query index
     j = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
     mask = j <= qi  # (Tq, Tk) causal
-    if window is not None:
+    if window is not None:  # Mistral's 4096 exceeds every sequence of SPIN's recipe: a no-op there
         mask = mask & (j > qi - window)
     mask = mask[None, None]  # (1, 1, Tq, Tk)
     if starts is not None:

@@ -220,11 +220,11 @@ def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logpr
     greedy) -> (ids (B,), their log p_t (B,) or None). The log-prob is log p_t, untempered and
     unfiltered: what SPIN's loss needs. Ids at or past vocab_limit (a model vocabulary padded
     beyond its tokenizer's) are never drawn; the log-probs stay those of the full distribution."""
-    pick = logits
+    allowed = logits  # the logits the token is drawn from: none past vocab_limit
     if vocab_limit is not None:
-        pick = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,
-                                  float("-inf"))
-    nxt = pick.argmax(-1) if greedy else draw(pick, u, temperature, top_k, top_p, inverse_cdf)  # (B,)
+        allowed = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,
+                                     float("-inf"))
+    nxt = allowed.argmax(-1) if greedy else draw(allowed, u, temperature, top_k, top_p, inverse_cdf)  # (B,)
     if not logprobs:
         return nxt, None
     return nxt, logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)  # p may underflow fp32

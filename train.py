@@ -56,7 +56,8 @@ from hf_folder import check_model_folder, load_model, read_config, resolve_dtype
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
-from stage import Stage, StageEnv, run_stage, split_batch
+from stage import run_stage, split_batch
+from train_loop import Stage, StageEnv
 from train_args import fit_lengths, parse_args
 
 
@@ -299,31 +300,15 @@ def opponent_samples(run, opponent, folder, t):
     with p_t's log-probs of both answers: folder/synthetic.parquet, folder/eval_synthetic.parquet."""
     synth, eval_synth = (os.path.join(folder, name) for name in ("synthetic.parquet", "eval_synthetic.parquet"))
     with clock(run, "generate"):
+        # run_generation: a frozen copy of p_t runs sampler.opponent_rows over the prompts, through
+        # generate.generate_dataset (resumable part files, sharded over the ranks)
         run_generation(run, opponent, run.train_ex, synth, t, run.cfg.run.seed + t)
         run_generation(run, opponent, run.held_ex, eval_synth, t, heldout_seed(run, t))
     return synth, eval_synth
 
 
-def rescored(run, model_dir, src, dst, columns):
-    """src's pairs written to dst with the model's log-probs of both answers in `columns`."""
-    c = run.cfg
-    with clock(run, "generate"):
-        generate.rescore(model_dir, src, dst, run.fmt, device=run.device, dtype=run.compute,
-                         max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
-                         batch_size=c.gen.gen_batch_size, columns=columns, impl=c.run.kernels)
-    return dst
-
-
 def read_pairs(files):
     return [ex for f in files for ex in readers.read_examples(f, layout="spin")[0]]
-
-
-def task_correct(run, examples):
-    """The demo's task: the share of the opponent's answers it judges correct (None off the demo)."""
-    if not run.cfg.run.demo:
-        return None
-    wrong = sum(not task.score(ex.prompt, ex.generated) for ex in examples)
-    return 1 - wrong / max(len(examples), 1)
 
 
 def training_pairs(run, tag, examples, correct):
@@ -342,9 +327,55 @@ def spin_steps(run, n_pairs):
 
 
 def spin_stage(run, tag, opponent, items, steps, beta, lr, folder):
+    """The record of iteration t's training stage (train_loop.Stage): p_t's folder to start from,
+    the pairs, the steps, beta and lr; run_stage runs it."""
     c = run.cfg
     return Stage(kind="spin", init_dir=opponent, items=items, steps=steps, lr=lr, beta=beta, folder=folder,
                  tag=tag, optimizer=c.spin.optimizer, settings=c.train, lora=c.lora)
+
+
+def spin_iteration(run, t, opponent):
+    """One SPIN iteration against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
+    folder, tag = iter_folder(run, "", t), f"spin{t}"  # <out>/iter{t}; a study arm's: <out>/<arm>/iter{t}
+    beta, lr = iteration_settings(run, t, tag)
+    # 1. generate: p_t answers every training prompt (and the held-out ones, for evaluation)
+    synth, eval_synth = opponent_samples(run, opponent, folder, t)
+    files = [synth]
+    if run.cfg.data.mix_previous and t > 0:  # the official recipe: iteration t-1's data too, scored by p_t
+        files.append(rescored(run, opponent, os.path.join(iter_folder(run, "", t - 1), "synthetic.parquet"),
+                              os.path.join(folder, "previous_rescored.parquet"), pairs.OPPONENT_COLUMNS))
+    examples = read_pairs(files)
+    items, facts = training_pairs(run, tag, examples, task_correct(run, examples))
+    steps = spin_steps(run, len(items))
+    # 2. train p_{t+1} from p_t on the pairs, 3. export it. run_stage (stage.py): p_theta starts as
+    # p_t's weights (sharded with FSDP2), train_loop.train_steps runs the stage's steps (make_optimizer,
+    # spin_micro_batch), and the result is exported as a Hugging Face folder, the next opponent
+    with clock(run, "train"):
+        model_dir = run_stage(run.env, spin_stage(run, tag, opponent, items, steps, beta, lr, folder))
+    # 4. evaluate p_{t+1} on the held-out prompts, against p_t's answers to them
+    return evaluate_iteration(run, "spin", t, model_dir, eval_synth, beta,
+                              dict(facts, train_pairs=len(items), steps=steps))
+
+
+# ----------------------------------------------------------------------------------------------
+# What spin_iteration calls beyond the algorithm: rescoring, the demo's verifier, the eval row
+
+def rescored(run, model_dir, src, dst, columns):
+    """src's pairs written to dst with the model's log-probs of both answers in `columns`."""
+    c = run.cfg
+    with clock(run, "generate"):
+        generate.rescore(model_dir, src, dst, run.fmt, device=run.device, dtype=run.compute,
+                         max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
+                         batch_size=c.gen.gen_batch_size, columns=columns, impl=c.run.kernels)
+    return dst
+
+
+def task_correct(run, examples):
+    """The demo's task: the share of the opponent's answers it judges correct (None off the demo)."""
+    if not run.cfg.run.demo:
+        return None
+    wrong = sum(not task.score(ex.prompt, ex.generated) for ex in examples)
+    return 1 - wrong / max(len(examples), 1)
 
 
 def evaluate_iteration(run, arm, t, model_dir, eval_synth, beta, facts):
@@ -362,27 +393,6 @@ def evaluate_iteration(run, arm, t, model_dir, eval_synth, beta, facts):
         row["gt_logp_fell"] = True
     add_row(run, row)
     return model_dir
-
-
-def spin_iteration(run, t, opponent):
-    """One SPIN iteration against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
-    folder, tag = iter_folder(run, "", t), f"spin{t}"
-    beta, lr = iteration_settings(run, t, tag)
-    # 1. generate: p_t answers every training prompt (and the held-out ones, for evaluation)
-    synth, eval_synth = opponent_samples(run, opponent, folder, t)
-    files = [synth]
-    if run.cfg.data.mix_previous and t > 0:  # the official recipe: iteration t-1's data too, scored by p_t
-        files.append(rescored(run, opponent, os.path.join(iter_folder(run, "", t - 1), "synthetic.parquet"),
-                              os.path.join(folder, "previous_rescored.parquet"), pairs.OPPONENT_COLUMNS))
-    examples = read_pairs(files)
-    items, facts = training_pairs(run, tag, examples, task_correct(run, examples))
-    steps = spin_steps(run, len(items))
-    # 2. train p_{t+1} from p_t on the pairs, 3. export it (run_stage)
-    with clock(run, "train"):
-        model_dir = run_stage(run.env, spin_stage(run, tag, opponent, items, steps, beta, lr, folder))
-    # 4. evaluate p_{t+1} on the held-out prompts, against p_t's answers to them
-    return evaluate_iteration(run, "spin", t, model_dir, eval_synth, beta,
-                              dict(facts, train_pairs=len(items), steps=steps))
 
 
 def sft_iteration(run, t, prev):

@@ -146,16 +146,6 @@ def collate_pairs(items, pad_id):
     return batch
 
 
-def collate_sft(items, pad_id):
-    """Single sequences (prompt + real response), same layout: (B, T) tensors."""
-    if not items:
-        raise ValueError("collate_sft: empty batch")
-    input_ids, attention_mask, targets = left_pad(
-        [it.prompt_ids + it.real_ids for it in items], [len(it.prompt_ids) for it in items], pad_id
-    )
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
-
-
 def collate_prompts(prompt_ids_list, pad_id):
     """Left-padded prompts for generation: input_ids, attention_mask (B, T)."""
     if not prompt_ids_list or any(len(p) == 0 for p in prompt_ids_list):
@@ -168,6 +158,16 @@ def collate_prompts(prompt_ids_list, pad_id):
 
 
 @dataclass
+def collate_sft(items, pad_id):
+    """Single sequences (prompt + real response), same layout: (B, T) tensors."""
+    if not items:
+        raise ValueError("collate_sft: empty batch")
+    input_ids, attention_mask, targets = left_pad(
+        [it.prompt_ids + it.real_ids for it in items], [len(it.prompt_ids) for it in items], pad_id
+    )
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
 class TokenizeReport:
     examples: int = 0
     truncated: int = 0
