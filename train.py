@@ -358,7 +358,7 @@ def spin_iteration(run, t, opponent):
 
 
 # ----------------------------------------------------------------------------------------------
-# What spin_iteration calls beyond the algorithm: rescoring, the demo's verifier, the eval row
+# What spin_iteration calls beyond the algorithm: rescoring, the demo's task score, the eval row
 
 def rescored(run, model_dir, src, dst, columns):
     """src's pairs written to dst with the model's log-probs of both answers in `columns`."""
