@@ -154,10 +154,6 @@ def collate_prompts(prompt_ids_list, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-# -- many examples at once: what training and rescoring tokenise, with counts of what was skipped
-
-
-@dataclass
 def collate_sft(items, pad_id):
     """Single sequences (prompt + real response), same layout: (B, T) tensors."""
     if not items:
@@ -168,6 +164,10 @@ def collate_sft(items, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
 
 
+# -- many examples at once: what training and rescoring tokenise, with counts of what was skipped
+
+
+@dataclass
 class TokenizeReport:
     examples: int = 0
     truncated: int = 0
