@@ -173,13 +173,13 @@ def pair_of_sample(fmt, ex, text, max_length, max_prompt_length):
     """(Pair, the answer text as stored). A chat template may be unable to split a sampled answer
     that starts with whitespace from the prompt's last token (byte-level BPE merges them, see
     data/template.ChatFormat); such an answer is stored without its leading whitespace."""
+    def pair(answer):
+        return tokenize_example(fmt, Example(prompt=ex.prompt, response=ex.response, generated=answer),
+                                max_length=max_length, max_prompt_length=max_prompt_length), answer
     try:
-        return tokenize_example(fmt, Example(ex.prompt, ex.response, text), max_length=max_length,
-                                max_prompt_length=max_prompt_length), text
+        return pair(text)
     except PrefixError:
-        text = text.lstrip()
-        return tokenize_example(fmt, Example(ex.prompt, ex.response, text), max_length=max_length,
-                                max_prompt_length=max_prompt_length), text
+        return pair(text.lstrip())
 
 
 def opponent_rows(model, fmt, examples, keys, *, iteration, seed, max_new_tokens, temperature=1.0, top_k=0,
@@ -206,7 +206,7 @@ def opponent_rows(model, fmt, examples, keys, *, iteration, seed, max_new_tokens
         extras = dict(zip(OPPONENT_COLUMNS, (logps[j], logps[n + j])), real_tokens=len(q.real_ids),
                       generated_tokens=len(q.generated_ids), iteration=iteration, seed=seed,
                       finished=g.finished, truncated=cut or q.truncated)
-        rows.append(Example(ex.prompt, ex.response, text, extras))
+        rows.append(Example(prompt=ex.prompt, response=ex.response, generated=text, extras=extras))
         counts["generated_tokens"] += len(g.tokens)
         counts["truncated_prompts"] += cut
     return rows, counts
@@ -238,7 +238,9 @@ def draw(logits, u, temperature=1.0, top_k=0, top_p=1.0, inverse_cdf=None):
     logits = logits.float()  # no copy when already float32
     if temperature != 1.0:
         logits = logits / temperature
-    return (inverse_cdf or plain_inverse_cdf)(filter_logits(logits, top_k, top_p).softmax(-1), u)
+    if top_k or top_p < 1.0:  # the command line's options (at the end of the file); SPIN's recipe uses neither
+        logits = filter_logits(logits, top_k, top_p)
+    return (inverse_cdf or plain_inverse_cdf)(logits.softmax(-1), u)
 
 
 def plain_inverse_cdf(probs, u):
