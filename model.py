@@ -36,7 +36,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # None, or {"rope_type": "linear", "factor"} or {"rope_type": "llama3", "factor",
-    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (rope_frequencies)
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (scaled_frequencies, at the end)
     rope_scaling: dict | None = None
     sliding_window: int | None = None  # query i sees keys i-W < j <= i; None = full causal
     tie_word_embeddings: bool = False
