@@ -88,7 +88,10 @@ def truncate(prompt, responses, max_length, max_prompt_length):
 
 
 def tokenize_example(fmt, ex, *, max_length=1024, max_prompt_length=512):
-    """One Example -> Pair through the ChatFormat `fmt`, truncated by the rule above."""
+    """One Example -> Pair through the ChatFormat `fmt`, truncated by the rule above. prompt_ids: the
+    chat template up to the assistant's turn; each response's ids: the answer's tokens and what closes
+    the turn (EOS under the Zephyr fallback; a checkpoint's own template: its end-of-turn tokens), so
+    log p(y|x) covers the stop too (data/template.ChatFormat.response_ids)."""
     prompt = fmt.prompt_ids(ex.prompt)
     responses = [fmt.response_ids(ex.prompt, ex.response)]
     if ex.generated is not None:
