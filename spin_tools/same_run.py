@@ -15,8 +15,14 @@ CLOCK = {"tokens_per_s", "peak_mem_mb"}
 
 
 def records(run):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    path, rows = os.path.join(run, "metrics.jsonl"), []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}, line {i}: not a JSON record ({e.msg})")
     return [{k: v for k, v in r.items() if k not in CLOCK} for r in rows if r.get("type") != "timing"]
 
 

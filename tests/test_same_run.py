@@ -24,3 +24,13 @@ def test_same_run_ignores_the_clock_and_nothing_else(tmp_path):
     assert len(diffs) == 1 and "loss" in diffs[0]
     diffs = compare(a, _run(tmp_path / "d", 0.5, 100.0, -1.25 + 2**-30))[0]
     assert diffs == ["iter0/synthetic.parquet: tables differ"]
+
+
+def test_a_broken_record_is_one_named_line(tmp_path):
+    import pytest
+    a = _run(tmp_path / "a", 0.5, 100.0, -1.25)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"type": "step"}\n{broken\n')
+    with pytest.raises(SystemExit, match=r"bad/metrics.jsonl, line 2: not a JSON record"):
+        compare(a, str(bad))
