@@ -44,7 +44,6 @@ from errors import (ArgumentParser, InputError, non_negative_int, positive_int, 
                     run_command)
 from hf_folder import check_model_folder, load_model, read_config
 from spin_kernels.cpu_linear import cpu_decode_weights
-from spin_kernels.cuda_graph import graphed_step
 import sampler
 import slots
 # The plain sampler and scorer, read on SPIN's path (sampler.py); generate.sample below adds the speed-ups.
@@ -60,15 +59,12 @@ def sample(model, prompts, *, batch_size=16, refill=True, cuda_graph=False, **kw
     call: refill: rows that end take the next prompts (slots.decode, continuous batching, in
     groups of batch_size / 8); False: sampler's static batches. On CPUs the weights are packed for
     oneDNN while decoding (cpu_decode_weights; a no-op elsewhere). cuda_graph: replay each decode
-    step from a CUDA graph (graphed_step; CUDA only, attention on the torch path). Every draw
+    step from a CUDA graph (in slots.decode, which calls graphed_step; CUDA only, attention on the torch path). Every draw
     finds its block of the vocabulary first (blocked_inverse_cdf). The samples are sampler.sample's
     up to float rounding (tests/test_generate.py)."""
-    if cuda_graph and model.lm_head.weight.device.type != "cuda":
-        raise ValueError("cuda_graph=True needs a model on a CUDA device")
-    if refill:
-        decode = functools.partial(slots.decode, cuda_graph=cuda_graph)
-    else:
-        decode = functools.partial(decode_batches, graph=graphed_step if cuda_graph else None)
+    if cuda_graph and (model.lm_head.weight.device.type != "cuda" or not refill):
+        raise ValueError("cuda_graph=True needs a model on a CUDA device, and refill=True")
+    decode = functools.partial(slots.decode, cuda_graph=cuda_graph) if refill else decode_batches
     packed = cpu_decode_weights(model, rows=min(batch_size, len(prompts))) if prompts else contextlib.nullcontext()
     with packed:
         return sampler.sample(model, prompts, batch_size=batch_size, decode=decode, inverse_cdf=blocked_inverse_cdf,

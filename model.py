@@ -53,9 +53,8 @@ class ModelConfig:
 
 class KVCache:
     """Per layer (B, Hkv, S, D) keys and values. Every row holds the same number of filled
-    slots (left padding keeps them aligned), so one length serves the batch. The interface the
-    model uses (`begin`, `update`, `advance`; `begin` reads `empty`, `offset`, `reserve`) is all that a cache with
-    another layout, a subclass, has to give."""
+    slots (left padding keeps them aligned), so one length serves the batch. The model calls
+    `begin`, `offset`, `update` and `advance`: all that a cache with another layout (a subclass) gives."""
 
     def __init__(self, k, v, starts):
         self.k, self.v = k, v  # lists over layers of (B, Hkv, S, D)
@@ -77,23 +76,17 @@ class KVCache:
         return self.k[0].shape[2]
 
     @property
-    def empty(self):  # before the prefill
-        return self.length == 0
-
-    @property
     def offset(self):
         """Slots filled before this forward: the key index of its first query."""
         return self.length
 
-    def reserve(self, T):
-        if self.length + T > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} slots; {self.length} used + {T} new")
-
     def begin(self, T, starts, B, device):
         """Before a forward of T tokens: (each row's left padding (B,), the key index of the first
-        query). The prefill stores the padding (starts, or none); later calls reuse it."""
-        self.reserve(T)
-        if self.empty:
+        query). The first call (the prefill) stores the padding (starts, or none); later calls
+        append T tokens to every row and reuse it."""
+        if self.length + T > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} slots; {self.length} used + {T} new")
+        if self.length == 0:
             self.starts = starts if starts is not None else torch.zeros(B, dtype=torch.long, device=device)
         elif starts is not None:
             raise ValueError("attention_mask is only accepted on the first (prefill) call with a cache")
@@ -286,8 +279,7 @@ class Mistral(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, positions=None, cache=None, targets=None,
-                logits_to_keep=None):
+    def forward(self, input_ids, attention_mask=None, cache=None, targets=None, logits_to_keep=None):
         """input_ids (B, T) -> logits (B, T, V); or, given targets (B, T), per-token log-probs
         (B, T) fp32 where entry t is log p(targets[:, t] | input_ids[:, :t+1]) and targets == -100
         gives 0. The log-prob route lives in forward, not in a method of its own, because FSDP2's
@@ -295,7 +287,6 @@ class Mistral(nn.Module):
 
         attention_mask (B, T): left padding (zeros then ones). With a cache it may only be
         given on the first call (the prefill); later calls append real tokens to every row.
-        positions (B, T): defaults to the mask-derived ones, so padding never shifts them.
         logits_to_keep=k: logits of the last k positions only (a prefill needs just the last).
         """
         B, T = input_ids.shape
@@ -304,10 +295,10 @@ class Mistral(nn.Module):
         q_offset = 0  # key index of the first query
         if cache is not None:  # the prefill stores each row's padding; later calls append to every row
             starts, q_offset = cache.begin(T, starts, B, input_ids.device)
-        if positions is None:  # counted from each row's first real token, so padding never shifts them
-            positions = (q_offset + torch.arange(T, device=input_ids.device)).expand(B, T)
-            if starts is not None:
-                positions = (positions - starts[:, None]).clamp(min=0)
+        # Positions count from each row's first real token, so padding never shifts them.
+        positions = (q_offset + torch.arange(T, device=input_ids.device)).expand(B, T)  # (B, T)
+        if starts is not None:
+            positions = (positions - starts[:, None]).clamp(min=0)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rotary(positions, rope_frequencies(cfg, input_ids.device), x.dtype)
         for i, block in enumerate(self.model.layers):

@@ -6,10 +6,8 @@ model (paper Algorithm 1, steps 1-2 of an iteration).
     score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
     opponent_rows(model, fmt, examples, keys, ...) -> SPIN rows: (x, y, y', log p_t(y|x), log p_t(y'|x))
 
-This is the plain sampler, and the code that runs: generate.py puts the speed-ups in, each by one
-visible call (rows that end take the next prompts, slots.decode; oneDNN-packed weights on CPUs;
-CUDA graphs), and adds sharded, resumable Parquet output. tests/test_generate.py checks that the
-speed-ups give these samples.
+This is the plain sampler, and the code that runs: generate.sample puts the speed-ups in, each by
+one visible call, and tests/test_generate.py checks that they give these samples.
 
 Each prompt has its own random stream, keyed by (seed, its key): a sample does not depend on the
 batch it lands in, the batch size, or the number of ranks (up to float rounding of the logits,
@@ -31,21 +29,17 @@ from model import KVCache
 class Sample:
     tokens: list  # generated ids, ending with EOS if the row stopped there
     finished: bool  # stopped at EOS (False: ran out of max_new_tokens)
-    # With sample(logprobs=True): log p_t(token) of each drawn token under the untempered,
-    # unfiltered model distribution (what SPIN's loss uses); else None. SPIN itself scores the
-    # re-tokenised text instead (opponent_rows), so only tests and callers who ask pay for it.
+    # sample(logprobs=True): log p_t of each drawn token, untempered and unfiltered; else None.
+    # (SPIN scores the re-tokenised text instead, opponent_rows.)
     logprobs: list | None = None
 
 
 @torch.inference_mode()
-def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, progress=None, graph=None,
-                 logprobs=False):
+def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, logprobs=False):
     """One left-padded batch of sample(), every row decoded until the last one ends: prefill,
     then one decode step per new token. keys[b]: row b's random-stream key; stops: (S,) ids that
     end a row, or None; pick(logits (B, V), u (B,) or None) -> (ids (B,), log-probs (B,) or None):
-    next_tokens; uniforms(key) -> (max_new_tokens,) float64, or None when greedy. graph(model,
-    cache, B) -> step: the decode step replayed from a CUDA graph (generate.sample puts
-    spin_kernels.cuda_graph.graphed_step in); None: eager."""
+    next_tokens; uniforms(key) -> (max_new_tokens,) float64, or None when greedy."""
     device = model.lm_head.weight.device
     B = len(prompts)
     b = collate_prompts(prompts, pad_id=0)  # the pad id is never attended nor scored
@@ -58,19 +52,11 @@ def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, pr
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()  # prefill: (B, V)
-    if graph is not None and max_new_tokens > 1:
-        step = graph(model, cache, B)
-    else:
-        step = lambda nxt: model(nxt[:, None], cache=cache)[:, -1].float()  # noqa: E731
-    steps = 0
     for t in range(max_new_tokens):
         nxt, lp = pick(logits, None if u is None else u[:, t])  # (B,), (B,) or None
         tokens[:, t] = nxt
         if lp is not None:
             logps[:, t] = lp
-        steps = t + 1
-        if progress is not None:
-            progress(tokens=int(B - finished.sum()) if stops is not None else B)
         if stops is not None:
             stop = torch.isin(nxt, stops) & ~finished
             lengths = torch.where(stop, t + 1, lengths)
@@ -80,25 +66,26 @@ def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, pr
         if t + 1 < max_new_tokens:
             # Finished rows keep decoding in lock step (their tokens are discarded): left padding
             # keeps one shared cache length, so no row is removed mid-batch.
-            logits = step(nxt)  # (B, V)
+            logits = model(nxt[:, None], cache=cache)[:, -1].float()  # (B, V)
+    steps = t + 1  # the loop stops early once every row has ended
     tokens, lengths, logps = tokens[:, :steps].tolist(), lengths.tolist(), logps[:, :steps].tolist()
     return [Sample(tokens[b][:lengths[b]], bool(finished[b]), logps[b][:lengths[b]] if logprobs else None)
             for b in range(B)]
 
 
 def decode_batches(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms, progress=None,
-                   logprobs=False, graph=None):
+                   logprobs=False):
     """Every prompt, in static batches of `rows` taken in `order` (sample_batch). Returns
     (tokens, finished, logprobs or None) per prompt, in input order (as slots.decode does)."""
     out = [None] * len(prompts)
     for s in range(0, len(order), rows):
         idx = order[s:s + rows]
         got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens, stops, pick,
-                           uniforms, progress, graph, logprobs)
+                           uniforms, logprobs)
         for i, g in zip(idx, got):
             out[i] = (g.tokens, g.finished, g.logprobs)
         if progress is not None:
-            progress(prompts=len(idx))
+            progress(prompts=len(idx), tokens=sum(len(g.tokens) for g in got))
     return out
 
 

@@ -44,7 +44,7 @@ class TrainSettings:
     seed: int
     activation_checkpointing: bool
     loss_type: str  # spin_loss: "sigmoid" (the paper's) or "hinge"
-    live_reference: bool  # also score with a resident opponent, as a check of the stored log-probs
+    live_reference: bool  # score every pair again with the opponent before training, a check of the stored log-probs
 
 
 @dataclass(frozen=True)

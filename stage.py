@@ -1,14 +1,15 @@
 """One training stage at scale, from a Hugging Face folder to a Hugging Face folder: train_loop.py's
 stage (SPIN on (real, generated) pairs against stored opponent log-probs, or SFT on the ground
 truth) on a sharded model, with checkpoints, resume, divergence checks, the step records and the
-export. train.py describes each stage with a `Stage` and calls `run_stage` with the run's
-`StageEnv` (both in train_loop.py).
+export. train.py describes each stage with a `Stage` (train_loop.py) and calls `run_stage` with the
+run's `StageEnv` (below).
 
 Model set-up follows a fixed order (as torchtitan): build on meta -> activation checkpointing ->
 fully_shard each block -> fully_shard the root -> allocate the shards -> load the weights.
 Parameters stay fp32 (the optimiser's master copy); on GPUs compute runs in bf16 and gradients
 are reduced in fp32.
 """
+import dataclasses
 import math
 import os
 import shutil
@@ -28,8 +29,23 @@ from hf_folder import export, load_model, read_config
 from model import Mistral
 from parallel import log
 # The stage itself, read on SPIN's path (train_loop.py); what this file adds runs it at scale.
-from train_loop import (Stage, StageEnv, make_optimizer, peak_memory_mb, sft_micro_batch,  # noqa: F401
+from data import pairs
+from spin_loss import sequence_logps
+from train_loop import (Stage, make_optimizer, peak_memory_mb, sft_micro_batch,  # noqa: F401
                         spin_metrics, spin_micro_batch, split_batch, train_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEnv:
+    """What every stage of a run shares, beyond its own Stage: where it computes and where its
+    results go (train.Run.env builds it once; train_loop reads device and pad_id)."""
+    device: torch.device
+    compute: torch.dtype  # the run's compute dtype (train.compute_dtype)
+    kernels: str  # what spin_kernels.install puts into every model (--kernels)
+    pad_id: int  # the tokenizer's EOS, which pads batches (never attended, never scored)
+    out: str  # the run folder: metrics.jsonl
+    tok_files: dict  # {name in an export: source path}: the tokenizer files and chat template
+    export_dtype: torch.dtype  # exports are written in the starting checkpoint's dtype
 
 
 def build_model(folder, settings, compute, device, impl, lora_settings=None):
@@ -88,9 +104,10 @@ def train_stage(env, stage, stop_at=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, stage.optimizer, stage.lr, stage.steps, s.warmup_ratio)
     start = load_ckpt(stage.folder, model, opt, sched)
-    live = None
+    record = lambda rec: run_folder.record(env.out, rec)  # noqa: E731
     if s.live_reference and stage.kind == "spin":
-        live = spin_kernels.install(load_model(stage.init_dir, device=env.device, dtype=env.compute), env.kernels)
+        stage, diff = live_reference(env, stage)
+        record = lambda rec: run_folder.record(env.out, rec | {"live_reference_max_abs_diff": diff})  # noqa: E731
     end = stage.steps if stop_at is None else min(stop_at, stage.steps)
 
     def check(step, loss, grad_norm):
@@ -103,8 +120,7 @@ def train_stage(env, stage, stop_at=None):
             # a checkpoint on disk is one a resume can continue from.
             save_ckpt(stage.folder, step, model, opt, sched)
 
-    train_steps(model, params, opt, sched, env, stage, start, end, check,
-                lambda rec: run_folder.record(env.out, rec), live)
+    train_steps(model, params, opt, sched, env, stage, start, end, check, record)
     # The last updates have no next loss to vouch for them (a NaN in an embedding row no batch
     # uses shows in no loss): the weights are checked before they become the next opponent.
     check_finite(dict(model.named_parameters()), stage.folder, f"{stage.tag} step {end}",
@@ -112,6 +128,30 @@ def train_stage(env, stage, stop_at=None):
     if end < stage.steps and end > start:  # a pause (stop_at): the next call continues from here
         save_ckpt(stage.folder, end, model, opt, sched)
     return model, config
+
+
+@torch.no_grad()
+def live_reference(env, stage):
+    """--live-reference: the opponent p_t, loaded from stage.init_dir as the official code keeps
+    its reference model, scores every pair again; the stage then trains against these log-probs,
+    and each step record carries their largest gap to the stored ones (a check of generation's
+    scoring). The opponent is frozen, so one pass before the steps gives what a resident copy
+    would give at every step. Returns (the stage with the recomputed log-probs, the gap)."""
+    opponent = spin_kernels.install(load_model(stage.init_dir, device=env.device, dtype=env.compute), env.kernels)
+    items, diff, mb = [], 0.0, stage.settings.micro_batch_size
+    for i in range(0, len(stage.items), mb):
+        micro = stage.items[i:i + mb]
+        b = pairs.collate_pairs(micro, pad_id=env.pad_id)
+        ids, mask, tgt = (b[k].to(env.device) for k in ("input_ids", "attention_mask", "targets"))
+        ref = sequence_logps(opponent(ids, attention_mask=mask, targets=tgt), tgt != -100).float().cpu()  # (2B,)
+        stored = torch.cat([b[k] for k in pairs.OPPONENT_COLUMNS])  # (2B,) float32
+        diff = max(diff, (ref - stored).abs().max().item())
+        n = len(micro)
+        items += [dataclasses.replace(it, ref_real_logps=ref[j].item(), ref_generated_logps=ref[n + j].item())
+                  for j, it in enumerate(micro)]
+    log(f"[{stage.tag}] --live-reference: the opponent's log-probs recomputed; largest gap to the stored "
+        f"ones {diff:.2e}")
+    return dataclasses.replace(stage, items=items), diff
 
 
 def run_stage(env, stage):

@@ -56,8 +56,8 @@ from hf_folder import check_model_folder, load_model, read_config, resolve_dtype
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
-from stage import run_stage, split_batch
-from train_loop import Stage, StageEnv
+from stage import StageEnv, run_stage, split_batch
+from train_loop import Stage
 from train_args import fit_lengths, parse_args
 
 

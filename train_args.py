@@ -96,7 +96,7 @@ def add_spin_lora_generation(p):
     p.add_argument("--optimizer", default=None, choices=["rmsprop", "adamw"])
     p.add_argument("--warmup-ratio", type=fraction, default=0.1)
     p.add_argument("--clip", type=positive_float, default=1.0)
-    p.add_argument("--live-reference", action="store_true", help="score with a resident opponent model too, as a check")
+    p.add_argument("--live-reference", action="store_true", help="score every pair again with the opponent before training, as a check of the stored log-probs")
     # LoRA (lora.py): SPIN iterations and the baseline train low-rank adapters on a frozen base
     p.add_argument("--lora-rank", type=non_negative_int, default=0, help="adapter rank r; 0 = train every parameter")
     p.add_argument("--lora-alpha", type=positive_float, default=None, help="updates are scaled by alpha/r (default 2r)")

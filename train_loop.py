@@ -21,19 +21,6 @@ from settings import TrainSettings
 from spin_loss import sequence_logps, spin_loss
 
 
-@dataclass(frozen=True)
-class StageEnv:
-    """What every stage of a run shares, beyond its own Stage: where it computes and where its
-    results go (train.Run.env builds it once; the loop below reads device and pad_id)."""
-    device: torch.device
-    compute: torch.dtype  # the run's compute dtype (train.compute_dtype)
-    kernels: str  # what spin_kernels.install puts into every model (--kernels)
-    pad_id: int  # the tokenizer's EOS, which pads batches (never attended, never scored)
-    out: str  # the run folder: metrics.jsonl
-    tok_files: dict  # {name in an export: source path}: the tokenizer files and chat template
-    export_dtype: torch.dtype  # exports are written in the starting checkpoint's dtype
-
-
 @dataclass(kw_only=True)
 class Stage:
     kind: str  # "spin" or "sft"
@@ -60,27 +47,20 @@ def make_optimizer(params, name, lr, steps, warmup_ratio):
     return opt, sched
 
 
-def spin_micro_batch(model, micro, env, stage, live, per_rank):
+def spin_micro_batch(model, micro, env, stage, per_rank):
     """Forward and backward of one SPIN micro-batch; returns its metric sums (weighted by pairs)
-    and its tokens. live: a resident copy of the opponent that recomputes its log-probs, a check
-    of the stored ones (--live-reference; None: the stored ones, as the paper's loss reads them)."""
+    and its tokens. The opponent's log-probs are the stored ones (generation scored them)."""
     b = pairs.collate_pairs(micro, pad_id=env.pad_id)
     ids, mask, tgt = (b[k].to(env.device) for k in ("input_ids", "attention_mask", "targets"))
     seq = sequence_logps(model(ids, attention_mask=mask, targets=tgt), tgt != -100)  # (2B,)
     n = len(micro)
     ref_real, ref_gen = (b[k].to(env.device) for k in pairs.OPPONENT_COLUMNS)
-    sums = {}
-    if live is not None:  # the opponent recomputed by a resident copy: a check of the stored values
-        with torch.no_grad():
-            ref = sequence_logps(live(ids, attention_mask=mask, targets=tgt), tgt != -100)
-        sums["live_diff"] = torch.cat([ref[:n] - ref_real, ref[n:] - ref_gen]).abs().max().item()
-        ref_real, ref_gen = ref[:n], ref[n:]
     loss, met = spin_loss(seq[:n], seq[n:], ref_real, ref_gen, beta=stage.beta, loss_type=stage.settings.loss_type)
     # spin_loss averages over this micro-batch's n pairs; weighting by n / per_rank makes the sum
     # over micro-batches the mean over this rank's pairs, and FSDP2's gradient reduce-scatter
     # averages over ranks: the gradient of the mean loss over the global batch, however it is split.
     (loss * n / per_rank).backward()
-    sums["loss"] = loss.item() * n
+    sums = {"loss": loss.item() * n}
     for k in ("rewards/real", "rewards/generated", "rewards/accuracies", "logps/real", "logps/generated"):
         sums[k] = float(met[k] * n)
     sums["n"] = n
@@ -112,9 +92,10 @@ def global_batch(items, G, seed, step):
     return [items[i] for i in torch.randperm(len(items), generator=g)[pos * G:(pos + 1) * G].tolist()]
 
 
-def train_steps(model, params, opt, sched, env, stage, start, end, check, record, live=None):
+def train_steps(model, params, opt, sched, env, stage, start, end, check, record):
     """Steps start..end-1 of the stage: each takes its global batch, splits it over the ranks and
-    into micro-batches, accumulates their gradients, clips, and updates. check(step, loss,
+    into micro-batches, accumulates their gradients, clips, and updates. env: the run's device
+    (env.device) and pad id (env.pad_id), in a stage.StageEnv. check(step, loss,
     grad_norm) runs between the gradients and the update (stage.py: a diverged step stops there,
     and checkpoints are written only once the next step's loss vouches for them); record(rec)
     gets each step's record after the update."""
@@ -129,12 +110,11 @@ def train_steps(model, params, opt, sched, env, stage, start, end, check, record
         # rank) too, so a resumed run draws what the uninterrupted one did on every rank.
         torch.manual_seed(zlib.crc32(f"{s.seed}/{stage.tag}/{step}/{rank}".encode()))
         gt_tokens = sum(len(it.real_ids) for it in batch)
-        sums, live_diff, ntok = {}, 0.0, 0
+        sums, ntok = {}, 0
         for m0 in range(0, per_rank, mb):
             model.set_requires_gradient_sync(m0 + mb >= per_rank)  # reduce gradients once, at the last
             if stage.kind == "spin":
-                got, tokens = spin_micro_batch(model, mine[m0:m0 + mb], env, stage, live, per_rank)
-                live_diff = max(live_diff, got.pop("live_diff", 0.0))
+                got, tokens = spin_micro_batch(model, mine[m0:m0 + mb], env, stage, per_rank)
             else:
                 got, tokens = sft_micro_batch(model, mine[m0:m0 + mb], env, gt_tokens)
             sums = {k: sums.get(k, 0.0) + v for k, v in got.items()}
@@ -154,8 +134,6 @@ def train_steps(model, params, opt, sched, env, stage, start, end, check, record
                "peak_mem_mb": peak_memory_mb(env.device)}
         if stage.kind == "spin":
             rec.update(spin_metrics(tot, stage.beta))
-            if live is not None:
-                rec["live_reference_max_abs_diff"] = parallel.reduce_sums({"d": live_diff}, op="max")["d"]
         record(rec)
 
 

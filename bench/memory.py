@@ -245,7 +245,7 @@ def measure(s: Shape, u: Setup, steps_before=2):
     spin = types.SimpleNamespace(beta=0.1, settings=settings)  # the parts of a stage.Stage the step reads
 
     def step():  # stage.train_stage's step for one micro-batch, without the bookkeeping
-        stage.spin_micro_batch(model, items, env, spin, None, u.pairs)
+        stage.spin_micro_batch(model, items, env, spin, u.pairs)
         parallel.clip_grad_norm(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -71,8 +71,9 @@ class Pair:
 
 
 def truncate(prompt, responses, max_length, max_prompt_length):
-    """(prompt, [responses]) -> (prompt, [responses], truncated). Raises TruncationError
-    when a response would be left empty."""
+    """(prompt, [responses]) -> (prompt, [responses], truncated). Only when the prompt and the
+    longest response exceed max_length: the prompt keeps its last max_prompt_length tokens, then
+    every response its first max_length - len(prompt). TruncationError if that leaves none."""
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= max_length:
         return prompt, responses, False
@@ -109,7 +110,12 @@ def tokenize_example(fmt, ex, *, max_length=1024, max_prompt_length=512):
 
 def left_pad(seqs, n_prompt, pad_id):
     """seqs: token lists; n_prompt[b]: how many of seqs[b]'s leading tokens are prompt.
-    Returns input_ids, attention_mask, targets, all (len(seqs), T) int64."""
+    Returns input_ids, attention_mask, targets, all (len(seqs), T) int64. A prompt p1 p2 with
+    the response r1 r2, in a batch of T = 5 (targets[t] is the response token at t + 1):
+        input_ids       pad   p1    p2  r1  r2
+        attention_mask  0     1     1   1   1
+        targets         -100  -100  r1  r2  -100
+    """
     B, T = len(seqs), max(len(s) for s in seqs)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)

@@ -21,8 +21,6 @@ class StaticKVCache(KVCache):
     nothing checks it against the capacity on the device, so the host keeps `length` equal to it
     (graphed_step advances both; slots.py moves both) and checks there."""
 
-    empty = False  # made after the prefill
-
     def __init__(self, cache: KVCache):
         super().__init__(cache.k, cache.v, cache.starts)
         self.length = cache.length
@@ -32,8 +30,12 @@ class StaticKVCache(KVCache):
     def offset(self):
         return self.pos
 
-    def reserve(self, T):
-        pass  # checked by the caller: a check here would be a host sync inside the graph
+    def begin(self, T, starts, B, device):
+        # Made after the prefill. The capacity is checked by the caller: a check here would be a
+        # host sync inside the graph.
+        if starts is not None:
+            raise ValueError("attention_mask is only accepted on the first (prefill) call with a cache")
+        return self.starts, self.pos
 
     def update(self, layer, k, v):
         idx = self.pos + torch.arange(k.shape[2], device=k.device)  # (T,)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generate import graphed_step as _real_graphed_step
+from spin_kernels.cuda_graph import graphed_step as _real_graphed_step
 from generate import blocked_inverse_cdf, draw, filter_logits, generate_dataset, main, merge_parts, sample, score
 from data.template import ChatFormat
 import spin_kernels
@@ -262,9 +262,8 @@ def test_sampling_end_to_end_stays_in_allowed_set(ckpt, kw):
 
 def _static_vs_eager(model, kw, graphed, monkeypatch):
     """Decode steps from graphed_step (graphed or its eager twin) against plain eager decode:
-    tokens and log-probs, through both the static batches (batches of 3 and 1, the last) and
-    slots.decode (3 rows, refilled; its static cache compacts in place), window 6 < lengths.
-    Called below sample(), which refuses cuda_graph off CUDA."""
+    tokens and log-probs through slots.decode (3 rows, refilled; its static cache compacts in
+    place), window 6 < lengths. Called below sample(), which refuses cuda_graph off CUDA."""
     import functools
 
     import generate
@@ -277,23 +276,14 @@ def _static_vs_eager(model, kw, graphed, monkeypatch):
                              greedy=greedy, vocab_limit=None, logprobs=True)
     uniforms = None if greedy else functools.partial(generate.stream_uniforms, 5, n=12)
     calls = []
-    real = functools.partial(generate.graphed_step, graphed=graphed)
-    monkeypatch.setattr(generate, "graphed_step", lambda *a: calls.append(1) or real(*a))
+    real = functools.partial(_real_graphed_step, graphed=graphed)
     monkeypatch.setattr(slots, "graphed_step", lambda *a: calls.append(1) or real(*a))
-    static = [None] * len(prompts)
-    for s0 in (0, 3):
-        idx = list(range(s0, min(s0 + 3, len(prompts))))
-        got = generate.sample_batch(model, [prompts[i] for i in idx], idx, 12, None, pick, uniforms, None,
-                                    graph=generate.graphed_step, logprobs=True)
-        for i, g in zip(idx, got):
-            static[i] = g
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     refilled = slots.decode(model, prompts, list(range(len(prompts))), order, 3, 12, None, pick, uniforms,
                             cuda_graph=True, logprobs=True)
-    assert len(calls) == 3  # both static batches and the refilled rows decoded through graphed_step
-    for a, b, (tokens, _, logprobs) in zip(eager, static, refilled):
-        assert a.tokens == b.tokens == tokens
-        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
+    assert calls  # the refilled rows decoded through graphed_step
+    for a, (tokens, _, logprobs) in zip(eager, refilled):
+        assert a.tokens == tokens
         assert max(abs(x - y) for x, y in zip(a.logprobs, logprobs)) <= 1e-4
 
 
@@ -313,13 +303,13 @@ def test_cuda_graph_decode_equals_eager(ckpt, kw, dtype, monkeypatch):
     import copy
     import functools
 
-    import generate
+    import slots
 
     model = copy.deepcopy(ckpt[1]).to("cuda", dtype)
     prompts = prompts_of([6, 13, 2, 9])
     runs = {}
     for graphed in (False, True):
-        monkeypatch.setattr(generate, "graphed_step", functools.partial(_real_graphed_step, graphed=graphed))
+        monkeypatch.setattr(slots, "graphed_step", functools.partial(_real_graphed_step, graphed=graphed))
         runs[graphed] = sample(model, prompts, max_new_tokens=12, eos_id=None, seed=5, batch_size=3,
                                cuda_graph=True, logprobs=True, **kw)
     for a, b in zip(runs[False], runs[True]):
@@ -355,9 +345,11 @@ def test_tokenizer_larger_than_the_model_is_refused():
         check_vocab(tok, 1000, "m")
 
 
-def test_cuda_graph_needs_cuda(ckpt):
+def test_cuda_graph_needs_cuda_and_refill(ckpt):
     with pytest.raises(ValueError, match="CUDA"):
         sample(ckpt[1], prompts_of([3]), max_new_tokens=2, eos_id=None, cuda_graph=True)
+    with pytest.raises(ValueError, match="refill=True"):  # the static batches decode eagerly only
+        sample(ckpt[1], prompts_of([3]), max_new_tokens=2, eos_id=None, cuda_graph=True, refill=False)
 
 
 def test_score_equals_token_logprob_sums(ckpt):

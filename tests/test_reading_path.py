@@ -138,7 +138,7 @@ def test_model_py_is_the_architecture_alone():
 SPEED_UPS = {
     "slots.decode": "generate.sample",  # rows that end take the next prompts
     "cpu_decode_weights": "generate.sample",  # oneDNN-packed weights while decoding
-    "graphed_step": "generate.sample",  # CUDA graphs
+    "cuda_graph": "generate.sample",  # decode steps replayed from CUDA graphs (slots.decode's graphed_step)
     "blocked_inverse_cdf": "generate.sample",  # the blocked draw
 }
 
