@@ -102,16 +102,7 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     log p_t (Sample.logprobs). decode: how the prompts are decoded (decode_batches; generate.sample
     passes slots.decode, which refills rows that end). inverse_cdf: how a token is drawn from the
     probabilities (None: plain_inverse_cdf; generate.sample passes its blocked one)."""
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
-    if max_new_tokens < 1 or any(len(p) == 0 for p in prompts):
-        raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
-    limit = model.config.max_position_embeddings
-    if prompts and max(map(len, prompts)) + max_new_tokens > limit:
-        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens "
-                         f"exceeds the model's {limit} positions: truncate prompts first")
+    check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, greedy)
     if not prompts:
         return []
     device = model.lm_head.weight.device
@@ -251,7 +242,20 @@ def stream_uniforms(seed, key, n):
 
 
 # ----------------------------------------------------------------------------------------------
-# Top-k and top-p, for the command line (SPIN's recipe samples p_t itself: temperature 1, neither)
+# What sample() refuses, and top-k and top-p, for the command line (SPIN's recipe samples p_t itself)
+
+def check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, greedy):
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    if max_new_tokens < 1 or any(len(p) == 0 for p in prompts):
+        raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
+    limit = model.config.max_position_embeddings
+    if prompts and max(map(len, prompts)) + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens "
+                         f"exceeds the model's {limit} positions: truncate prompts first")
+
 
 def filter_logits(logits, top_k=0, top_p=1.0):
     """(B, V) -> (B, V) with -inf on removed tokens; transformers' order and rules: top-k keeps

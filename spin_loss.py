@@ -65,17 +65,10 @@ def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_gen
     generated_logratios = policy_generated_logps - ref_generated_logps   # (B,)
     u = beta * (real_logratios - generated_logratios)                    # (B,)
 
-    # A plain if/elif: a new loss is one more branch here, and nothing else changes.
-    if loss_type == "sigmoid":
-        # l(u) = log(1 + exp(-u)) = -logsigmoid(u). logsigmoid stays finite for |u| of
-        # 1e4; log(sigmoid(u)) underflows to log(0) = -inf in float32 below about u = -88.
-        losses = -F.logsigmoid(u)
-    elif loss_type == "hinge":
-        # l(u) = max(0, 1 - u), the official code's other option (SLiC-style). It stops
-        # pushing once the real answer leads by a margin of 1.
-        losses = torch.relu(1 - u)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'hinge'")
+    # l(u) = log(1 + exp(-u)) = -logsigmoid(u): logsigmoid stays finite for |u| of 1e4, where
+    # log(sigmoid(u)) underflows to log(0) = -inf in float32 below about u = -88. The official
+    # code's other choice of l (--loss-type hinge) is below the path, in other_loss.
+    losses = -F.logsigmoid(u) if loss_type == "sigmoid" else other_loss(u, loss_type)
 
     if reduction not in ("mean", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
@@ -97,6 +90,14 @@ def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_gen
         "logps/generated": reduce(det(policy_generated_logps)),
     }
     return reduce(losses), metrics
+
+
+def other_loss(u, loss_type):
+    # l(u) = max(0, 1 - u), the official code's other option (SLiC-style): it stops pushing
+    # once the real answer leads by a margin of 1. A new l is one more branch here.
+    if loss_type == "hinge":
+        return torch.relu(1 - u)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'hinge'")
 
 
 def mixture_reference(ref_real_logps, ref_generated_logps, base_real_logps, base_generated_logps, alpha):
