@@ -226,7 +226,7 @@ def generate_dataset(model, fmt, examples, out_path, *, iteration=0, seed=0, ran
                                      iteration=iteration, seed=seed, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                      batch_size=batch_size, max_prompt_length=max_prompt_length,
-                                     max_length=max_length, progress=bar, sample=sample)
+                                     max_length=max_length, progress=bar, sample_fn=sample)
         for k, v in counts.items():
             summary[k] += v
         summary["prompts"] += len(idx)

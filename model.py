@@ -308,7 +308,7 @@ class Mistral(nn.Module):
         if targets is None:
             if logits_to_keep is not None:
                 x = x[:, -logits_to_keep:]
-            h = self.model.norm(x)  # (B, k, C)
+            h = self.model.norm(x)  # (B, T or k, C)
             return self.lm_head(h)
         x = self.model.norm(x)
         # Only scored positions go through the LM head: in a SPIN batch the prompt and padding

@@ -2,16 +2,18 @@
 scores log p_t(y|x) and log p_t(y'|x) of both answers once, so training never holds a reference
 model (paper Algorithm 1, steps 1-2 of an iteration).
 
-    sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   static batches
-    score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
     opponent_rows(model, fmt, examples, keys, ...) -> SPIN rows: (x, y, y', log p_t(y|x), log p_t(y'|x))
+    score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
+    sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   static batches
 
 This is the plain sampler, and the code that runs: generate.sample puts the speed-ups in, each by
 one visible call, and tests/test_generate.py checks that they give these samples.
 
-Each prompt has its own random stream, keyed by (seed, its key): a sample does not depend on the
-batch it lands in, the batch size, or the number of ranks (up to float rounding of the logits,
-which can only flip a draw whose uniform falls within rounding of a CDF boundary).
+A token is drawn from softmax(logits / temperature) by inverse CDF, with each prompt's own uniforms
+(next_tokens and below, after the path): a prompt's random stream is keyed by (seed, its key), so
+a sample does not depend on the batch it lands in, the batch size, or the number of ranks (up to
+float rounding of the logits, which can only flip a draw whose uniform falls within rounding of a
+CDF boundary).
 """
 import functools
 import hashlib
@@ -32,6 +34,123 @@ class Sample:
     # sample(logprobs=True): log p_t of each drawn token, untempered and unfiltered; else None.
     # (SPIN scores the re-tokenised text instead, opponent_rows.)
     logprobs: list | None = None
+
+
+def opponent_rows(model, fmt, examples, keys, *, iteration, seed, max_new_tokens, temperature=1.0, top_k=0,
+                  top_p=1.0, greedy=False, batch_size=16, max_prompt_length=512, max_length=1024, progress=None,
+                  sample_fn=None):
+    """Step 1 of a SPIN iteration on a list of examples (data/readers.Example: prompt, response):
+    p_t's answer y' to each prompt x, and p_t's log-probs of the ground truth y and of y', as rows
+    in the SPIN layout (Example.generated, and the OPPONENT_COLUMNS among its extras). keys: each
+    example's random-stream key. sample_fn: sample() below (None), or generate.sample, which puts
+    the speed-ups in. Returns (rows, counts of generated tokens and truncated prompts)."""
+    full = [fmt.prompt_ids(ex.prompt) for ex in examples]
+    # Generation sees the prompt training would keep next to a max_new_tokens response.
+    prompts = [truncate(ids, [[0] * max_new_tokens], max_length, max_prompt_length)[0] for ids in full]
+    got = (sample_fn or sample)(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.tok.eos_ids,
+                                vocab_limit=fmt.tok.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                                greedy=greedy, seed=seed, batch_size=batch_size, progress=progress,
+                                stream_keys=keys)
+    # Training scores re-tokenised text (the ids data/pairs.py will build), so score those.
+    tokenised = [pair_of_sample(fmt, ex, answer_text(fmt.tok, s.tokens), max_length, max_prompt_length)
+                 for ex, s in zip(examples, got)]  # (Pair, the answer's text)
+    logps = score(model, [p.prompt_ids for p, _ in tokenised] * 2,
+                  [p.real_ids for p, _ in tokenised] + [p.generated_ids for p, _ in tokenised], batch_size=batch_size)
+    n, rows, counts = len(examples), [], {"generated_tokens": 0, "truncated_prompts": 0}
+    for j, (ex, s, (pair, text)) in enumerate(zip(examples, got, tokenised)):
+        cut = min(len(prompts[j]), len(pair.prompt_ids)) < len(full[j])  # never silent: counted, stored
+        # logps[j] is log p_t(y|x) of example j, logps[n + j] its log p_t(y'|x)
+        extras = dict(zip(OPPONENT_COLUMNS, (logps[j], logps[n + j])), real_tokens=len(pair.real_ids),
+                      generated_tokens=len(pair.generated_ids), iteration=iteration, seed=seed,
+                      finished=s.finished, truncated=cut or pair.truncated)
+        rows.append(Example(prompt=ex.prompt, response=ex.response, generated=text, extras=extras))
+        counts["generated_tokens"] += len(s.tokens)
+        counts["truncated_prompts"] += cut
+    return rows, counts
+
+
+def pair_of_sample(fmt, ex, text, max_length, max_prompt_length):
+    """(Pair, the answer text as stored). A chat template may be unable to split a sampled answer
+    that starts with whitespace from the prompt's last token (byte-level BPE merges them, see
+    data/template.ChatFormat); such an answer is stored without its leading whitespace."""
+    def pair(answer):
+        return tokenize_example(fmt, Example(prompt=ex.prompt, response=ex.response, generated=answer),
+                                max_length=max_length, max_prompt_length=max_prompt_length), answer
+    try:
+        return pair(text)
+    except PrefixError:
+        return pair(text.lstrip())
+
+
+def answer_text(tok, tokens):
+    """The text of a sampled answer: its tokens before the first stop id, decoded without special
+    tokens (as the official SPIN generation decodes)."""
+    stop = next((i for i, t in enumerate(tokens) if t in tok.eos_ids), len(tokens))
+    return tok.decode(tokens[:stop], skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def score(model, prompts, responses, *, batch_size=16):
+    """sum_t log p(response_t | prompt, response_<t) per pair, float32, from one prefill-style
+    forward over prompt + response per batch (model.token_logprobs, DESIGN.md convention)."""
+    if len(prompts) != len(responses) or any(len(p) == 0 for p in prompts):
+        raise ValueError("score: need as many responses as prompts, and non-empty prompts")
+    device = model.lm_head.weight.device
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))
+    out = [0.0] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        # The training collate's layout: targets are the response tokens, -100 elsewhere.
+        ids, mask, targets = (x.to(device) for x in left_pad(
+            [prompts[i] + responses[i] for i in idx], [len(prompts[i]) for i in idx], pad_id=0))
+        lp = model.token_logprobs(ids, targets, mask)  # (B, T) fp32
+        for i, v in zip(idx, lp.sum(1).tolist()):
+            out[i] = v
+    return out
+
+
+def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
+           greedy=False, seed=0, batch_size=16, progress=None, stream_keys=None, vocab_limit=None,
+           logprobs=False, decode=None, inverse_cdf=None):
+    """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
+    prompt, in input order. eos_id: the id, or a list of ids, that ends a row (Llama 3 has two);
+    None never stops early. stream_keys: the key of each prompt's random stream (default: its
+    index); global ids when sharding, so a prompt's sample does not depend on its rank or batch.
+    vocab_limit: never draw ids >= this (a model vocabulary padded past its tokenizer's).
+    decode (None: decode_batches) and inverse_cdf (None: plain_inverse_cdf): how the prompts are
+    decoded and a token drawn; generate.sample passes the faster ones."""
+    check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, greedy)
+    if not prompts:
+        return []
+    device = model.lm_head.weight.device
+    keys = list(range(len(prompts))) if stream_keys is None else list(stream_keys)
+    stops = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # any one ends a row
+    if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
+        vocab_limit = None
+    pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                             vocab_limit=vocab_limit, logprobs=logprobs, inverse_cdf=inverse_cdf)
+    uniforms = None if greedy else functools.partial(stream_uniforms, seed, n=max_new_tokens)
+    # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    rows = min(batch_size, len(prompts))
+    return [Sample(*r) for r in (decode or decode_batches)(model, prompts, keys, order, rows, max_new_tokens,
+                                                           stops, pick, uniforms, progress, logprobs=logprobs)]
+
+
+def decode_batches(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms, progress=None,
+                   logprobs=False):
+    """Every prompt, in static batches of `rows` taken in `order` (sample_batch). Returns
+    (tokens, finished, logprobs or None) per prompt, in input order (as slots.decode does)."""
+    out = [None] * len(prompts)
+    for s in range(0, len(order), rows):
+        idx = order[s:s + rows]
+        got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens, stops, pick,
+                           uniforms, logprobs)
+        for i, g in zip(idx, got):
+            out[i] = (g.tokens, g.finished, g.logprobs)
+        if progress is not None:
+            progress(prompts=len(idx), tokens=sum(len(g.tokens) for g in got))
+    return out
 
 
 @torch.inference_mode()
@@ -71,123 +190,6 @@ def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, lo
     tokens, lengths, logps = tokens[:, :steps].tolist(), lengths.tolist(), logps[:, :steps].tolist()
     return [Sample(tokens[b][:lengths[b]], bool(finished[b]), logps[b][:lengths[b]] if logprobs else None)
             for b in range(B)]
-
-
-def decode_batches(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms, progress=None,
-                   logprobs=False):
-    """Every prompt, in static batches of `rows` taken in `order` (sample_batch). Returns
-    (tokens, finished, logprobs or None) per prompt, in input order (as slots.decode does)."""
-    out = [None] * len(prompts)
-    for s in range(0, len(order), rows):
-        idx = order[s:s + rows]
-        got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens, stops, pick,
-                           uniforms, logprobs)
-        for i, g in zip(idx, got):
-            out[i] = (g.tokens, g.finished, g.logprobs)
-        if progress is not None:
-            progress(prompts=len(idx), tokens=sum(len(g.tokens) for g in got))
-    return out
-
-
-def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0,
-           greedy=False, seed=0, batch_size=16, progress=None, stream_keys=None, vocab_limit=None,
-           logprobs=False, decode=decode_batches, inverse_cdf=None):
-    """Sample one continuation per prompt (token id lists, any lengths). Returns a Sample per
-    prompt, in input order. eos_id: the id, or a list of ids, that ends a row (a chat model may
-    have several: Llama 3 stops at <|eot_id|> and <|end_of_text|>); None never stops early.
-    batch_size: rows decoded together. stream_keys: the key of each prompt's random stream
-    (default: its index in `prompts`); pass global ids when sharding, so that prompt i gets the
-    same sample whichever rank, batch or slot it lands in. vocab_limit: never draw ids >= this
-    (the tokenizer's size, when the model's is padded). logprobs: also return each drawn token's
-    log p_t (Sample.logprobs). decode: how the prompts are decoded (decode_batches; generate.sample
-    passes slots.decode, which refills rows that end). inverse_cdf: how a token is drawn from the
-    probabilities (None: plain_inverse_cdf; generate.sample passes its blocked one)."""
-    check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, greedy)
-    if not prompts:
-        return []
-    device = model.lm_head.weight.device
-    keys = list(range(len(prompts))) if stream_keys is None else list(stream_keys)
-    stops = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # any one ends a row
-    if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
-        vocab_limit = None
-    pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                             vocab_limit=vocab_limit, logprobs=logprobs, inverse_cdf=inverse_cdf)
-    uniforms = None if greedy else functools.partial(stream_uniforms, seed, n=max_new_tokens)
-    # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows = min(batch_size, len(prompts))
-    return [Sample(*r) for r in decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms,
-                                       progress, logprobs=logprobs)]
-
-
-@torch.inference_mode()
-def score(model, prompts, responses, *, batch_size=16):
-    """sum_t log p(response_t | prompt, response_<t) per pair, float32, from one prefill-style
-    forward over prompt + response per batch (model.token_logprobs, DESIGN.md convention)."""
-    if len(prompts) != len(responses) or any(len(p) == 0 for p in prompts):
-        raise ValueError("score: need as many responses as prompts, and non-empty prompts")
-    device = model.lm_head.weight.device
-    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))
-    out = [0.0] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        # The training collate's layout: targets are the response tokens, -100 elsewhere.
-        ids, mask, targets = (x.to(device) for x in left_pad(
-            [prompts[i] + responses[i] for i in idx], [len(prompts[i]) for i in idx], pad_id=0))
-        lp = model.token_logprobs(ids, targets, mask)  # (B, T) fp32
-        for i, v in zip(idx, lp.sum(1).tolist()):
-            out[i] = v
-    return out
-
-
-def answer_text(tok, tokens):
-    """The text of a sampled answer: its tokens before the first stop id, decoded without special
-    tokens (as the official SPIN generation decodes)."""
-    stop = next((i for i, t in enumerate(tokens) if t in tok.eos_ids), len(tokens))
-    return tok.decode(tokens[:stop], skip_special_tokens=True)
-
-
-def pair_of_sample(fmt, ex, text, max_length, max_prompt_length):
-    """(Pair, the answer text as stored). A chat template may be unable to split a sampled answer
-    that starts with whitespace from the prompt's last token (byte-level BPE merges them, see
-    data/template.ChatFormat); such an answer is stored without its leading whitespace."""
-    def pair(answer):
-        return tokenize_example(fmt, Example(prompt=ex.prompt, response=ex.response, generated=answer),
-                                max_length=max_length, max_prompt_length=max_prompt_length), answer
-    try:
-        return pair(text)
-    except PrefixError:
-        return pair(text.lstrip())
-
-
-def opponent_rows(model, fmt, examples, keys, *, iteration, seed, max_new_tokens, temperature=1.0, top_k=0,
-                  top_p=1.0, greedy=False, batch_size=16, max_prompt_length=512, max_length=1024, progress=None,
-                  sample=sample):
-    """Step 1 of a SPIN iteration on a list of examples (data/readers.Example: prompt, response):
-    p_t's answer y' to each prompt x, and p_t's log-probs of the ground truth y and of y', as rows
-    in the SPIN layout (Example.generated, and the OPPONENT_COLUMNS among its extras). keys: each
-    example's random-stream key. Returns (rows, counts of generated tokens and truncated prompts)."""
-    full = [fmt.prompt_ids(ex.prompt) for ex in examples]
-    # Generation sees the prompt training would keep next to a max_new_tokens response.
-    prompts = [truncate(ids, [[0] * max_new_tokens], max_length, max_prompt_length)[0] for ids in full]
-    got = sample(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.tok.eos_ids,
-                 vocab_limit=fmt.tok.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                 greedy=greedy, seed=seed, batch_size=batch_size, progress=progress, stream_keys=keys)
-    # Training scores re-tokenised text (the ids data/pairs.py will build), so score those.
-    pairs = [pair_of_sample(fmt, ex, answer_text(fmt.tok, g.tokens), max_length, max_prompt_length)
-             for ex, g in zip(examples, got)]
-    logps = score(model, [q.prompt_ids for q, _ in pairs] * 2,
-                  [q.real_ids for q, _ in pairs] + [q.generated_ids for q, _ in pairs], batch_size=batch_size)
-    n, rows, counts = len(examples), [], {"generated_tokens": 0, "truncated_prompts": 0}
-    for j, (ex, g, (q, text)) in enumerate(zip(examples, got, pairs)):
-        cut = min(len(prompts[j]), len(q.prompt_ids)) < len(full[j])  # never silent: counted, stored
-        extras = dict(zip(OPPONENT_COLUMNS, (logps[j], logps[n + j])), real_tokens=len(q.real_ids),
-                      generated_tokens=len(q.generated_ids), iteration=iteration, seed=seed,
-                      finished=g.finished, truncated=cut or q.truncated)
-        rows.append(Example(prompt=ex.prompt, response=ex.response, generated=text, extras=extras))
-        counts["generated_tokens"] += len(g.tokens)
-        counts["truncated_prompts"] += cut
-    return rows, counts
 
 
 # ----------------------------------------------------------------------------------------------

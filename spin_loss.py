@@ -60,7 +60,8 @@ def spin_loss(policy_real_logps, policy_generated_logps, ref_real_logps, ref_gen
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}")
 
-    # The implicit rewards lambda * log p_theta / p_t of each answer, and their difference.
+    # Each answer's log-ratio log p_theta / p_t (times beta: its implicit reward), and u, the
+    # scaled difference the loss l(u) reads.
     real_logratios = policy_real_logps - ref_real_logps                  # (B,)
     generated_logratios = policy_generated_logps - ref_generated_logps   # (B,)
     u = beta * (real_logratios - generated_logratios)                    # (B,)

@@ -289,7 +289,8 @@ def iteration_settings(run, t, tag, beta=None, lr=None):
     """beta and lr of iteration t: --beta and --lr (a list shorter than --iterations repeats its
     last value), unless given."""
     c = run.cfg
-    beta, lr = beta or beta_for_iteration(c.spin.beta, t), lr or c.spin.lr[min(t, len(c.spin.lr) - 1)]
+    beta = beta_for_iteration(c.spin.beta, t) if beta is None else beta
+    lr = c.spin.lr[min(t, len(c.spin.lr) - 1)] if lr is None else lr
     repeat = any(1 < len(v) <= t for v in (c.spin.beta, c.spin.lr))
     log(f"[{tag}] beta {beta:g}, lr {lr:g}" + (" (the last value of a shorter --beta/--lr list)" if repeat else ""))
     return beta, lr
@@ -336,7 +337,7 @@ def spin_stage(run, tag, opponent, items, steps, beta, lr, folder):
 
 def spin_iteration(run, t, opponent):
     """One SPIN iteration against the opponent p_t (a HF folder); returns p_{t+1}'s folder."""
-    folder, tag = iter_folder(run, "", t), f"spin{t}"  # <out>/iter{t}; a study arm's: <out>/<arm>/iter{t}
+    folder, tag = iter_folder(run, "", t), f"spin{t}"  # <out>/iter{t}
     beta, lr = iteration_settings(run, t, tag)
     # 1. generate: p_t answers every training prompt (and the held-out ones, for evaluation)
     synth, eval_synth = opponent_samples(run, opponent, folder, t)
@@ -353,8 +354,8 @@ def spin_iteration(run, t, opponent):
     with clock(run, "train"):
         model_dir = run_stage(run.env, spin_stage(run, tag, opponent, items, steps, beta, lr, folder))
     # 4. evaluate p_{t+1} on the held-out prompts, against p_t's answers to them
-    return evaluate_iteration(run, "spin", t, model_dir, eval_synth, beta,
-                              dict(facts, train_pairs=len(items), steps=steps))
+    evaluate_iteration(run, "spin", t, model_dir, eval_synth, beta, dict(facts, train_pairs=len(items), steps=steps))
+    return model_dir
 
 
 # ----------------------------------------------------------------------------------------------

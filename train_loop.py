@@ -67,15 +67,6 @@ def spin_micro_batch(model, micro, env, stage, per_rank):
     return sums, int(mask.sum())
 
 
-def spin_metrics(tot, beta):
-    """A step's record from the summed pair metrics: means over the step's pairs."""
-    rec = {k: tot[k] / tot["n"] for k in ("rewards/real", "rewards/generated")}
-    rec["rewards/margins"] = (tot["rewards/real"] - tot["rewards/generated"]) / tot["n"]
-    rec.update({k: tot[k] / tot["n"] for k in ("rewards/accuracies", "logps/real", "logps/generated")})
-    rec["beta"] = beta
-    return rec
-
-
 def split_batch(G, mb, world):
     """A global batch of G pairs as (pairs per rank, micro-batch), or the error naming the flags."""
     if G % world or (G // world) % min(mb, G // world):
@@ -107,38 +98,49 @@ def train_steps(model, params, opt, sched, env, stage, start, end, check, record
         batch = global_batch(stage.items, G, s.seed, step)
         mine = batch[rank * per_rank:(rank + 1) * per_rank]
         # Every random draw of the step (LoRA's dropout masks) is a function of (seed, stage, step,
-        # rank) too, so a resumed run draws what the uninterrupted one did on every rank.
+        # rank), so a resumed run draws what the uninterrupted one did on every rank.
         torch.manual_seed(zlib.crc32(f"{s.seed}/{stage.tag}/{step}/{rank}".encode()))
-        gt_tokens = sum(len(it.real_ids) for it in batch)
         sums, ntok = {}, 0
         for m0 in range(0, per_rank, mb):
-            model.set_requires_gradient_sync(m0 + mb >= per_rank)  # reduce gradients once, at the last
+            # FSDP2's switch (stage.py shards every trained model): reduce gradients once, at the last
+            model.set_requires_gradient_sync(m0 + mb >= per_rank)
             if stage.kind == "spin":
                 got, tokens = spin_micro_batch(model, mine[m0:m0 + mb], env, stage, per_rank)
-            else:
-                got, tokens = sft_micro_batch(model, mine[m0:m0 + mb], env, gt_tokens)
+            else:  # the continued-SFT baseline (below)
+                got, tokens = sft_micro_batch(model, mine[m0:m0 + mb], env, sum(len(it.real_ids) for it in batch))
             sums = {k: sums.get(k, 0.0) + v for k, v in got.items()}
             ntok += tokens
         gnorm = parallel.clip_grad_norm(params, s.clip)
         tot = parallel.reduce_sums(sums)
         loss = tot["loss"] / tot["n"]
-        t_check = time.time()
+        seconds = time.time() - t0  # the step's compute: check() may write a checkpoint
         check(step, loss, gnorm.item())
-        t0 += time.time() - t_check  # a checkpoint's write is not the step's time
         lr_used = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rec = {"type": "step", "stage": stage.tag, "step": step + 1, "steps": stage.steps, "loss": loss,
-               "lr": lr_used, "grad_norm": gnorm.item(), "tokens_per_s": ntok * world / (time.time() - t0),
-               "peak_mem_mb": peak_memory_mb(env.device)}
-        if stage.kind == "spin":
-            rec.update(spin_metrics(tot, stage.beta))
-        record(rec)
+        record(step_record(stage, step, loss, lr_used, gnorm.item(), tot, ntok * world / seconds, env.device))
 
 
 # ----------------------------------------------------------------------------------------------
-# The continued-SFT baseline's step, and the memory a step record reports
+# A step's record, the continued-SFT baseline's step, and the memory a step record reports
+
+def step_record(stage, step, loss, lr, grad_norm, tot, tokens_per_s, device):
+    rec = {"type": "step", "stage": stage.tag, "step": step + 1, "steps": stage.steps, "loss": loss,
+           "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "peak_mem_mb": peak_memory_mb(device)}
+    if stage.kind == "spin":
+        rec.update(spin_metrics(tot, stage.beta))
+    return rec
+
+
+def spin_metrics(tot, beta):
+    """A SPIN step's metrics from the summed pair metrics: means over the step's pairs."""
+    rec = {k: tot[k] / tot["n"] for k in ("rewards/real", "rewards/generated")}
+    rec["rewards/margins"] = (tot["rewards/real"] - tot["rewards/generated"]) / tot["n"]
+    rec.update({k: tot[k] / tot["n"] for k in ("rewards/accuracies", "logps/real", "logps/generated")})
+    rec["beta"] = beta
+    return rec
+
 
 def sft_micro_batch(model, micro, env, gt_tokens):
     """Cross-entropy on the ground-truth responses, normalised by the response tokens of the

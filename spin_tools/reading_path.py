@@ -24,7 +24,7 @@ PATH = [
      "how a (prompt, real, generated) triple becomes token ids, masks and targets"),
     ("model.py", ("__doc__", "left_padding"),
      "the architecture: RMSNorm, RoPE, grouped-query attention, SwiGLU, per-token log-probs"),
-    ("sampler.py", ("__doc__", "stream_uniforms"),
+    ("sampler.py", ("__doc__", "sample_batch"),
      "the opponent: KV-cached sampling, and its log-probs of both answers, stored once"),
     ("train_loop.py", ("__doc__", "train_steps"),
      "one training stage: its record, the optimiser, one SPIN step, the step loop"),
