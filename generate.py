@@ -251,7 +251,7 @@ def rescore(model_dir, in_path, out_path, fmt, *, device, dtype, max_length, max
     """Write in_path's rows again with the log-prob columns `columns` (real, generated) computed
     by the model in model_dir: iteration t-1's pairs mixed into iteration t (the official recipe)
     need log-probs under p_t (OPPONENT_COLUMNS); the geometric-mixture arm needs them under the
-    base model too (data/pairs.BASE_COLUMNS). Other columns are kept. Rows whose tokenisation
+    base model too (experiments/arms.BASE_COLUMNS). Other columns are kept. Rows whose tokenisation
     leaves no response are dropped, as training would skip them. Work is split in fixed parts
     (parallel.parts_of); every rank must call it. impl: the kernels (spin_kernels.install)."""
     if os.path.exists(out_path):

@@ -53,9 +53,6 @@ class TruncationError(ValueError):
 # these names; Pair carries them under the same names; collate_pairs emits them as batch keys;
 # spin_loss takes them as arguments of the same names.
 OPPONENT_COLUMNS = ("ref_real_logps", "ref_generated_logps")
-# The same log-probs under the base (SFT start) model, for the geometric-mixture reference of
-# spin_loss.mixture_reference; written by generate.rescore(columns=BASE_COLUMNS) when that arm runs.
-BASE_COLUMNS = ("base_real_logps", "base_generated_logps")
 
 
 @dataclass
@@ -65,8 +62,6 @@ class Pair:
     generated_ids: list | None = None
     ref_real_logps: float | None = None  # log p_t(real response | prompt), a sum over real_ids
     ref_generated_logps: float | None = None  # the same for generated_ids
-    base_real_logps: float | None = None  # log p_base of both, when stored (BASE_COLUMNS)
-    base_generated_logps: float | None = None
     truncated: bool = False
 
 
@@ -100,7 +95,7 @@ def tokenize_example(fmt, ex, *, max_length=1024, max_prompt_length=512):
     prompt, responses, cut = truncate(prompt, responses, max_length, max_prompt_length)
 
     stored = {name: None if ex.extras.get(name) is None else float(ex.extras[name])
-              for name in OPPONENT_COLUMNS + BASE_COLUMNS}
+              for name in OPPONENT_COLUMNS}
     return Pair(prompt_ids=prompt, real_ids=responses[0],
                 generated_ids=responses[1] if len(responses) > 1 else None, truncated=cut, **stored)
 
@@ -134,8 +129,8 @@ def left_pad(seqs, n_prompt, pad_id):
 def collate_pairs(items, pad_id):
     """SPIN batch: rows 0..B-1 = prompt + real response, rows B..2B-1 = prompt + generated.
 
-    Returns input_ids, attention_mask, targets (2B, T); the stored log-probs (OPPONENT_COLUMNS,
-    BASE_COLUMNS) as (B,) float32 when every item carries them."""
+    Returns input_ids, attention_mask, targets (2B, T); the stored log-probs (OPPONENT_COLUMNS)
+    as (B,) float32 when every item carries them."""
     if not items:
         raise ValueError("collate_pairs: empty batch")
     if any(it.generated_ids is None for it in items):
@@ -146,7 +141,7 @@ def collate_pairs(items, pad_id):
     n_prompt = [len(it.prompt_ids) for it in items] * 2
     input_ids, attention_mask, targets = left_pad(seqs, n_prompt, pad_id)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
-    for name in OPPONENT_COLUMNS + BASE_COLUMNS:
+    for name in OPPONENT_COLUMNS:
         values = [getattr(it, name) for it in items]
         if all(v is not None for v in values):
             batch[name] = torch.tensor(values, dtype=torch.float32)

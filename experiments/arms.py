@@ -156,14 +156,20 @@ def spin_arm(name, mix_alpha, seed):
     return Arm(name=name, folder=name, beta=beta, lr=lr)
 
 
-def mixed_reference(items, alpha):
-    """spin_mix: each pair's reference log-probs become those of the geometric mixture of the base
-    and p_t (spin_loss.mixture_reference), computed in float32 as a training batch holds them."""
-    f32 = lambda name: torch.tensor([getattr(it, name) for it in items], dtype=torch.float32)  # noqa: E731
+# The SFT start's log-probs of both answers, for the mixture reference: columns written beside the
+# opponent's (OPPONENT_COLUMNS) by generate.rescore(columns=BASE_COLUMNS) when that arm runs.
+BASE_COLUMNS = ("base_real_logps", "base_generated_logps")
+
+
+def mixed_reference(examples, alpha):
+    """spin_mix: each example's reference log-probs (its OPPONENT_COLUMNS) become those of the
+    geometric mixture of the base and p_t (spin_loss.mixture_reference), computed in float32 as a
+    training batch holds them; the pairs tokenised from them carry the mixture."""
+    f32 = lambda name: torch.tensor([float(ex.extras[name]) for ex in examples], dtype=torch.float32)  # noqa: E731
     real, gen = mixture_reference(f32("ref_real_logps"), f32("ref_generated_logps"), f32("base_real_logps"),
                                   f32("base_generated_logps"), alpha)
-    return [replace(it, ref_real_logps=r, ref_generated_logps=g)
-            for it, r, g in zip(items, real.tolist(), gen.tolist())]
+    return [replace(ex, extras=dict(ex.extras, ref_real_logps=r, ref_generated_logps=g))
+            for ex, r, g in zip(examples, real.tolist(), gen.tolist())]
 
 
 def arm_iteration(run, t, opponent, arm):
@@ -177,7 +183,7 @@ def arm_iteration(run, t, opponent, arm):
     # 1. generate: every arm plays the SFT start at iteration 0 with the same seeds, so they share its samples
     synth, eval_synth = train.opponent_samples(run, opponent, train.iter_folder(run, arm.folder if t else "", t), t)
     if arm.base_alpha > 0:  # the start's log-probs of both answers, for the mixture reference
-        synth = train.rescored(run, run.base, synth, os.path.join(folder, "synthetic_base.parquet"), pairs.BASE_COLUMNS)
+        synth = train.rescored(run, run.base, synth, os.path.join(folder, "synthetic_base.parquet"), BASE_COLUMNS)
     files = [synth]
     if c.data.mix_previous and t > 0:  # the official recipe: iteration t-1's data, rescored by p_t
         prev = os.path.join(train.iter_folder(run, arm.folder, t - 1), "synthetic_base.parquet") \
@@ -186,13 +192,13 @@ def arm_iteration(run, t, opponent, arm):
         files.append(train.rescored(run, opponent, prev, os.path.join(folder, "previous_rescored.parquet"),
                                     pairs.OPPONENT_COLUMNS))
     examples = train.read_pairs(files)
+    if arm.base_alpha > 0:
+        examples = mixed_reference(examples, arm.base_alpha)
     correct, n_all = train.task_correct(run, examples), len(train.tokenize(run, examples)[0])
     items, facts = train.training_pairs(run, tag, arm.keep(examples) if arm.keep else examples, correct)
     # The steps the paper's SPIN takes on all its pairs, whatever the arm keeps: arms differ only in
     # what they train on, not in how long.
     steps, n_pairs = train.spin_steps(run, n_all), len(items)
-    if arm.base_alpha > 0:
-        items = mixed_reference(items, arm.base_alpha)
     if arm.refill is not None:
         items = arm.refill(items, c.train.batch_size)
     # 2. train p_{t+1} from p_t on the pairs, 3. export it
