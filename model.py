@@ -9,7 +9,8 @@ the rotation (ModelConfig.qk_norm). Module attribute names equal the Hugging Fac
 Reading and writing Hugging Face folders is hf_folder.py's. Everything here is the plain reference;
 faster kernels replace parts of a built model in one call, spin_kernels.install(model, impl).
 
-The model is stateless: a KVCache object is passed into forward, never stored on the module.
+The model is stateless: a KVCache object (after the architecture, below) is passed into forward,
+never stored on the module.
 Batches are left-padded (see DESIGN.md): `attention_mask` is zeros then ones per row.
 """
 import math
@@ -46,62 +47,6 @@ class ModelConfig:
     model_type: str = "mistral"  # or "llama", "qwen2", "qwen3": kept for exports
     attention_bias: bool = False  # bias on q, k, v (Qwen2 / Qwen2.5)
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
-
-
-# ----------------------------------------------------------------------------------------------
-# KV cache: plain tensors owned by the caller, never module state.
-
-class KVCache:
-    """Per layer (B, Hkv, S, D) keys and values. Every row holds the same number of filled
-    slots (left padding keeps them aligned), so one length serves the batch. The model calls
-    `begin`, `offset`, `update` and `advance`: all that a cache with another layout (a subclass) gives."""
-
-    def __init__(self, k, v, starts):
-        self.k, self.v = k, v  # lists over layers of (B, Hkv, S, D)
-        self.starts = starts  # (B,) left-padding length of each row, set by the first forward
-        self.length = 0  # filled slots
-
-    @classmethod
-    def allocate(cls, config, batch, max_len, device=None, dtype=torch.float32):
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-        # The cache holds max_len slots even with a sliding window: simpler than a ring buffer,
-        # and SPIN's sequences (prompt + new tokens, <= 1024 in the recipe) are shorter than
-        # Mistral's 4096 window, so a ring buffer would save nothing there.
-        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        return cls(k, v, torch.zeros(batch, dtype=torch.long, device=device))
-
-    @property
-    def capacity(self):
-        return self.k[0].shape[2]
-
-    @property
-    def offset(self):
-        """Slots filled before this forward: the key index of its first query."""
-        return self.length
-
-    def begin(self, T, starts, B, device):
-        """Before a forward of T tokens: (each row's left padding (B,), the key index of the first
-        query). The first call (the prefill) stores the padding (starts, or none); later calls
-        append T tokens to every row and reuse it."""
-        if self.length + T > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} slots; {self.length} used + {T} new")
-        if self.length == 0:
-            self.starts = starts if starts is not None else torch.zeros(B, dtype=torch.long, device=device)
-        elif starts is not None:
-            raise ValueError("attention_mask is only accepted on the first (prefill) call with a cache")
-        return self.starts, self.offset
-
-    def update(self, layer, k, v):
-        """Write this chunk's (B, Hkv, T, D) keys and values after the filled slots; return
-        every key and value so far, (B, Hkv, offset + T, D)."""
-        n = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:n] = k
-        self.v[layer][:, :, self.length:n] = v
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
-
-    def advance(self, T):  # after the last layer
-        self.length += T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +279,63 @@ def left_padding(attention_mask):
     if not torch.equal(m.bool(), expected):
         raise ValueError("attention_mask must be left-padded (zeros then ones in every row)")
     return starts
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache: plain tensors owned by the caller (the sampler), never module state; forward reads it
+# through begin (each row's padding, the first query's key index), update and advance.
+
+class KVCache:
+    """Per layer (B, Hkv, S, D) keys and values. Every row holds the same number of filled
+    slots (left padding keeps them aligned), so one length serves the batch. The model calls
+    `begin`, `offset`, `update` and `advance`: all that a cache with another layout (a subclass) gives."""
+
+    def __init__(self, k, v, starts):
+        self.k, self.v = k, v  # lists over layers of (B, Hkv, S, D)
+        self.starts = starts  # (B,) left-padding length of each row, set by the first forward
+        self.length = 0  # filled slots
+
+    @classmethod
+    def allocate(cls, config, batch, max_len, device=None, dtype=torch.float32):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        # The cache holds max_len slots even with a sliding window: simpler than a ring buffer,
+        # and SPIN's sequences (prompt + new tokens, <= 1024 in the recipe) are shorter than
+        # Mistral's 4096 window, so a ring buffer would save nothing there.
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        return cls(k, v, torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def capacity(self):
+        return self.k[0].shape[2]
+
+    @property
+    def offset(self):
+        """Slots filled before this forward: the key index of its first query."""
+        return self.length
+
+    def begin(self, T, starts, B, device):
+        """Before a forward of T tokens: (each row's left padding (B,), the key index of the first
+        query). The first call (the prefill) stores the padding (starts, or none); later calls
+        append T tokens to every row and reuse it."""
+        if self.length + T > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} slots; {self.length} used + {T} new")
+        if self.length == 0:
+            self.starts = starts if starts is not None else torch.zeros(B, dtype=torch.long, device=device)
+        elif starts is not None:
+            raise ValueError("attention_mask is only accepted on the first (prefill) call with a cache")
+        return self.starts, self.offset
+
+    def update(self, layer, k, v):
+        """Write this chunk's (B, Hkv, T, D) keys and values after the filled slots; return
+        every key and value so far, (B, Hkv, offset + T, D)."""
+        n = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:n] = k
+        self.v[layer][:, :, self.length:n] = v
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+    def advance(self, T):  # after the last layer
+        self.length += T
 
 
 # ----------------------------------------------------------------------------------------------
