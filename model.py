@@ -240,7 +240,8 @@ class Mistral(nn.Module):
         q_offset = 0  # key index of the first query
         if cache is not None:  # the prefill stores each row's padding; later calls append to every row
             starts, q_offset = cache.begin(T, starts, B, input_ids.device)
-        # Positions count from each row's first real token, so padding never shifts them.
+        # Positions count from each row's first real token, so padding never shifts them: a row
+        # of 2 padding slots and 3 tokens gets 0 0 | 0 1 2, and its next token (key index 5) gets 3.
         positions = (q_offset + torch.arange(T, device=input_ids.device)).expand(B, T)  # (B, T)
         if starts is not None:
             positions = (positions - starts[:, None]).clamp(min=0)

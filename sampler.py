@@ -2,7 +2,7 @@
 scores log p_t(y|x) and log p_t(y'|x) of both answers once, so training never holds a reference
 model (paper Algorithm 1, steps 1-2 of an iteration).
 
-    opponent_rows(model, fmt, examples, keys, ...) -> SPIN rows: (x, y, y', log p_t(y|x), log p_t(y'|x))
+    opponent_rows(model, fmt, examples, keys, ...) -> (SPIN rows: x, y, y', log p_t(y|x), log p_t(y'|x); counts)
     score(model, prompts, responses) -> [sum_t log p(response_t | prompt, response_<t)]
     sample(model, prompts, ...)      -> [Sample(tokens, finished, logprobs)]   static batches
 
@@ -54,13 +54,15 @@ def opponent_rows(model, fmt, examples, keys, *, iteration, seed, max_new_tokens
     # Training scores re-tokenised text (the ids data/pairs.py will build), so score those.
     tokenised = [pair_of_sample(fmt, ex, answer_text(fmt.tok, s.tokens), max_length, max_prompt_length)
                  for ex, s in zip(examples, got)]  # (Pair, the answer's text)
+    # One scoring pass over both answers of every example: the real ones, then the generated ones.
     logps = score(model, [p.prompt_ids for p, _ in tokenised] * 2,
                   [p.real_ids for p, _ in tokenised] + [p.generated_ids for p, _ in tokenised], batch_size=batch_size)
-    n, rows, counts = len(examples), [], {"generated_tokens": 0, "truncated_prompts": 0}
+    ref_real, ref_generated = logps[:len(examples)], logps[len(examples):]  # log p_t(y|x), log p_t(y'|x)
+    rows, counts = [], {"generated_tokens": 0, "truncated_prompts": 0}
     for j, (ex, s, (pair, text)) in enumerate(zip(examples, got, tokenised)):
-        cut = min(len(prompts[j]), len(pair.prompt_ids)) < len(full[j])  # never silent: counted, stored
-        # logps[j] is log p_t(y|x) of example j, logps[n + j] its log p_t(y'|x)
-        extras = dict(zip(OPPONENT_COLUMNS, (logps[j], logps[n + j])), real_tokens=len(pair.real_ids),
+        # Was the prompt cut, for generation or for training? Never silent: counted, and stored.
+        cut = min(len(prompts[j]), len(pair.prompt_ids)) < len(full[j])
+        extras = dict(zip(OPPONENT_COLUMNS, (ref_real[j], ref_generated[j])), real_tokens=len(pair.real_ids),
                       generated_tokens=len(pair.generated_ids), iteration=iteration, seed=seed,
                       finished=s.finished, truncated=cut or pair.truncated)
         rows.append(Example(prompt=ex.prompt, response=ex.response, generated=text, extras=extras))
@@ -103,7 +105,7 @@ def score(model, prompts, responses, *, batch_size=16):
         # The training collate's layout: targets are the response tokens, -100 elsewhere.
         ids, mask, targets = (x.to(device) for x in left_pad(
             [prompts[i] + responses[i] for i in idx], [len(prompts[i]) for i in idx], pad_id=0))
-        lp = model.token_logprobs(ids, targets, mask)  # (B, T) fp32
+        lp = model.token_logprobs(ids, targets, attention_mask=mask)  # (B, T) fp32
         for i, v in zip(idx, lp.sum(1).tolist()):
             out[i] = v
     return out
@@ -117,8 +119,9 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     None never stops early. stream_keys: the key of each prompt's random stream (default: its
     index); global ids when sharding, so a prompt's sample does not depend on its rank or batch.
     vocab_limit: never draw ids >= this (a model vocabulary padded past its tokenizer's).
-    decode (None: decode_batches) and inverse_cdf (None: plain_inverse_cdf): how the prompts are
-    decoded and a token drawn; generate.sample passes the faster ones."""
+    decode (None: decode_batches, static batches of batch_size rows through sample_batch) and
+    inverse_cdf (None: plain_inverse_cdf): how the prompts are decoded and a token drawn;
+    generate.sample passes the faster ones."""
     check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, greedy)
     if not prompts:
         return []
@@ -135,22 +138,6 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     rows = min(batch_size, len(prompts))
     return [Sample(*r) for r in (decode or decode_batches)(model, prompts, keys, order, rows, max_new_tokens,
                                                            stops, pick, uniforms, progress, logprobs=logprobs)]
-
-
-def decode_batches(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms, progress=None,
-                   logprobs=False):
-    """Every prompt, in static batches of `rows` taken in `order` (sample_batch). Returns
-    (tokens, finished, logprobs or None) per prompt, in input order (as slots.decode does)."""
-    out = [None] * len(prompts)
-    for s in range(0, len(order), rows):
-        idx = order[s:s + rows]
-        got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens, stops, pick,
-                           uniforms, logprobs)
-        for i, g in zip(idx, got):
-            out[i] = (g.tokens, g.finished, g.logprobs)
-        if progress is not None:
-            progress(prompts=len(idx), tokens=sum(len(g.tokens) for g in got))
-    return out
 
 
 @torch.inference_mode()
@@ -190,6 +177,25 @@ def sample_batch(model, prompts, keys, max_new_tokens, stops, pick, uniforms, lo
     tokens, lengths, logps = tokens[:, :steps].tolist(), lengths.tolist(), logps[:, :steps].tolist()
     return [Sample(tokens[b][:lengths[b]], bool(finished[b]), logps[b][:lengths[b]] if logprobs else None)
             for b in range(B)]
+
+
+# ----------------------------------------------------------------------------------------------
+# sample()'s default decoding: static batches, each through sample_batch
+
+def decode_batches(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms, progress=None,
+                   logprobs=False):
+    """Every prompt, in static batches of `rows` taken in `order` (sample_batch). Returns
+    (tokens, finished, logprobs or None) per prompt, in input order (as slots.decode does)."""
+    out = [None] * len(prompts)
+    for s in range(0, len(order), rows):
+        idx = order[s:s + rows]
+        got = sample_batch(model, [prompts[i] for i in idx], [keys[i] for i in idx], max_new_tokens, stops, pick,
+                           uniforms, logprobs)
+        for i, g in zip(idx, got):
+            out[i] = (g.tokens, g.finished, g.logprobs)
+        if progress is not None:
+            progress(prompts=len(idx), tokens=sum(len(g.tokens) for g in got))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     for t in 0..K-1:
         1. generate   the frozen p_t samples y' for every training prompt x; one scoring pass
-                      stores log p_t(y|x) and log p_t(y'|x) next to the samples (generate.py)
+                      stores log p_t(y|x) and log p_t(y'|x) next to the samples (sampler.py)
         2. train      p_theta <- p_t, minimise the SPIN loss (spin_loss.py) against the stored
                       opponent log-probs; FSDP2, RMSprop, linear warmup/decay
         3. export     iter{t}/model, a Hugging Face folder: the next p_t

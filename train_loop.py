@@ -1,6 +1,6 @@
 """One training stage of SPIN, read top to bottom: its record (Stage), the optimiser, one SPIN step
-on a micro-batch of (real, generated) pairs against the stored opponent log-probs (the SFT
-baseline's cross-entropy step beside it), and the loop over steps. stage.py runs it at scale:
+on a micro-batch of (real, generated) pairs against the stored opponent log-probs, and the loop
+over steps (the SFT baseline's cross-entropy step and the step record below it). stage.py runs it at scale:
 the sharded model (FSDP2, LoRA adapters, kernels), checkpoints, resume and the records, put in
 through the loop's two callbacks.
 
@@ -106,7 +106,7 @@ def train_steps(model, params, opt, sched, env, stage, start, end, check, record
             model.set_requires_gradient_sync(m0 + mb >= per_rank)
             if stage.kind == "spin":
                 got, tokens = spin_micro_batch(model, mine[m0:m0 + mb], env, stage, per_rank)
-            else:  # the continued-SFT baseline (below)
+            else:  # the continued-SFT baseline (below), normalised by the global batch's response tokens
                 got, tokens = sft_micro_batch(model, mine[m0:m0 + mb], env, sum(len(it.real_ids) for it in batch))
             sums = {k: sums.get(k, 0.0) + v for k, v in got.items()}
             ntok += tokens
