@@ -40,6 +40,19 @@ busy moment can only lower it) and prints both shares beside tokens/s:
     python bench/generate_vllm.py --model ~/.cache/spin/smollm2-135m-instruct --workloads spin \
         --engines ours,vllm --vllm-python ~/venv-vllm/bin/python --repeats 3
 
+SPIN's ranks (--procs N). Under `torchrun --nproc_per_node=2 train.py` generation is sharded over
+the ranks (generate.generate_dataset), each process with its own threads, not one process with
+all of them. --procs N runs every engine that way: N processes at once, each with --threads
+threads and rows, sampling its share of the prompts (sorted by length and dealt round-robin, so
+the shares balance); each loads and warms up, waits at a barrier until all are ready, then is
+timed; the measurement's wall time runs from the first start to the last finish and its tokens
+are summed. vLLM runs as N independent engines the same way. The ceiling process then has N x
+--threads threads (the same cores in one process), and the printout says "N processes x T
+threads". SPIN's recipe at 2 ranks of 1 thread each:
+
+    python bench/generate_vllm.py --model ~/.cache/spin/smollm2-135m-instruct --workloads spin \
+        --engines ours,vllm --vllm-python ~/venv-vllm/bin/python --procs 2 --threads 1 --repeats 3
+
 --baseline-root DIR adds engine "base": the same workload through the generate.sample of another
 checkout (a git worktree of the commit before a change), alternated with ours in the same minutes.
 
@@ -91,11 +104,26 @@ def run_ours(job):
     kw = dict(eos_id=job["eos"] if job["stop"] else None, temperature=1.0, batch_size=job["rows"],
               refill=job["engine"] == "ours")
     sample(model, job["prompts"][:8], max_new_tokens=8, seed=1, **kw)  # warm-up
+    if "keys" in job:  # a share of the prompts: each draws its prompt's own stream, as a rank does
+        kw["stream_keys"] = job["keys"]
+    start = barrier(job)
     t0 = time.perf_counter()
     outs = sample(model, job["prompts"], max_new_tokens=job["new"], seed=job["seed"], **kw)
     dt = time.perf_counter() - t0
-    return dict(seconds=dt, tokens=sum(len(o.tokens) for o in outs),
+    return dict(seconds=dt, start=start, end=start + dt, tokens=sum(len(o.tokens) for o in outs),
                 ended_at_eos=sum(o.finished for o in outs))
+
+
+def barrier(job):
+    """With --procs N > 1: say this process is ready (loaded and warmed up), wait until every
+    process is, and return the wall-clock start of the timed part (time.time(), comparable across
+    processes); a single process starts at once."""
+    if job.get("barrier"):
+        open(os.path.join(job["barrier"], f"ready.{job['share']}"), "w").close()
+        go = os.path.join(job["barrier"], "go")
+        while not os.path.exists(go):
+            time.sleep(0.001)
+    return time.time()
 
 
 def product_shapes(config):
@@ -160,10 +188,11 @@ def run_vllm(job):
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
     llm.generate(prompts[:8], params(8), use_tqdm=False)  # warm-up
+    start = barrier(job)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params(job["new"]), use_tqdm=False)
     dt = time.perf_counter() - t0
-    return dict(seconds=dt, tokens=sum(len(o.outputs[0].token_ids) for o in outs),
+    return dict(seconds=dt, start=start, end=start + dt, tokens=sum(len(o.outputs[0].token_ids) for o in outs),
                 ended_at_eos=sum(o.outputs[0].finish_reason == "stop" for o in outs))
 
 
@@ -195,7 +224,9 @@ def main():
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--workloads", default="spin,fixed8,fixed64")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads of each engine process")
+    ap.add_argument("--procs", type=int, default=1, help="engine processes at once, each on its share of the "
+                                                          "prompts, as SPIN's ranks generate (torchrun)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write every measurement here")
     args = ap.parse_args()
@@ -205,6 +236,8 @@ def main():
             ap.error(f"{flag}: unknown {', '.join(bad)} (choose from {', '.join(known)})")
     if args.repeats < 1:
         ap.error(f"--repeats {args.repeats}: need at least 1")
+    if args.procs < 1 or args.threads < 1:
+        ap.error(f"--procs {args.procs} --threads {args.threads}: need at least 1 each")
     sys.path.insert(0, ROOT)
     from errors import UserError
     from hf_folder import check_model_folder
@@ -223,6 +256,8 @@ def main():
 
     flops = flops_per_token(read_config(args.model))
     print(f"{flops / 1e9:.3f} GFLOP per new token (2 x {flops // 2 / 1e6:.1f}M product weights); CPU: {cpu_name()}")
+    layout, ceiling_layout = layout_of(args.procs, args.threads), layout_of(1, args.procs * args.threads)
+    print(f"engines: {layout}; ceiling: {ceiling_layout}", flush=True)
     # The ceiling runs in the alternation like an engine, so it sees the box as the engines do.
     timed = engines + ([] if args.no_ceiling else ["ceiling"])
     rows = []
@@ -239,18 +274,12 @@ def main():
                     job = dict(engine=engine, dtype=dtype, workload=workload, model=args.model, prompts=prompts,
                                eos=eos, rows=B, new=new, stop=stop, seed=args.seed + r, threads=args.threads,
                                root=args.baseline_root if engine == "base" else ROOT)
-                    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-                        json.dump(job, f)
+                    if engine == "ceiling":  # one process with every engine process's cores
+                        job["threads"] = args.procs * args.threads
                     python = args.vllm_python if engine == "vllm" else sys.executable
-                    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-                    p = subprocess.run([python, os.path.abspath(__file__), "--worker", f.name], capture_output=True,
-                                       text=True, env=env)
-                    os.unlink(f.name)
-                    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                    if p.returncode or not lines:
-                        print(f"  {engine} {dtype} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+                    got = measure(job, 1 if engine == "ceiling" else args.procs, python)
+                    if got is None:
                         continue
-                    got = json.loads(lines[-1][7:])
                     got["repeat"] = r
                     rows.append(got)
                     if engine == "ceiling":
@@ -258,10 +287,12 @@ def main():
                               f"a decode step's products at {B} rows {got['step_gflops']:6.1f} GFLOP/s", flush=True)
                         continue
                     got["tok_s"] = got["tokens"] / got["seconds"]
+                    each = "" if args.procs == 1 else \
+                        f" [{layout}: {', '.join(f'{x:.2f}' for x in got['each'])} s each]"
                     print(f"  {dtype:8s} repeat {r}  {engine:6s} {got['tokens']:6d} tokens "
                           f"({got['ended_at_eos']} rows ended at EOS) in {got['seconds']:6.2f} s = "
-                          f"{got['tok_s']:6.1f} tok/s", flush=True)
-    print("\nmedians (tokens/s; slowest-fastest repeat in brackets) and ratios of medians:")
+                          f"{got['tok_s']:6.1f} tok/s{each}", flush=True)
+    print(f"\nmedians (tokens/s of {layout}; slowest-fastest repeat in brackets) and ratios of medians:")
     vs = [e for e in ("vllm", "static", "base") if e in engines]
     print("| workload | dtype | " + " | ".join(engines) + "".join(f" | ours/{e}" for e in vs) + " |")
     print("|---|---|" + "---|" * (len(engines) + len(vs)))
@@ -289,7 +320,7 @@ def main():
     ceilings = [g for g in rows if g["engine"] == "ceiling"]
     if ceilings:
         print(f"\nshare of the matmul ceiling: median tokens/s x {flops / 1e9:.3f} GFLOP / the dtype's best ceiling "
-              f"of this run ({args.threads} threads, {cpu_name()})")
+              f"of this run (engines {layout}, ceiling {ceiling_layout}, {cpu_name()})")
         print("| workload | dtype | ceiling: square mm GFLOP/s (all repeats) | a step's products alone | "
               + " | ".join(f"{e} GFLOP/s, share" for e in engines) + " |")
         print("|---|---|---|---|" + "---|" * len(engines))
@@ -309,6 +340,73 @@ def main():
                       f"{step:.1f} ({100 * step / top:.0f}%) | " + " | ".join(cells) + " |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
+
+
+def layout_of(procs, threads):
+    return f"{procs} process{'es' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+
+
+def shares(job, procs):
+    """The jobs of `procs` processes, each on a share of job's prompts: sorted by length, longest
+    first, and dealt round-robin, so every share has prompts of every length and about the same
+    work. Each share keeps its prompts' indices, the keys of their random streams in ours (as
+    generate_dataset's ranks do); vLLM engines get distinct seeds instead."""
+    if procs == 1:
+        return [job]
+    prompts = job["prompts"]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = []
+    for k in range(procs):
+        idx = sorted(order[k::procs])
+        seed = job["seed"] + 1000 * k if job["engine"] == "vllm" else job["seed"]
+        out.append(dict(job, prompts=[prompts[i] for i in idx], keys=idx, share=k, seed=seed))
+    return out
+
+
+def measure(job, procs, python):
+    """One measurement: the job in one process, or in `procs` processes at once on shares of its
+    prompts, started together behind a barrier (loading and warm-up untimed). Returns the worker's
+    RESULT, with seconds from the first start to the last finish, tokens and EOS ends summed and
+    each process's own seconds; None (said why) if a process failed."""
+    parts = shares(job, procs)
+    gate = tempfile.mkdtemp(prefix="gen_barrier_") if len(parts) > 1 else None
+    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
+    runs = []
+    for part in parts:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(dict(part, barrier=gate), f)
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        runs.append((f.name, out, err, subprocess.Popen([python, os.path.abspath(__file__), "--worker", f.name],
+                                                        stdout=out, stderr=err, text=True, env=env)))
+    if gate:  # go when every process is ready, or at once if one ended early (the rest then finish)
+        while not all(os.path.exists(os.path.join(gate, f"ready.{k}")) for k in range(len(parts))) \
+                and all(p.poll() is None for *_, p in runs):
+            time.sleep(0.01)
+        open(os.path.join(gate, "go"), "w").close()
+    results, failed = [], False
+    for name, out, err, p in runs:
+        p.wait()
+        os.unlink(name)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not lines:
+            print(f"  {job['engine']} {job['dtype']} failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+            failed = True
+        else:
+            results.append(json.loads(lines[-1][7:]))
+    if gate:
+        for n in os.listdir(gate):
+            os.unlink(os.path.join(gate, n))
+        os.rmdir(gate)
+    if failed:
+        return None
+    got = dict(results[0], procs=len(parts), threads=job["threads"], each=[g["seconds"] for g in results])
+    if len(results) > 1:
+        got.update(seconds=max(g["end"] for g in results) - min(g["start"] for g in results),
+                   tokens=sum(g["tokens"] for g in results), ended_at_eos=sum(g["ended_at_eos"] for g in results))
+    return got
 
 
 def cpu_name():
