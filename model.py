@@ -226,8 +226,8 @@ class Mistral(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None, targets=None, logits_to_keep=None):
         """input_ids (B, T) -> logits (B, T, V); or, given targets (B, T), per-token log-probs
-        (B, T) fp32 where entry t is log p(targets[:, t] | input_ids[:, :t+1]) and targets == -100
-        gives 0. The log-prob route lives in forward, not in a method of its own, because FSDP2's
+        (B, T) fp32 (fp64 for fp64 weights) where entry t is log p(targets[:, t] | input_ids[:, :t+1])
+        and targets == -100 gives 0. The log-prob route lives in forward, not in a method of its own, because FSDP2's
         hooks unshard the root module's parameters (the LM head) only around forward.
 
         attention_mask (B, T): left padding (zeros then ones). With a cache it may only be

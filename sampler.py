@@ -136,6 +136,7 @@ def sample(model, prompts, *, max_new_tokens, eos_id, temperature=1.0, top_k=0, 
     # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     rows = min(batch_size, len(prompts))
+    # decode gives (tokens, finished, logprobs) per prompt, in input order
     return [Sample(*r) for r in (decode or decode_batches)(model, prompts, keys, order, rows, max_new_tokens,
                                                            stops, pick, uniforms, progress, logprobs=logprobs)]
 

@@ -323,7 +323,8 @@ def training_pairs(run, tag, examples, correct):
 
 
 def spin_steps(run, n_pairs):
-    """--epochs over n_pairs, in whole global batches (at least one step)."""
+    """--epochs over n_pairs, in whole global batches, at least one step (a stage refuses fewer
+    pairs than one global batch: stage.train_stage)."""
     return max(1, int(run.cfg.spin.epochs * (n_pairs // run.cfg.train.batch_size)))
 
 

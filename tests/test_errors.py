@@ -18,8 +18,9 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A frame of this project's code in a traceback; torchrun's own failure summary has frames too,
-# but in torch's files.
-PROJECT_FRAME = re.compile(r'File "' + re.escape(ROOT) + r"/")
+# but in torch's files (site-packages, which a virtual environment made inside the checkout puts
+# under ROOT too).
+PROJECT_FRAME = re.compile(r'File "' + re.escape(ROOT) + r'/(?![^"]*/site-packages/)')
 
 
 def cli(script, *args, procs=1, timeout=300):
