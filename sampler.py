@@ -45,7 +45,8 @@ def opponent_rows(model, fmt, examples, keys, *, iteration, seed, max_new_tokens
     example's random-stream key. sample_fn: sample() below (None), or generate.sample, which puts
     the speed-ups in. Returns (rows, counts of generated tokens and truncated prompts)."""
     full = [fmt.prompt_ids(ex.prompt) for ex in examples]
-    # Generation sees the prompt training would keep next to a max_new_tokens response.
+    # Generation sees the prompt training would keep next to a max_new_tokens response: truncate's
+    # rule applied with a stand-in response of that length.
     prompts = [truncate(ids, [[0] * max_new_tokens], max_length, max_prompt_length)[0] for ids in full]
     got = (sample_fn or sample)(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.tok.eos_ids,
                                 vocab_limit=fmt.tok.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -205,8 +206,9 @@ def decode_batches(model, prompts, keys, order, rows, max_new_tokens, stops, pic
 def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logprobs, inverse_cdf=None):
     """Each row's next token from its logits (B, V) float32 and its uniform u (B,) (None when
     greedy) -> (ids (B,), their log p_t (B,) or None). The log-prob is log p_t, untempered and
-    unfiltered: what SPIN's loss needs. Ids at or past vocab_limit (a model vocabulary padded
-    beyond its tokenizer's) are never drawn; the log-probs stay those of the full distribution."""
+    unfiltered (SPIN itself stores the rescored sum, opponent_rows). Ids at or past vocab_limit (a
+    model vocabulary padded beyond its tokenizer's) are never drawn; the log-probs stay those of
+    the full distribution."""
     allowed = logits  # the logits the token is drawn from: none past vocab_limit
     if vocab_limit is not None:
         allowed = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,

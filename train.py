@@ -56,8 +56,8 @@ from hf_folder import check_model_folder, load_model, read_config, resolve_dtype
 from parallel import log
 from run_folder import record
 from spin_loss import beta_for_iteration
-from stage import StageEnv, run_stage, split_batch
-from train_loop import Stage
+from stage import StageEnv, run_stage
+from train_loop import Stage, split_batch
 from train_args import fit_lengths, parse_args
 
 
@@ -290,7 +290,7 @@ def iteration_settings(run, t, tag, beta=None, lr=None):
     last value), unless given."""
     c = run.cfg
     beta = beta_for_iteration(c.spin.beta, t) if beta is None else beta
-    lr = c.spin.lr[min(t, len(c.spin.lr) - 1)] if lr is None else lr
+    lr = c.spin.lr[min(t, len(c.spin.lr) - 1)] if lr is None else lr  # beta's rule (settings.py checks each lr)
     repeat = any(1 < len(v) <= t for v in (c.spin.beta, c.spin.lr))
     log(f"[{tag}] beta {beta:g}, lr {lr:g}" + (" (the last value of a shorter --beta/--lr list)" if repeat else ""))
     return beta, lr

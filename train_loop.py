@@ -39,7 +39,7 @@ class Stage:
 def make_optimizer(params, name, lr, steps, warmup_ratio):
     if name == "rmsprop":  # the paper's choice; no weight decay
         opt = torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8)
-    else:
+    else:  # "adamw", --optimizer's other choice
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, int(warmup_ratio * steps))  # linear warmup, then linear decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(
