@@ -62,7 +62,9 @@ SCRIPT = textwrap.dedent("""
 
     generate_all("before")
     files = {n: getattr(m, "__file__", None) or "" for n, m in list(sys.modules.items())}
-    strays = sorted(n for n, f in files.items() if os.path.isabs(f) and f.startswith(root + os.sep))
+    # (a virtual environment made inside the checkout keeps its packages under root too)
+    strays = sorted(n for n, f in files.items() if os.path.isabs(f) and f.startswith(root + os.sep)
+                    and os.sep + "site-packages" + os.sep not in f)
     assert not strays, f"transformers loaded these from the repository, not site-packages: {strays}"
     ours = sorted(f[:-3] for f in os.listdir(".") if f.endswith(".py"))
     ours += ["data", "spin_kernels", "spin_tools", "experiments"]
