@@ -29,8 +29,7 @@ from hf_folder import export, load_model, read_config
 from model import Mistral
 from parallel import log
 # The stage itself, read on SPIN's path (train_loop.py); what this file adds runs it at scale.
-from data import pairs
-from spin_loss import sequence_logps
+from sampler import score
 from train_loop import (Stage, make_optimizer, peak_memory_mb, sft_micro_batch,  # noqa: F401
                         spin_metrics, spin_micro_batch, split_batch, train_steps)
 
@@ -130,7 +129,6 @@ def train_stage(env, stage, stop_at=None):
     return model, config
 
 
-@torch.no_grad()
 def live_reference(env, stage):
     """--live-reference: the opponent p_t, loaded from stage.init_dir as the official code keeps
     its reference model, scores every pair again; the stage then trains against these log-probs,
@@ -138,17 +136,14 @@ def live_reference(env, stage):
     scoring). The opponent is frozen, so one pass before the steps gives what a resident copy
     would give at every step. Returns (the stage with the recomputed log-probs, the gap)."""
     opponent = spin_kernels.install(load_model(stage.init_dir, device=env.device, dtype=env.compute), env.kernels)
-    items, diff, mb = [], 0.0, stage.settings.micro_batch_size
-    for i in range(0, len(stage.items), mb):
-        micro = stage.items[i:i + mb]
-        b = pairs.collate_pairs(micro, pad_id=env.pad_id)
-        ids, mask, tgt = (b[k].to(env.device) for k in ("input_ids", "attention_mask", "targets"))
-        ref = sequence_logps(opponent(ids, attention_mask=mask, targets=tgt), tgt != -100).float().cpu()  # (2B,)
-        stored = torch.cat([b[k] for k in pairs.OPPONENT_COLUMNS])  # (2B,) float32
-        diff = max(diff, (ref - stored).abs().max().item())
-        n = len(micro)
-        items += [dataclasses.replace(it, ref_real_logps=ref[j].item(), ref_generated_logps=ref[n + j].item())
-                  for j, it in enumerate(micro)]
+    items, n = stage.items, len(stage.items)
+    logps = score(opponent, [it.prompt_ids for it in items] * 2,  # the real answers, then the generated ones
+                  [it.real_ids for it in items] + [it.generated_ids for it in items],
+                  batch_size=stage.settings.micro_batch_size)
+    diff = max(abs(lp - stored) for lp, stored in zip(logps, [it.ref_real_logps for it in items]
+                                                      + [it.ref_generated_logps for it in items]))
+    items = [dataclasses.replace(it, ref_real_logps=logps[j], ref_generated_logps=logps[n + j])
+             for j, it in enumerate(items)]
     log(f"[{stage.tag}] --live-reference: the opponent's log-probs recomputed; largest gap to the stored "
         f"ones {diff:.2e}")
     return dataclasses.replace(stage, items=items), diff
