@@ -43,6 +43,7 @@ from data.tokenizer import load_tokenizer
 from errors import (ArgumentParser, InputError, non_negative_int, positive_int, probability,
                     run_command)
 from hf_folder import check_model_folder, load_model, read_config
+from spin_kernels.attention import whole_cache
 from spin_kernels.cpu_linear import cpu_decode_weights
 import sampler
 import slots
@@ -57,15 +58,18 @@ from sampler import (Sample, answer_text, decode_batches, draw, filter_logits,  
 def sample(model, prompts, *, batch_size=16, refill=True, cuda_graph=False, **kw):
     """sampler.sample (every other argument is its) with the speed-ups, each put in here by one
     call: refill: rows that end take the next prompts (slots.decode, continuous batching, in
-    groups of batch_size / 8); False: sampler's static batches. On CPUs the weights are packed for
+    groups of batch_size / 8), on CPUs at decode sizes from whole float32 cache buffers
+    (whole_cache: slots.WholeKVCache); False: sampler's static batches. On CPUs the weights are packed for
     oneDNN while decoding (cpu_decode_weights; a no-op elsewhere). cuda_graph: replay each decode
     step from a CUDA graph (in slots.decode, which calls graphed_step; CUDA only, attention on the torch path). Every draw
     finds its block of the vocabulary first (blocked_inverse_cdf). The samples are sampler.sample's
     up to float rounding (tests/test_generate.py)."""
     if cuda_graph and (model.lm_head.weight.device.type != "cuda" or not refill):
         raise ValueError("cuda_graph=True needs a model on a CUDA device, and refill=True")
-    decode = functools.partial(slots.decode, cuda_graph=cuda_graph) if refill else decode_batches
-    packed = cpu_decode_weights(model, rows=min(batch_size, len(prompts))) if prompts else contextlib.nullcontext()
+    rows = min(batch_size, len(prompts))
+    decode = functools.partial(slots.decode, cuda_graph=cuda_graph, whole=not cuda_graph and whole_cache(model, rows)) \
+        if refill else decode_batches
+    packed = cpu_decode_weights(model, rows=rows) if prompts else contextlib.nullcontext()
     with packed:
         return sampler.sample(model, prompts, batch_size=batch_size, decode=decode, inverse_cdf=blocked_inverse_cdf,
                               **kw)

@@ -32,6 +32,19 @@ smallest start of a live row ("compaction"); positions are relative to starts, s
 Once no prompt waits, rows that end are dropped from the batch (not with a CUDA graph, whose
 shapes are fixed; there they decode on, discarded).
 
+## The CPU decode layout (whole=True)
+
+A prefix slice of a cache buffer, (B, Hkv, :L, D), is not contiguous, and on CPU the batched
+matmuls of a one-query attention read such a slice 1.5x (float32) to 3x (bf16) slower than a
+whole contiguous tensor of the same slots (bench/RESULTS_generate_cpu.md). So on CPU, at decode
+sizes, generate.sample asks for a WholeKVCache: its update returns every slot, the unfilled ones
+past the query hidden by the causal rule (as the CUDA graph's static cache does), and decode keeps
+its capacity within GROW slots of the filled length: when it fills, compaction copies the rows
+into new buffers of length + GROW slots instead of shifting them in place. It holds float32
+whatever the model's dtype: spin_kernels/attention.py's one-query step then computes in float32
+(a bf16 model's keys and values are stored exactly), which on CPU is faster than SDPA's bf16
+kernel and keeps the scores in float32 as SDPA does.
+
 ## Determinism
 
 A prompt draws with its own uniforms (keyed by its id) indexed by its own step count, so its
@@ -48,6 +61,11 @@ from spin_kernels.cuda_graph import StaticKVCache, graphed_step
 from model import KVCache
 
 COMPACT_AT = 32  # compact once every live row leaves this many slots unused on its left
+GROW = 16  # a WholeKVCache that fills is copied into buffers with this many free slots
+# With whole=True, entering prompts are prefilled this many at a time, each group padded to its own
+# longest: the 64 prompts of bench/generate_vllm.py's share hold 2528 tokens, 2880 padded as one
+# batch, 2608 in groups of 16; on CPU the products of ~600 rows run as fast per row as of ~3000.
+PREFILL_ROWS = 16
 
 
 # Ended rows wait until 1/REFILL_SHARE of the rows have ended (or every waiting prompt fits)
@@ -59,19 +77,22 @@ REFILL_SHARE = 8
 
 @torch.inference_mode()
 def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, uniforms, progress=None,
-           cuda_graph=False, logprobs=False):
+           cuda_graph=False, logprobs=False, whole=False):
     """Sample every prompt, at most `rows` at once, entering in `order` (longest first).
     keys[i]: prompt i's random-stream key; stops: (S,) ids that end a row, or None;
     pick(logits (B, V), u (B,) or None) -> (ids (B,), log-probs (B,) or None): sampler.next_tokens;
-    uniforms(key) -> (max_new_tokens,) float64, or None when greedy.
+    uniforms(key) -> (max_new_tokens,) float64, or None when greedy. whole: the CPU decode
+    layout (above): a WholeKVCache, and prompts prefilled PREFILL_ROWS at a time.
     Returns (tokens, finished, logprobs or None) per prompt, in input order."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     cfg = model.config
     B = rows
     longest = len(prompts[order[0]])
-    # A live row spans at most longest - 1 + max_new_tokens slots; COMPACT_AT spare ones let
-    # compaction wait until it frees that many.
-    cache = KVCache.allocate(cfg, B, longest + max_new_tokens + COMPACT_AT, device=device, dtype=dtype)
+    if whole:
+        cache = WholeKVCache.allocate(cfg, B, longest + GROW, device=device, dtype=torch.float32)
+    else:  # a live row spans at most longest - 1 + max_new_tokens slots; COMPACT_AT spare ones let
+        # compaction wait until it frees that many
+        cache = KVCache.allocate(cfg, B, longest + max_new_tokens + COMPACT_AT, device=device, dtype=dtype)
     who = [-1] * B  # the prompt in each slot, -1 for none
     start = [0] * B  # host copy of cache.starts, for the compaction rule
     t = torch.zeros(B, dtype=torch.long, device=device)  # tokens drawn so far, per slot
@@ -88,20 +109,28 @@ def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, unifo
         heads = [prompts[i][:-1] for i in idx]
         Pm = max(map(len, heads))
         if all(w < 0 for w in who):  # nothing live: the cache starts over
+            if whole and Pm >= cache.capacity:
+                compact(cache, 0, Pm + GROW)
             set_length(cache, Pm)
         L = cache.length
         at = torch.tensor(slots, device=device)
         first = torch.full((len(slots),), L, dtype=torch.long, device=device)
-        if Pm:
-            small = KVCache.allocate(cfg, len(slots), Pm, device=device, dtype=dtype)
-            b = collate_prompts([h or [0] for h in heads], pad_id=0)  # a 1-token prompt has no head:
+        group = PREFILL_ROWS if whole else len(slots)
+        for g in range(0, len(slots), group):  # consecutive prompts have similar lengths (longest first)
+            part = heads[g:g + group]
+            Pp = max(map(len, part))
+            if not Pp:
+                continue
+            small = KVCache.allocate(cfg, len(part), Pp, device=device, dtype=dtype)
+            b = collate_prompts([h or [0] for h in part], pad_id=0)  # a 1-token prompt has no head:
             mask = b["attention_mask"]  # prefill one masked pad for it
-            mask[[j for j, h in enumerate(heads) if not h]] = 0
+            mask[[j for j, h in enumerate(part) if not h]] = 0
             model(b["input_ids"].to(device), attention_mask=mask.to(device), cache=small, logits_to_keep=1)
+            into = at[g:g + group]
             for big_k, big_v, k, v in zip(cache.k, cache.v, small.k, small.v):
-                big_k[at, :, L - Pm:L] = k
-                big_v[at, :, L - Pm:L] = v
-            first = L - Pm + small.starts
+                big_k[into, :, L - Pp:L] = k.to(big_k.dtype)
+                big_v[into, :, L - Pp:L] = v.to(big_v.dtype)
+            first[g:g + group] = L - Pp + small.starts
         cache.starts[at] = first
         for s, i, f in zip(slots, idx, first.tolist()):
             who[s], start[s] = i, f
@@ -123,7 +152,7 @@ def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, unifo
             break
         low = min(start[s] for s in live)
         if cache.length + 1 > cache.capacity or low >= COMPACT_AT:
-            compact(cache, low)
+            compact(cache, low, cache.length - low + GROW if whole else None)
             start = [max(f - low, 0) for f in start]
         logits = step(feed)  # (B, V) float32
         ar = torch.arange(len(who), device=device)
@@ -168,14 +197,32 @@ def set_length(cache, n):
         cache.pos.fill_(n)
 
 
-def compact(cache, m):
+class WholeKVCache(KVCache):
+    """A KVCache whose update returns every slot, (B, Hkv, capacity, D): whole buffers, which are
+    contiguous (the docstring's last section). Slots past the query are hidden by the causal
+    rule; decode keeps the capacity within GROW slots of the length."""
+
+    def update(self, layer, k, v):
+        super().update(layer, k, v)
+        return self.k[layer], self.v[layer]
+
+
+def compact(cache, m, capacity=None):
     """Shift every row's filled slots left by m (the smallest start of a live row): slots
-    [m, L) move to [0, L - m), starts drop by m, and no position changes. In place: a CUDA
-    graph captured on these buffers stays valid."""
+    [m, L) move to [0, L - m), starts drop by m, and no position changes. In place (a CUDA
+    graph captured on these buffers stays valid), or, given a capacity, into new buffers of
+    that many slots (a WholeKVCache)."""
     L = cache.length
-    if m:
+    if capacity is not None:
+        def moved(buf):
+            new = buf.new_zeros(buf.shape[:2] + (capacity,) + buf.shape[3:])
+            new[:, :, :L - m] = buf[:, :, m:L]
+            return new
+        cache.k, cache.v = [moved(b) for b in cache.k], [moved(b) for b in cache.v]
+    elif m:
         for buf in cache.k + cache.v:
             buf[:, :, :L - m] = buf[:, :, m:L].clone()  # the ranges overlap
+    if m:
         cache.starts.sub_(m).clamp_(min=0)  # a row that is not live may start before m
     set_length(cache, L - m)
 

@@ -35,7 +35,10 @@ AVX-512 box is what its FMA units give (189 GFLOP/s float32, ~415 bf16 with AVX5
 process also times every product of one decode step at the workload's rows on weights packed as
 generate.sample packs them (oneDNN, spin_kernels/cpu_linear.py): the rate a step would reach if
 nothing but its products took time. The summary takes each dtype's best ceiling of the run (a
-busy moment can only lower it) and prints both shares beside tokens/s:
+busy moment can only lower it) and prints both shares beside tokens/s, and a bound: the share an
+engine would reach if it did nothing but the workload's products, the prompts' (prefill, all but
+the LM head, which the uncounted prompt tokens need too) at the square-mm rate and every new
+token's at the step's rate. A target above the bound needs faster products, not less overhead:
 
     python bench/generate_vllm.py --model ~/.cache/spin/smollm2-135m-instruct --workloads spin \
         --engines ours,vllm --vllm-python ~/venv-vllm/bin/python --repeats 3
@@ -260,10 +263,13 @@ def main():
     print(f"engines: {layout}; ceiling: {ceiling_layout}", flush=True)
     # The ceiling runs in the alternation like an engine, so it sees the box as the engines do.
     timed = engines + ([] if args.no_ceiling else ["ceiling"])
-    rows = []
+    config = read_config(args.model)
+    head = 2 * config.vocab_size * config.hidden_size  # the LM head's FLOPs a token
+    rows, prompt_flops = [], {}
     for workload in args.workloads.split(","):
         n, B, new, stop = WORKLOADS[workload]
         prompts, eos = render(args.model, n)
+        prompt_flops[workload] = sum(len(p) - 1 for p in prompts) * (flops - head)
         print(f"{workload}: {n} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {B} rows, "
               f"{'up to ' if stop else 'exactly '}{new} new tokens, temperature 1", flush=True)
         for dtype in args.dtypes.split(","):
@@ -321,9 +327,12 @@ def main():
     if ceilings:
         print(f"\nshare of the matmul ceiling: median tokens/s x {flops / 1e9:.3f} GFLOP / the dtype's best ceiling "
               f"of this run (engines {layout}, ceiling {ceiling_layout}, {cpu_name()})")
-        print("| workload | dtype | ceiling: square mm GFLOP/s (all repeats) | a step's products alone | "
+        print("bound: the tokens/s (and share) of an engine that did nothing but the workload's products, its "
+              "prompts' at the square-mm rate and\nevery new token's at the step's rate (rows that end early "
+              "only lower it); ours' median tokens")
+        print("| workload | dtype | ceiling: square mm GFLOP/s (all repeats) | a step's products alone | bound | "
               + " | ".join(f"{e} GFLOP/s, share" for e in engines) + " |")
-        print("|---|---|---|---|" + "---|" * len(engines))
+        print("|---|---|---|---|---|" + "---|" * len(engines))
         for workload in args.workloads.split(","):
             for dtype in args.dtypes.split(","):
                 c = [g for g in ceilings if (g["dtype"], g["workload"]) == (dtype, workload)]
@@ -336,8 +345,14 @@ def main():
                     rate = statistics.median(v) * flops / 1e9 if v else float("nan")
                     cells.append("-" if rate != rate else f"{rate:.1f}, **{100 * rate / top:.0f}%**")
                 each = ", ".join(f"{g['square_gflops']:.0f}" for g in c)
+                made = [g["tokens"] for g in rows if (g["engine"], g["dtype"], g["workload"]) == ("ours", dtype, workload)]
+                bound = "-"
+                if made:  # prompt tokens but the last (which the first decode step feeds) need all but the LM head
+                    tokens = statistics.median(made)
+                    seconds = prompt_flops[workload] / (top * 1e9) + tokens * flops / (step * 1e9)
+                    bound = f"{tokens / seconds:.1f}, {100 * tokens * flops / seconds / 1e9 / top:.0f}%"
                 print(f"| {workload} | {dtype} | {top:.1f} ({each}) | "
-                      f"{step:.1f} ({100 * step / top:.0f}%) | " + " | ".join(cells) + " |")
+                      f"{step:.1f} ({100 * step / top:.0f}%) | {bound} | " + " | ".join(cells) + " |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 

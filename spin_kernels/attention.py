@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from spin_kernels.common import (INTERPRET, LOG2E, TL_DTYPES, dot_dtype, dot_precision, resolve_impl, strides, tl, triton,
                      visible)
 from spin_kernels.attention_decode import decode_attention
+from spin_kernels.cpu_linear import DECODE_ROWS
 from model import attention as reference_attention
 
 # --------------------------------------------------------------------------------------
@@ -48,14 +49,27 @@ from model import attention as reference_attention
 
 def attention_torch(q, k, v, starts=None, window=None, q_offset=0):
     """model.attention, except a one-query step without autograd (a decode step): written out
-    in fp32, grouped SDPA in bf16/fp16."""
+    in fp32 (with fp32 keys and values: a bf16/fp16 model's queries too, on slots.WholeKVCache),
+    grouped SDPA in bf16/fp16."""
     if q.shape[2] == 1 and not torch.is_grad_enabled():
-        bias, empty = _decode_mask(q.shape[0], k.shape[2], starts, window, q_offset, q.dtype, q.device)
-        o = (_decode_torch if q.dtype == torch.float32 else _decode_sdpa)(q, k, v, bias)
+        bias, empty = _decode_mask(q.shape[0], k.shape[2], starts, window, q_offset, k.dtype, q.device)
+        if k.dtype == torch.float32:  # .float() and .to() are no-ops on fp32 queries
+            o = _decode_torch(q.float(), k, v, bias).to(q.dtype)
+        else:
+            o = _decode_sdpa(q, k, v, bias)
         if empty is not None:  # padding queries output 0
             o = torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
         return o
     return reference_attention(q, k, v, starts, window, q_offset)
+
+
+def whole_cache(model, rows):
+    """Whether generate.sample's refilled rows decode on a slots.WholeKVCache (whole float32
+    buffers): on CPU, for a model whose attention spin_kernels.install put in (the torch path reads
+    that cache; model.attention, the reference, takes one dtype), at decode sizes (at most
+    DECODE_ROWS rows, where cpu_linear packs the weights too). Larger batches, the demo's among them,
+    keep the sliced cache in the model's dtype and their rounding."""
+    return model.kernels != "reference" and model.lm_head.weight.device.type == "cpu" and rows <= DECODE_ROWS
 
 
 _STEP_MASK = {}  # the last CPU decode step's mask: every layer of a step asks for the same one
@@ -449,10 +463,13 @@ def _check(q, k, v, starts, window, q_offset):
         (v.shape != k.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"),
         (Bk != B or Dk != D, f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B or D"),
         (H % Hkv != 0, f"H={H} is not a multiple of Hkv={Hkv}"),
-        (not q.dtype == k.dtype == v.dtype, f"dtypes differ: {q.dtype} {k.dtype} {v.dtype}"),
+        (k.dtype != v.dtype or q.dtype != k.dtype and not (Tq == 1 and k.dtype == torch.float32),
+         f"dtypes differ: {q.dtype} {k.dtype} {v.dtype} (only a one-query step may read fp32 keys and values)"),
         (q_offset < 0, f"q_offset={q_offset} < 0"),
-        (Tk != q_offset + Tq, f"k/v have Tk={Tk} keys but q_offset + Tq = {q_offset} + {Tq}: pass the "
-                              "cache sliced to exactly the keys up to the last query"),
+        (Tk < q_offset + Tq, f"k/v have Tk={Tk} keys but q_offset + Tq = {q_offset} + {Tq}: the keys up to "
+                             "the last query are missing"),
+        (Tk > q_offset + Tq and Tq != 1, f"k/v have Tk={Tk} keys but q_offset + Tq = {q_offset} + {Tq}: only "
+                                         "a one-query step may pass slots past its query"),
         (window is not None and window < 1, f"window={window} must be >= 1 or None"),
         (starts is not None and tuple(starts.shape) != (B,), f"starts must be (B,), got "
                                                              f"{None if starts is None else tuple(starts.shape)}"),
@@ -467,7 +484,9 @@ def attention(q, k, v, *, starts=None, window=None, q_offset=0, impl="auto"):
     if isinstance(q_offset, torch.Tensor):  # a static cache: no host value of the offset to check
         return attention_torch(q, k, v, starts, window, q_offset)
     _check(q, k, v, starts, window, q_offset)
-    if resolve_impl(impl, q.is_cuda) == "torch":
+    # The Triton kernels take exactly the keys up to the last query, in the queries' dtype; a
+    # slots.WholeKVCache passes more, in fp32, and is read by the torch path.
+    if resolve_impl(impl, q.is_cuda) == "torch" or k.shape[2] != q_offset + q.shape[2] or k.dtype != q.dtype:
         return attention_torch(q, k, v, starts, window, q_offset)
     return attention_triton(q, k, v, starts, window, q_offset)
 
