@@ -89,7 +89,7 @@ def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, unifo
     B = rows
     longest = len(prompts[order[0]])
     if whole:
-        cache = WholeKVCache.allocate(cfg, B, longest + GROW, device=device, dtype=torch.float32)
+        cache = WholeKVCache.allocate(cfg, B, longest - 1 + GROW, device=device, dtype=torch.float32)  # heads + GROW
     else:  # a live row spans at most longest - 1 + max_new_tokens slots; COMPACT_AT spare ones let
         # compaction wait until it frees that many
         cache = KVCache.allocate(cfg, B, longest + max_new_tokens + COMPACT_AT, device=device, dtype=dtype)
@@ -109,8 +109,8 @@ def decode(model, prompts, keys, order, rows, max_new_tokens, stops, pick, unifo
         heads = [prompts[i][:-1] for i in idx]
         Pm = max(map(len, heads))
         if all(w < 0 for w in who):  # nothing live: the cache starts over
-            if whole and Pm >= cache.capacity:
-                compact(cache, 0, Pm + GROW)
+            if whole:  # new buffers: these prompts' heads and GROW free slots
+                compact(cache, cache.length, Pm + GROW)
             set_length(cache, Pm)
         L = cache.length
         at = torch.tensor(slots, device=device)

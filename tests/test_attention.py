@@ -289,6 +289,35 @@ def test_tensor_offset_takes_the_torch_path_over_every_slot(grad):
     assert (got - want).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_one_query_step_over_a_whole_float32_cache(qdtype, impl):
+    """slots.WholeKVCache hands a one-query step every slot of its buffers, in float32 whatever
+    the queries' dtype; the slots past the query hold what earlier rows left there (finite,
+    here large) and must stay hidden. The result is the float64 rule's over the filled keys, in
+    the queries' dtype, with any impl (the torch path reads such a cache). Only a one-query step
+    may pass more slots or other dtypes."""
+    B, Hkv, G, D, q_offset, S = 3, 2, 3, 32, 20, 29
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g).to(qdtype)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g) for _ in range(2))
+    k[:, :, q_offset + 1:] *= 100
+    v[:, :, q_offset + 1:] *= 100
+    st = torch.tensor([0, 7, q_offset + 1])  # row 2 sees no key
+    with torch.no_grad():
+        o = attention(q, k, v, starts=st, window=5, q_offset=q_offset, impl=impl)
+    ref = reference(q, k[:, :, :q_offset + 1], v[:, :, :q_offset + 1], st, 5, q_offset)
+    assert o.dtype == qdtype and o.shape == (B, Hkv * G, 1, D)
+    assert rel_err(o, ref) < (1e-5 if qdtype == torch.float32 else 8e-3)  # bf16: the output's rounding
+    assert (o[2] == 0).all()
+    with pytest.raises(ValueError, match="one-query"):
+        attention(torch.randn(B, Hkv * G, 2, D), k, v, q_offset=q_offset, impl=impl)
+    if qdtype != torch.float32:
+        with pytest.raises(ValueError, match="one-query"):
+            attention(torch.randn(B, Hkv * G, 2, D).to(qdtype), k[:, :, :q_offset + 2], v[:, :, :q_offset + 2],
+                      q_offset=q_offset, impl=impl)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_mask_kept_for_a_step_follows_the_starts(dtype):
     """The one-query branch keeps its CPU mask for the layers of a step; a cache whose starts

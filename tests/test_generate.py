@@ -108,11 +108,12 @@ def test_seeded_samples_independent_of_batching_and_sharding(ckpt):
 @settings(max_examples=25, deadline=None)
 @given(lengths=st.lists(st.integers(1, 14), min_size=1, max_size=9), rows=st.integers(1, 4),
        max_new=st.integers(1, 30), eos=st.integers(3, VOCAB - 1), mode=st.sampled_from(["greedy", "t1", "topk"]),
-       compact_at=st.sampled_from([1, 4, 32]))
-def test_refilled_rows_equal_static_batches(ckpt, lengths, rows, max_new, eos, mode, compact_at):
-    """slots.decode (rows replaced as they end, the cache compacted, rows dropped at the tail)
-    against the static batches of sample_batch: the same tokens, ends and log-probs, whatever the
-    prompt lengths (1-token prompts included), row count and compaction threshold."""
+       compact_at=st.sampled_from([1, 4, 32]), grow=st.sampled_from([1, 3, 16]), prefill_rows=st.sampled_from([1, 2, 16]))
+def test_refilled_rows_equal_static_batches(ckpt, lengths, rows, max_new, eos, mode, compact_at, grow, prefill_rows):
+    """slots.decode (rows replaced as they end, the cache compacted, rows dropped at the tail; on
+    this CPU a WholeKVCache that grows GROW slots at a time, prompts prefilled PREFILL_ROWS at a
+    time) against the static batches of sample_batch: the same tokens, ends and log-probs,
+    whatever the prompt lengths (1-token prompts included), row count and thresholds."""
     import slots
 
     _, model = ckpt
@@ -121,11 +122,12 @@ def test_refilled_rows_equal_static_batches(ckpt, lengths, rows, max_new, eos, m
         else dict(temperature=0.7, top_k=9)
     kw.update(max_new_tokens=max_new, eos_id=eos, seed=11, batch_size=rows, logprobs=True)
     ref = sample(model, prompts, refill=False, **kw)
-    old, slots.COMPACT_AT = slots.COMPACT_AT, compact_at
+    old = slots.COMPACT_AT, slots.GROW, slots.PREFILL_ROWS
+    slots.COMPACT_AT, slots.GROW, slots.PREFILL_ROWS = compact_at, grow, prefill_rows
     try:
         got = sample(model, prompts, **kw)
     finally:
-        slots.COMPACT_AT = old
+        slots.COMPACT_AT, slots.GROW, slots.PREFILL_ROWS = old
     assert len(got) == len(ref) == len(prompts)
     for r, g in zip(ref, got):
         assert (g.tokens, g.finished) == (r.tokens, r.finished)
@@ -157,6 +159,43 @@ def test_refill_replaces_rows_and_compacts(ckpt, monkeypatch):
     assert calls["compact"] > 0 and calls["drop_rows"] > 0
     # progress counts each kept token once
     assert calls["tokens"] == sum(len(g.tokens) for g in got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_reads_whole_float32_buffers(tmp_path, dtype, monkeypatch):
+    """On CPU, for an installed model at decode sizes, the refilled rows decode on a
+    slots.WholeKVCache: float32 whatever the model's dtype, every decode step's attention given
+    the whole (contiguous) buffers, the capacity kept within GROW slots of the length by
+    reallocating as it fills. A reference model, or more than DECODE_ROWS rows, keeps the sliced
+    cache in the model's dtype (the demo's batches: their rounding is unchanged)."""
+    import slots
+    from spin_kernels.attention import whole_cache
+    from spin_kernels.cpu_linear import DECODE_ROWS
+
+    _, folder = make_hf(str(tmp_path / "ckpt"))
+    model = spin_kernels.install(load_model(folder, dtype=dtype))
+    assert whole_cache(model, DECODE_ROWS) and not whole_cache(model, DECODE_ROWS + 1)
+    assert not whole_cache(load_model(folder, dtype=dtype), 4)
+    seen = []
+    real = slots.WholeKVCache.update
+
+    def update(cache, layer, k, v):
+        out = real(cache, layer, k, v)
+        seen.append((cache.capacity - cache.length, out[0] is cache.k[layer] and out[1] is cache.v[layer],
+                     out[0].dtype, out[0].is_contiguous(), k.shape[2]))
+        return out
+
+    monkeypatch.setattr(slots.WholeKVCache, "update", update)
+    monkeypatch.setattr(slots, "GROW", 3)
+    prompts = prompts_of([7, 3, 9, 1, 5, 8])
+    kw = dict(max_new_tokens=12, eos_id=None, seed=2, batch_size=4, logprobs=True)
+    got = sample(model, prompts, **kw)
+    steps = [s for s in seen if s[4] == 1]
+    assert steps and all(whole and dt == torch.float32 and contiguous for _, whole, dt, contiguous, _ in steps)
+    slack = [s[0] for s in steps]
+    assert min(slack) >= 1 and max(slack) <= 3 and len(set(slack)) == 3  # it filled and grew, again and again
+    ref = sample(model, prompts, refill=False, **kw)
+    assert [g.tokens for g in got] == [r.tokens for r in ref]
 
 
 def test_ended_rows_are_refilled_in_groups(ckpt, monkeypatch):

@@ -140,6 +140,7 @@ SPEED_UPS = {
     "cpu_decode_weights": "generate.sample",  # oneDNN-packed weights while decoding
     "cuda_graph": "generate.sample",  # decode steps replayed from CUDA graphs (slots.decode's graphed_step)
     "blocked_inverse_cdf": "generate.sample",  # the blocked draw
+    "whole_cache": "generate.sample",  # CPU decode from whole float32 cache buffers (slots.WholeKVCache)
 }
 
 
