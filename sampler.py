@@ -210,7 +210,7 @@ def next_tokens(logits, u, temperature, top_k, top_p, greedy, vocab_limit, logpr
     model vocabulary padded beyond its tokenizer's) are never drawn; the log-probs stay those of
     the full distribution."""
     allowed = logits  # the logits the token is drawn from: none past vocab_limit
-    if vocab_limit is not None:
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         allowed = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,
                                      float("-inf"))
     nxt = allowed.argmax(-1) if greedy else draw(allowed, u, temperature, top_k, top_p, inverse_cdf)  # (B,)

@@ -200,11 +200,34 @@ def set_length(cache, n):
 class WholeKVCache(KVCache):
     """A KVCache whose update returns every slot, (B, Hkv, capacity, D): whole buffers, which are
     contiguous (the docstring's last section). Slots past the query are hidden by the causal
-    rule; decode keeps the capacity within GROW slots of the length."""
+    rule; decode keeps the capacity within GROW slots of the length. Values are stored slot-minor,
+    (B, Hkv, D, capacity) buffers seen through (B, Hkv, capacity, D) views, so the attention's
+    p @ V can run as V^T @ p^T over contiguous rows of slots (1.2-1.3x faster at 117-170 slots
+    on the AMD box, float32, 64 rows; no faster at 60); every index below works on the views."""
+
+    @classmethod
+    def allocate(cls, config, batch, max_len, device=None, dtype=torch.float32):
+        cache = super().allocate(config, batch, 0, device=device, dtype=dtype)
+        cache.k = [torch.zeros(batch, config.num_key_value_heads, max_len, config.head_dim, device=device,
+                               dtype=dtype) for _ in cache.k]
+        cache.v = [empty_slots(k, max_len, slot_minor=True) for k in cache.k]
+        return cache
 
     def update(self, layer, k, v):
         super().update(layer, k, v)
         return self.k[layer], self.v[layer]
+
+
+def slot_minor(x):  # (B, Hkv, S, D) stored as (B, Hkv, D, S)
+    return x.stride(2) == 1 and x.shape[3] > 1
+
+
+def empty_slots(x, capacity, slot_minor=False):
+    """Zeros shaped like x (B, Hkv, S, D) with `capacity` slots, stored slot-minor if asked."""
+    B, H, _, D = x.shape
+    if slot_minor:
+        return x.new_zeros(B, H, D, capacity).transpose(2, 3)
+    return x.new_zeros(B, H, capacity, D)
 
 
 def compact(cache, m, capacity=None):
@@ -215,7 +238,7 @@ def compact(cache, m, capacity=None):
     L = cache.length
     if capacity is not None:
         def moved(buf):
-            new = buf.new_zeros(buf.shape[:2] + (capacity,) + buf.shape[3:])
+            new = empty_slots(buf, capacity, slot_minor(buf))
             new[:, :, :L - m] = buf[:, :, m:L]
             return new
         cache.k, cache.v = [moved(b) for b in cache.k], [moved(b) for b in cache.v]
@@ -230,6 +253,7 @@ def compact(cache, m, capacity=None):
 def drop_rows(cache, keep):
     """Keep only rows `keep` of the cache (new tensors: the batch shrinks)."""
     sel = torch.tensor(keep, dtype=torch.long, device=cache.starts.device)
-    cache.k = [x.index_select(0, sel) for x in cache.k]
-    cache.v = [x.index_select(0, sel) for x in cache.v]
+    def rows(x):  # in x's layout (slot-minor values stay so)
+        return x.mT.index_select(0, sel).mT if slot_minor(x) else x.index_select(0, sel)
+    cache.k, cache.v = [rows(x) for x in cache.k], [rows(x) for x in cache.v]
     cache.starts = cache.starts.index_select(0, sel)

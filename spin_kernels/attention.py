@@ -3,6 +3,8 @@
     attention(q, k, v, *, starts=None, window=None, q_offset=0, impl="auto") -> o
 
 q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H % Hkv == 0 and Tk == q_offset + Tq; scale 1/sqrt(D).
+(A one-query step may pass more slots, the ones past the query hidden, and float32 keys and values
+under bf16/fp16 queries: a slots.WholeKVCache; the torch path reads it.)
 Query i sits at absolute key index qi = q_offset + i (the KV-cache length before this call)
 and sees key j iff  starts[b] <= j <= qi  and, with a window W,  qi - W < j  (W keys, itself
 included: Mistral's and transformers' rule). A query with no visible key (a padding query,
@@ -116,6 +118,8 @@ def _decode_torch(q, k, v, bias):
     G = H // Hkv
     s = (q.reshape(B, Hkv, G, D) * D ** -0.5) @ k.transpose(2, 3)  # (B, Hkv, G, Tk)
     p = (s + bias).softmax(-1)  # bias (B, 1, 1, Tk) broadcasts over kv heads and their G query heads
+    if v.stride(2) == 1 and D > 1:  # values stored slot-minor (slots.WholeKVCache): o^T = V^T p^T reads rows of V^T
+        return (v.mT @ p.mT).mT.reshape(B, H, 1, D)
     return (p @ v).reshape(B, H, 1, D)
 
 

@@ -165,7 +165,7 @@ def test_refill_replaces_rows_and_compacts(ckpt, monkeypatch):
 def test_cpu_decode_reads_whole_float32_buffers(tmp_path, dtype, monkeypatch):
     """On CPU, for an installed model at decode sizes, the refilled rows decode on a
     slots.WholeKVCache: float32 whatever the model's dtype, every decode step's attention given
-    the whole (contiguous) buffers, the capacity kept within GROW slots of the length by
+    the whole contiguous buffers (values slot-minor), the capacity kept within GROW slots of the length by
     reallocating as it fills. A reference model, or more than DECODE_ROWS rows, keeps the sliced
     cache in the model's dtype (the demo's batches: their rounding is unchanged)."""
     import slots
@@ -182,7 +182,7 @@ def test_cpu_decode_reads_whole_float32_buffers(tmp_path, dtype, monkeypatch):
     def update(cache, layer, k, v):
         out = real(cache, layer, k, v)
         seen.append((cache.capacity - cache.length, out[0] is cache.k[layer] and out[1] is cache.v[layer],
-                     out[0].dtype, out[0].is_contiguous(), k.shape[2]))
+                     out[0].dtype, out[0].is_contiguous() and out[1].mT.is_contiguous(), k.shape[2]))
         return out
 
     monkeypatch.setattr(slots.WholeKVCache, "update", update)
