@@ -202,15 +202,14 @@ class WholeKVCache(KVCache):
     contiguous (the docstring's last section). Slots past the query are hidden by the causal
     rule; decode keeps the capacity within GROW slots of the length. Values are stored slot-minor,
     (B, Hkv, D, capacity) buffers seen through (B, Hkv, capacity, D) views, so the attention's
-    p @ V can run as V^T @ p^T over contiguous rows of slots (1.2-1.3x faster at 117-170 slots
-    on the AMD box, float32, 64 rows; no faster at 60); every index below works on the views."""
+    p @ V can run as V^T @ p^T over contiguous rows of slots (1.22x that attention over cache
+    lengths 48-160, 64 rows, float32, on the AMD box; 1.02x at 48); every index below works on the
+    views."""
 
     @classmethod
     def allocate(cls, config, batch, max_len, device=None, dtype=torch.float32):
-        cache = super().allocate(config, batch, 0, device=device, dtype=dtype)
-        cache.k = [torch.zeros(batch, config.num_key_value_heads, max_len, config.head_dim, device=device,
-                               dtype=dtype) for _ in cache.k]
-        cache.v = [empty_slots(k, max_len, slot_minor=True) for k in cache.k]
+        cache = super().allocate(config, batch, max_len, device=device, dtype=dtype)
+        cache.v = [empty_slots(v, max_len, minor=True) for v in cache.v]
         return cache
 
     def update(self, layer, k, v):
@@ -222,10 +221,10 @@ def slot_minor(x):  # (B, Hkv, S, D) stored as (B, Hkv, D, S)
     return x.stride(2) == 1 and x.shape[3] > 1
 
 
-def empty_slots(x, capacity, slot_minor=False):
+def empty_slots(x, capacity, minor=False):
     """Zeros shaped like x (B, Hkv, S, D) with `capacity` slots, stored slot-minor if asked."""
     B, H, _, D = x.shape
-    if slot_minor:
+    if minor:
         return x.new_zeros(B, H, D, capacity).transpose(2, 3)
     return x.new_zeros(B, H, capacity, D)
 
